@@ -1,0 +1,52 @@
+"""cf_strategies: forgetting-prevention strategies for continual fine-tuning.
+
+Depends on torch, transformers and peft only. Build strategies by name::
+
+    from cf_strategies import build_strategies, ContinualTrainer
+    strategies = build_strategies("ewc+replay", {"ewc": {"lambda_": 100.0}})
+    ContinualTrainer(model=model, args=args, train_dataset=ds, strategies=strategies).train()
+"""
+
+# Each strategy module registers itself on import.
+from cf_strategies import naive  # noqa: F401  (regularisation family)
+# (replay and distillation family)
+from cf_strategies.base import Strategy, snapshot, trainable_parameters
+from cf_strategies.registry import (
+    STRATEGIES,
+    build_strategies,
+    register,
+    split_spec,
+    strategy_options,
+    validate_spec,
+)
+from cf_strategies.trainer import ContinualTrainer, NonFiniteLossError, train_task
+
+
+def save_strategies(strategies: list[Strategy], folder) -> None:
+    """Save every strategy's state into one folder (one file pair per strategy)."""
+    for s in strategies:
+        s.save(folder)
+
+
+def load_strategies(strategies: list[Strategy], folder) -> None:
+    """Load what ``save_strategies`` wrote; strategies without saved state stay fresh."""
+    for s in strategies:
+        s.load(folder)
+
+
+__all__ = [
+    "STRATEGIES",
+    "ContinualTrainer",
+    "NonFiniteLossError",
+    "Strategy",
+    "build_strategies",
+    "load_strategies",
+    "register",
+    "save_strategies",
+    "snapshot",
+    "split_spec",
+    "strategy_options",
+    "train_task",
+    "trainable_parameters",
+    "validate_spec",
+]

@@ -1,0 +1,125 @@
+"""Run strategies inside a transformers ``Trainer`` or a plain torch loop."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback
+
+from cf_strategies.base import Batch, Strategy
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; training stops rather than corrupt weights."""
+
+
+def total_loss(
+    model: nn.Module,
+    batch: Batch,
+    strategies: Sequence[Strategy],
+    task_loss: Callable[[nn.Module, Batch], tuple[torch.Tensor, Any]],
+    step: int,
+) -> tuple[torch.Tensor, Any, Batch]:
+    """Task loss on the (possibly augmented) batch plus every strategy's extra term."""
+    for strategy in strategies:
+        batch = strategy.augment_batch(model, batch)
+    loss, outputs = task_loss(model, batch)
+    for strategy in strategies:
+        extra = strategy.extra_loss(model, batch, outputs)
+        if extra is not None:
+            loss = loss + extra
+    if not torch.isfinite(loss.detach()).all():
+        raise NonFiniteLossError(
+            f"loss is {loss.detach().item()} at step {step}; stopping before the weights are "
+            "damaged (lower the learning rate or check the data of this step)"
+        )
+    return loss, outputs, batch
+
+
+def _causal_lm_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, Any]:
+    outputs = model(**batch)
+    return outputs.loss, outputs
+
+
+class _StrategyCallback(TrainerCallback):
+    def __init__(self, strategies: Sequence[Strategy]):
+        self.strategies = strategies
+        self.model: nn.Module | None = None
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        for s in self.strategies:
+            s.after_backward(self.model)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        for s in self.strategies:
+            s.after_step(self.model)
+
+
+class ContinualTrainer(Trainer):
+    """A ``transformers.Trainer`` that runs a list of strategies around one task.
+
+    ``train()`` calls ``before_task``, trains with ``augment_batch`` / ``extra_loss`` /
+    ``after_backward`` / ``after_step`` on every step, then ``after_task`` with the task's
+    training batches. Raises :class:`NonFiniteLossError` on a NaN or infinite loss.
+    """
+
+    def __init__(self, *args, strategies: Sequence[Strategy] = (), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.strategies = list(strategies)
+        self._strategy_callback = _StrategyCallback(self.strategies)
+        self._strategy_callback.model = self.model
+        self.add_callback(self._strategy_callback)
+
+    def train(self, *args, **kwargs):
+        data = self.get_train_dataloader()
+        for s in self.strategies:
+            s.before_task(self.model, data)
+        result = super().train(*args, **kwargs)
+        for s in self.strategies:
+            s.after_task(self.model, self.get_train_dataloader())
+        return result
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self._strategy_callback.model = model
+        loss, outputs, _ = total_loss(
+            model, inputs, self.strategies, _causal_lm_loss, self.state.global_step
+        )
+        return (loss, outputs) if return_outputs else loss
+
+
+def train_task(
+    model: nn.Module,
+    data: Iterable[Batch],
+    strategies: Sequence[Strategy],
+    optimizer: torch.optim.Optimizer,
+    task_loss: Callable[[nn.Module, Batch], tuple[torch.Tensor, Any]],
+    epochs: int = 1,
+    max_grad_norm: float | None = None,
+) -> list[float]:
+    """The same hooks in a plain torch loop, for any ``nn.Module``.
+
+    ``task_loss(model, batch) -> (loss, outputs)``. Returns the total loss of every step.
+    """
+    for s in strategies:
+        s.before_task(model, data)
+    losses: list[float] = []
+    model.train()
+    for _ in range(epochs):
+        for batch in data:
+            loss, _, _ = total_loss(model, batch, strategies, task_loss, len(losses))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            for s in strategies:
+                s.after_backward(model)
+            optimizer.step()
+            for s in strategies:
+                s.after_step(model)
+            losses.append(float(loss.detach()))
+    for s in strategies:
+        s.after_task(model, data)
+    return losses
