@@ -8,8 +8,10 @@ Depends on torch, transformers and peft only. Build strategies by name::
 """
 
 # Each strategy module registers itself on import.
-from cf_strategies import naive  # noqa: F401  (regularisation family)
-# (replay and distillation family)
+from cf_strategies import ewc, hlr, l2, naive, si  # noqa: F401  (regularisation family)
+
+# isort: split
+from cf_strategies import der, label_smoothing, lwf, replay, self_rehearsal  # noqa: F401  (replay and distillation family)
 from cf_strategies.base import Strategy, snapshot, trainable_parameters
 from cf_strategies.registry import (
     STRATEGIES,

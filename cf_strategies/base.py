@@ -12,16 +12,23 @@ A strategy sees one training task (one data release) at a time:
 State that must survive to the next release (Fisher diagonals, importances, buffers) is
 returned by ``state_dict()`` and saved with ``save(folder)`` as safetensors + JSON, never pickle.
 Every hook is a no-op here, so a strategy overrides only what it needs.
+
+Helpers shared by strategies: ``trainable_parameters`` / ``snapshot`` / ``align_to`` (per-parameter
+state by name), ``quadratic_terms`` (a vectorised Σ w·(θ − θ*)² with an exact, cheap backward) and
+``split_batch`` / ``move_batch`` / ``logits_of`` / ``is_causal_lm`` / ``example_nll`` (the log-likelihood of a batch,
+for a causal LM, a classifier or an ``(x, y)`` pair).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -37,6 +44,137 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 def snapshot(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A detached copy of parameters, e.g. θ* at the start of a task."""
     return {name: p.detach().clone() for name, p in params.items()}
+
+
+def align_to(
+    params: Mapping[str, torch.Tensor],
+    stored: Mapping[str, torch.Tensor],
+    what: str,
+    missing: Callable[[torch.Tensor], torch.Tensor] = torch.zeros_like,
+) -> list[torch.Tensor]:
+    """Per-parameter state saved by name (``stored``) as a list in the order of ``params``, each on
+    its parameter's device and dtype. A parameter without stored state gets ``missing(param)`` (a
+    new parameter is not protected yet); stored state for a parameter the model does not have, or
+    of another shape, raises ``ValueError``: the state belongs to another model."""
+    unknown = sorted(set(stored) - set(params))
+    if unknown:
+        raise ValueError(
+            f"saved {what} is for parameters this model does not train: {unknown[:3]}"
+            f"{' ...' if len(unknown) > 3 else ''} ({len(unknown)} in all); "
+            "was the state saved with another model or adapter?"
+        )
+    out = []
+    for name, p in params.items():
+        if name not in stored:
+            out.append(missing(p.detach()))
+            continue
+        t = stored[name]
+        if t.shape != p.shape:
+            raise ValueError(
+                f"saved {what} for {name} has shape {tuple(t.shape)}, not {tuple(p.shape)}"
+            )
+        out.append(t.to(device=p.device, dtype=p.dtype))
+    return out
+
+
+class _QuadraticTerms(torch.autograd.Function):
+    """Per-tensor Σ w·(θ − a)² with torch._foreach ops; backward is 2·w·(θ − a) per tensor."""
+
+    @staticmethod
+    def forward(ctx, anchors, weights, *params):
+        diff = torch._foreach_sub(params, anchors)
+        if weights is None:
+            ctx.wdiff = diff
+            return torch.stack(torch._foreach_norm(diff, 2)).square()
+        ctx.wdiff = torch._foreach_mul(diff, weights)
+        # Σ|w·d·d| = Σ w·d² because w ≥ 0: one fused reduction per tensor.
+        return torch.stack(torch._foreach_norm(torch._foreach_mul(ctx.wdiff, diff), 1))
+
+    @staticmethod
+    def backward(ctx, grad_terms):
+        grads = torch._foreach_mul(ctx.wdiff, list((2 * grad_terms).unbind(0)))
+        del ctx.wdiff
+        return (None, None, *grads)
+
+
+def quadratic_terms(
+    params: Sequence[torch.Tensor],
+    anchors: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``terms[k] = Σ_i w_i (θ_i − a_i)²`` over the elements of the k-th tensor, as a vector with one
+    entry per tensor (sum it for the total). Weights must be ≥ 0 (Fisher, importances); None means
+    all ones. Gradients flow into ``params`` only and are computed in closed form, 2·w·(θ − a),
+    with a handful of torch._foreach kernels whatever the number of tensors."""
+    if not params:
+        return torch.zeros(0)
+    return _QuadraticTerms.apply(list(anchors), None if weights is None else list(weights), *params)
+
+
+# ---- the log-likelihood of a batch, for strategies that need one (Fisher, importances) ----------
+def split_batch(batch: Any) -> tuple[tuple, dict[str, Any], torch.Tensor | None]:
+    """``(args, kwargs, labels)`` to call ``model(*args, **kwargs)``: a dict batch is passed as
+    keyword arguments without its ``"labels"``; an ``(x, y)`` pair as ``model(x)``."""
+    if isinstance(batch, Mapping):
+        kwargs = {k: v for k, v in batch.items() if k != "labels"}
+        return (), kwargs, batch.get("labels")
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return (batch[0],), {}, batch[1]
+    raise TypeError(
+        f"a batch is a dict (with 'labels') or an (x, y) pair, not {type(batch).__name__}"
+    )
+
+
+def move_batch(batch: Any, device: torch.device) -> Any:
+    """The batch with every tensor in it on ``device`` (dicts, tuples and lists are walked)."""
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: move_batch(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(move_batch(v, device) for v in batch)
+    return batch
+
+
+def logits_of(outputs: Any) -> torch.Tensor:
+    """The logits of a model's output: ``outputs.logits`` (transformers) or the tensor itself."""
+    if torch.is_tensor(outputs):
+        return outputs
+    logits = getattr(outputs, "logits", None)
+    if logits is None and isinstance(outputs, Mapping):
+        logits = outputs.get("logits")
+    if logits is None:
+        raise TypeError(f"cannot find logits in a model output of type {type(outputs).__name__}")
+    return logits
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """True for a transformers causal LM (peft-wrapped or not): its labels are shifted by one."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = type(base).__name__
+    if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
+        return True
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:  # pragma: no cover
+        return False
+    return name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+
+
+def example_nll(
+    logits: torch.Tensor, labels: torch.Tensor, causal: bool, ignore_index: int = -100
+) -> torch.Tensor:
+    """Negative log-likelihood of each example, shape ``(B,)``: cross-entropy for ``(B, C)`` logits;
+    for ``(B, T, V)`` logits the mean over the example's labelled tokens (``ignore_index`` skipped),
+    predicting ``labels[t + 1]`` from position ``t`` when ``causal`` (the transformers convention)."""
+    if logits.dim() == labels.dim() + 1 == 2:
+        return F.cross_entropy(logits.float(), labels, reduction="none")
+    if causal:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    nll = F.cross_entropy(
+        logits.float().flatten(0, 1), labels.flatten(), ignore_index=ignore_index, reduction="none"
+    ).view(labels.shape)
+    return nll.sum(1) / (labels != ignore_index).sum(1).clamp_min(1)
 
 
 class Strategy:
@@ -82,8 +220,11 @@ class Strategy:
         state = self.state_dict()
         tensors = {k: v.detach().cpu().contiguous() for k, v in state.items() if torch.is_tensor(v)}
         other = {k: v for k, v in state.items() if not torch.is_tensor(v)}
+        tensor_file = folder / f"{self.name}.safetensors"
         if tensors:
-            save_file(tensors, str(folder / f"{self.name}.safetensors"))
+            save_file(tensors, str(tensor_file))
+        elif tensor_file.exists():  # a stale file from an earlier save would be loaded back
+            tensor_file.unlink()
         (folder / f"{self.name}.json").write_text(json.dumps(other, indent=1, sort_keys=True))
 
     def load(self, folder: str | Path, map_location: str | torch.device = "cpu") -> None:
@@ -99,4 +240,6 @@ class Strategy:
         self.load_state_dict(state)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
+        names = list(inspect.signature(type(self).__init__).parameters)[1:]
+        options = ", ".join(f"{k}={getattr(self, k)!r}" for k in names if hasattr(self, k))
+        return f"{type(self).__name__}({options})"

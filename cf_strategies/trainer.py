@@ -64,7 +64,14 @@ class ContinualTrainer(Trainer):
     ``train()`` calls ``before_task``, trains with ``augment_batch`` / ``extra_loss`` /
     ``after_backward`` / ``after_step`` on every step, then ``after_task`` with the task's
     training batches. Raises :class:`NonFiniteLossError` on a NaN or infinite loss.
+    Evaluation (the model in eval mode) gets the plain task loss, without replay or penalties.
     """
+
+    # compute_loss returns the mean loss of one micro-batch (num_items_in_batch is not passed to
+    # the model), so the Trainer must divide it by the gradient-accumulation steps; left to None,
+    # the Trainer assumes a causal LM's loss is already scaled and the gradient (task loss and
+    # penalties alike) comes out gradient_accumulation_steps times too large.
+    loss_is_scaled_for_ga = False
 
     def __init__(self, *args, strategies: Sequence[Strategy] = (), **kwargs):
         super().__init__(*args, **kwargs)
@@ -83,6 +90,9 @@ class ContinualTrainer(Trainer):
         return result
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training:  # evaluation: the task loss alone
+            loss, outputs = _causal_lm_loss(model, inputs)
+            return (loss, outputs) if return_outputs else loss
         self._strategy_callback.model = model
         loss, outputs, _ = total_loss(
             model, inputs, self.strategies, _causal_lm_loss, self.state.global_step

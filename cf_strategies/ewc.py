@@ -1,0 +1,240 @@
+"""Online Elastic Weight Consolidation: a diagonal-Fisher penalty toward the previous weights.
+
+    loss = task loss + λ/2 · Σ_i F_i (θ_i − θ*_i)²
+    after each task:  F ← γ·F + F_task,   θ* ← θ,
+    F_task,i = 1/N Σ_n (∂ log p(y_n | x_n; θ) / ∂θ_i)²      (N ≤ fisher_samples examples of the task)
+
+Kirkpatrick et al., "Overcoming catastrophic forgetting in neural networks" (PNAS 2017); the online
+form with decay γ is Schwarz et al., "Progress & Compress" (ICML 2018). One Fisher and one anchor
+whatever the number of past releases, so the per-step cost stays constant (γ = 1 sums the Fisher of
+every past task; γ < 1 lets old tasks fade).
+
+The Fisher is a mean of per-example squared gradients (torch.func: vmap of grad, a chunk of
+``fisher_batch_size`` examples at a time; a per-example loop where vmap cannot run the model), not
+a square of minibatch-mean gradients, which underestimates it by about the batch size.
+``fisher="empirical"`` takes y_n from the data (the empirical Fisher); ``fisher="true"`` samples
+y_n from the model's own prediction p(·|x_n) (the true Fisher, one sample per example). For a
+sequence, log p is the mean over its labelled tokens, so F does not grow with sequence length.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from cf_strategies.base import (
+    Batch,
+    Strategy,
+    align_to,
+    example_nll,
+    is_causal_lm,
+    logits_of,
+    move_batch,
+    quadratic_terms,
+    split_batch,
+    trainable_parameters,
+)
+from cf_strategies.registry import register
+
+FISHER_KINDS = ("empirical", "true")
+
+
+@register
+class EWC(Strategy):
+    """Online EWC: ``λ/2·Σ F (θ − θ*)²`` with a per-example diagonal Fisher, decayed by γ."""
+
+    name = "ewc"
+
+    def __init__(
+        self,
+        lambda_: float = 100.0,
+        gamma: float = 1.0,
+        fisher: str = "empirical",
+        fisher_samples: int = 1024,
+        fisher_batch_size: int = 16,
+    ) -> None:
+        self.lambda_, self.gamma = float(lambda_), float(gamma)
+        self.fisher, self.fisher_samples = fisher, int(fisher_samples)
+        self.fisher_batch_size = int(fisher_batch_size)
+        if self.lambda_ < 0 or not 0 <= self.gamma <= 1:
+            raise ValueError(f"ewc: need lambda_ >= 0 and 0 <= gamma <= 1, got {lambda_}, {gamma}")
+        if fisher not in FISHER_KINDS:
+            raise ValueError(
+                f"ewc: fisher must be one of {', '.join(FISHER_KINDS)}, not {fisher!r}"
+            )
+        if self.fisher_samples < 1 or self.fisher_batch_size < 1:
+            raise ValueError("ewc: fisher_samples and fisher_batch_size must be >= 1")
+        self.tasks = 0
+        self._fisher: dict[str, torch.Tensor] = {}  # F by parameter name (float32): the state
+        self._anchor: dict[str, torch.Tensor] = {}  # θ* by parameter name
+        self._params: list[nn.Parameter] = []  # this task's working lists, in the same order
+        self._weights: list[torch.Tensor] = []
+        self._anchors: list[torch.Tensor] = []
+
+    def before_task(self, model: nn.Module, data: Iterable[Batch] | None = None) -> None:
+        params = trainable_parameters(model)
+        self._params = list(params.values())
+        if self._fisher:  # from the second task (or a loaded release) on
+            self._weights = align_to(params, self._fisher, "EWC Fisher")
+            self._anchors = align_to(params, self._anchor, "EWC anchor", missing=torch.clone)
+
+    def extra_loss(self, model: nn.Module, batch: Batch, outputs: Any) -> torch.Tensor | None:
+        if not self._weights or self.lambda_ == 0:
+            return None
+        return (
+            0.5 * self.lambda_ * quadratic_terms(self._params, self._anchors, self._weights).sum()
+        )
+
+    def after_task(self, model: nn.Module, data: Iterable[Batch] | None = None) -> None:
+        if data is None:
+            raise ValueError("ewc: after_task needs the task's data to estimate the Fisher")
+        params = trainable_parameters(model)
+        fisher = diagonal_fisher(
+            model, params, data, self.fisher, self.fisher_samples, self.fisher_batch_size
+        )
+        for name, f in fisher.items():
+            old = self._fisher.get(name)
+            self._fisher[name] = f if old is None else self.gamma * old.to(f.device) + f
+        self._anchor = {name: p.detach().clone() for name, p in params.items()}
+        self._params, self._weights, self._anchors = [], [], []
+        self.tasks += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"tasks": self.tasks}
+        state.update({f"fisher.{k}": v for k, v in self._fisher.items()})
+        state.update({f"anchor.{k}": v for k, v in self._anchor.items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tasks = int(state.get("tasks", 0))
+        self._fisher = {k[7:]: v for k, v in state.items() if k.startswith("fisher.")}
+        self._anchor = {k[7:]: v for k, v in state.items() if k.startswith("anchor.")}
+        if set(self._fisher) != set(self._anchor):
+            raise ValueError("ewc: saved state has a Fisher and an anchor for different parameters")
+        self._params, self._weights, self._anchors = [], [], []
+
+
+def diagonal_fisher(
+    model: nn.Module,
+    params: dict[str, nn.Parameter],
+    data: Iterable[Batch],
+    kind: str = "empirical",
+    max_samples: int = 1024,
+    chunk: int = 16,
+) -> dict[str, torch.Tensor]:
+    """Mean over at most ``max_samples`` examples of the squared per-example gradient of
+    ``−log p(y|x)`` for each of ``params`` (float32), with the model in eval mode."""
+    names, plist = list(params), list(params.values())
+    sums = [torch.zeros_like(p, dtype=torch.float32) for p in plist]
+    causal, device, seen = is_causal_lm(model), plist[0].device, 0
+    use_vmap = True
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in data:
+            args, kwargs, labels = split_batch(move_batch(batch, device))
+            if labels is None:
+                raise ValueError("ewc: the Fisher needs batches with labels")
+            n = labels.shape[0]
+            for start in range(0, n, chunk):
+                take = min(chunk, n - start, max_samples - seen)
+                part = slice(start, start + take)
+                a = tuple(x[part] for x in args)
+                kw = {k: v[part] if _batched(v, n) else v for k, v in kwargs.items()}
+                y = labels[part]
+                if kind == "true":
+                    y = _sample_labels(model, a, kw, y, causal)
+                squares = None
+                if use_vmap:
+                    try:
+                        squares = _vmap_squared_grads(model, params, a, kw, y, causal)
+                    except (RuntimeError, NotImplementedError) as err:
+                        warnings.warn(
+                            f"ewc: per-example gradients with vmap failed ({str(err)[:120]}...); "
+                            "using a per-example loop (slower, same result)",
+                            stacklevel=2,
+                        )
+                        use_vmap = False
+                if squares is None:
+                    squares = _loop_squared_grads(model, plist, a, kw, y, causal)
+                torch._foreach_add_(sums, squares)
+                seen += take
+                if seen >= max_samples:
+                    break
+            if seen >= max_samples:
+                break
+    finally:
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError("ewc: no examples to estimate the Fisher from")
+    torch._foreach_div_(sums, float(seen))
+    return dict(zip(names, sums, strict=True))
+
+
+def _batched(v: Any, n: int) -> bool:
+    return torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n
+
+
+def _sample_labels(model, args, kwargs, labels, causal: bool) -> torch.Tensor:
+    """Labels drawn from the model's own prediction, where the data has a label (true Fisher)."""
+    with torch.no_grad():
+        logits = logits_of(model(*args, **kwargs)).float()
+    sampled = torch.distributions.Categorical(logits=logits).sample()
+    if sampled.dim() == 1:
+        return sampled
+    if causal:  # the prediction at position t is the label of position t + 1
+        sampled = torch.cat([torch.full_like(sampled[:, :1], -100), sampled[:, :-1]], dim=1)
+    return torch.where(labels == -100, labels, sampled)
+
+
+def _vmap_squared_grads(model, params, args, kwargs, labels, causal: bool) -> list[torch.Tensor]:
+    """Σ over the chunk of squared per-example gradients, with one vmapped backward."""
+    n = labels.shape[0]
+    mask = kwargs.get("attention_mask")
+    if mask is not None and _batched(mask, n):
+        # The mask cannot enter vmap (transformers inspects it with data-dependent control flow).
+        # Dropping it is exact when it is all ones or, for a causal LM, right padding: a causal
+        # model never attends forward, and the padded positions are given no label here.
+        if not bool(mask.all()):
+            right_padded = bool((mask[:, 1:] <= mask[:, :-1]).all())
+            if not (causal and right_padded):
+                raise NotImplementedError("left or inner padding")
+            labels = labels.masked_fill(mask == 0, -100)
+        kwargs = {k: v for k, v in kwargs.items() if k != "attention_mask"}
+    batched = {k: v for k, v in kwargs.items() if _batched(v, n)}
+    fixed = {k: v for k, v in kwargs.items() if k not in batched}
+    if causal:
+        fixed["use_cache"] = False
+
+    def nll_one(p, a, kw, y):
+        a1 = tuple(t.unsqueeze(0) for t in a)
+        kw1 = {k: v.unsqueeze(0) for k, v in kw.items()}
+        out = functional_call(model, p, a1, {**kw1, **fixed})
+        return example_nll(logits_of(out), y.unsqueeze(0), causal)[0]
+
+    detached = {k: p.detach() for k, p in params.items()}
+    with warnings.catch_warnings():  # CPU attention has no batching rule: slower, not wrong
+        warnings.filterwarnings("ignore", message="There is a performance drop")
+        per_example = vmap(grad(nll_one), in_dims=(None, 0, 0, 0))(detached, args, batched, labels)
+    return [per_example[k].float().square().sum(0) for k in params]
+
+
+def _loop_squared_grads(model, plist, args, kwargs, labels, causal: bool) -> list[torch.Tensor]:
+    """The same sum, one example at a time (any model, any padding)."""
+    n = labels.shape[0]
+    out = [torch.zeros_like(p, dtype=torch.float32) for p in plist]
+    for i in range(n):
+        a = tuple(t[i : i + 1] for t in args)
+        kw = {k: v[i : i + 1] if _batched(v, n) else v for k, v in kwargs.items()}
+        with torch.enable_grad():
+            nll = example_nll(logits_of(model(*a, **kw)), labels[i : i + 1], causal)[0]
+            grads = torch.autograd.grad(nll, plist, allow_unused=True)
+        for o, g in zip(out, grads, strict=True):
+            if g is not None:
+                o.add_(g.float().square())
+    return out

@@ -1,0 +1,130 @@
+"""Hierarchical layer-wise and element-wise regularisation (HLR) of fine-tuning.
+
+    loss = task loss + λ · Σ_l α_l R_l,        R_l = Σ_{i ∈ layer l} Ω_i (θ_i − θ*_i)²
+    α_l  = L · R_l / Σ_k R_k                   (L layers; recomputed every step, no gradient)
+    Ω_i  = Σ_tasks max(ω_i, 0) / (Δθ_i² + ξ),  ω_i = −Σ_steps g_i Δθ_i   (SI's path integral)
+
+Song et al., "How to Alleviate Catastrophic Forgetting in LLMs Finetuning? Hierarchical Layer-Wise
+and Element-Wise Regularization" (arXiv:2501.13669, 2025).
+
+From the paper: (1) the element-wise importance Ω of each weight for general knowledge is the
+SI-style path integral recorded while fine-tuning on general data (its "general importance
+recording" phase), which is what ``estimate_importance(model, batches)`` does; (2) the dual
+objective: the task's cross-entropy plus λ times an importance-weighted penalty on the deviation
+from the weights the importance was recorded for; (3) a per-layer coefficient from each layer's
+share of the total regularisation loss, recomputed during training so the layers are balanced.
+
+Our choices: α_l is scaled by the number of layers L (all layers equal gives α_l = 1, so λ keeps
+SI's scale) and is a constant in backward (it weights the layers, it is not itself minimised);
+a "layer" is the module path up to the first numeric component of a parameter name (a transformer
+block ``...layers.7``, or ``0``, ``2`` in an ``nn.Sequential``), otherwise the parameter's module
+(embeddings, head, final norm); ``estimate_importance`` runs one pass of Adam on the general data,
+records the path integral and then restores the weights, so training starts from (and is anchored
+to) the pre-trained weights; without general data, the first task trained with HLR plays the part
+of the general task (no penalty on it, as in the paper's first phase). For continual releases,
+importance keeps accumulating over every task and θ* moves to the end of each task, exactly as
+in SI (which HLR extends: same path integral, same damping ξ, same unregularised gradient).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from cf_strategies.base import (
+    Batch,
+    example_nll,
+    is_causal_lm,
+    logits_of,
+    move_batch,
+    snapshot,
+    split_batch,
+    trainable_parameters,
+)
+from cf_strategies.registry import register
+from cf_strategies.si import SynapticIntelligence
+
+
+@register
+class HLR(SynapticIntelligence):
+    """SI's element-wise importance with layer-wise coefficients: ``λ·Σ_l α_l R_l``."""
+
+    name = "hlr"
+
+    def __init__(self, lambda_: float = 1.0, xi: float = 1e-3, layer_balance: bool = True) -> None:
+        super().__init__(c=lambda_, xi=xi)
+        self.lambda_ = self.c
+        self.layer_balance = bool(layer_balance)
+        self._layer_index: torch.Tensor | None = None  # layer of each trainable tensor
+        self._layers = 0
+
+    def before_task(self, model: nn.Module, data: Iterable[Batch] | None = None) -> None:
+        super().before_task(model, data)
+        names = list(trainable_parameters(model))
+        layers = [layer_of(n) for n in names]
+        ids = {layer: i for i, layer in enumerate(dict.fromkeys(layers))}
+        device = self._params[0].device if self._params else None
+        self._layer_index = torch.tensor([ids[x] for x in layers], device=device)
+        self._layers = len(ids)
+
+    def coefficients(self, terms: torch.Tensor) -> float | torch.Tensor:
+        """λ·α_l for each tensor, α_l = L·R_l/Σ R (1 everywhere without layer balance)."""
+        if not self.layer_balance:
+            return self.lambda_
+        per_layer = torch.zeros(self._layers, dtype=terms.dtype, device=terms.device)
+        per_layer.index_add_(0, self._layer_index, terms)
+        alpha = self._layers * per_layer / per_layer.sum().clamp_min(1e-30)
+        return self.lambda_ * alpha[self._layer_index]
+
+    def estimate_importance(
+        self,
+        model: nn.Module,
+        batches: Iterable[Batch],
+        lr: float = 1e-4,
+        loss_fn: Callable[[nn.Module, Batch], torch.Tensor] | None = None,
+    ) -> None:
+        """Record the importance of each weight for general knowledge on ``batches`` (general
+        data) and anchor the penalty to the current weights. One pass of Adam at ``lr`` with the
+        path integral recorded, then the weights are restored: the model is left unchanged.
+        ``loss_fn(model, batch)`` defaults to the mean negative log-likelihood of the labels."""
+        loss_fn = loss_fn or mean_nll
+        params = trainable_parameters(model)
+        pretrained = snapshot(params)
+        optimizer = torch.optim.Adam(params.values(), lr=lr)
+        was_training = model.training
+        model.train()
+        self.before_task(model)
+        self._importance = []  # record on the general loss alone, without the penalty
+        device = next(iter(params.values())).device
+        for batch in batches:
+            loss = loss_fn(model, move_batch(batch, device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.after_backward(model)
+            optimizer.step()
+            self.after_step(model)
+        self.after_task(model)
+        with torch.no_grad():
+            for p, p0 in zip(params.values(), pretrained.values(), strict=True):
+                p.copy_(p0)
+                p.grad = None
+        self._anchor = pretrained
+        model.train(was_training)
+
+
+def layer_of(name: str) -> str:
+    """The layer a parameter belongs to: its path up to the first numeric component
+    (``model.layers.3.mlp.up_proj.weight`` -> ``model.layers.3``), else its module path."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return ".".join(parts[:-1]) or name
+
+
+def mean_nll(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """The mean over the batch of each example's negative log-likelihood of its labels."""
+    args, kwargs, labels = split_batch(batch)
+    return example_nll(logits_of(model(*args, **kwargs)), labels, is_causal_lm(model)).mean()

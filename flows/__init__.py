@@ -1,0 +1,1 @@
+"""Forgetless pipeline: one module per step, chained by the Prefect flow in ``flows.retrain``."""

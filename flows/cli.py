@@ -1,0 +1,167 @@
+"""The ``forgetless`` command: ``run``, ``validate``, ``demo-data``, ``status``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+console = Console()
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """``--set train.max_steps=5`` → ``{"train.max_steps": 5}`` (values parsed as YAML)."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def print_summary(summary) -> None:
+    ev, gate = summary.eval, summary.gate
+    table = Table(title=f"Retrain on {summary.release} with strategy {summary.strategy}")
+    table.add_column("measure")
+    table.add_column("champion", justify="right")
+    table.add_column("candidate", justify="right")
+    table.add_column("retention", justify="right")
+    table.add_row(
+        f"new task: {ev.new_task}", f"{ev.new_task_baseline:.3f}", f"{ev.new_task_score:.3f}", ""
+    )
+    for t in sorted(ev.baseline):
+        table.add_row(
+            f"probe: {t}",
+            f"{ev.baseline[t]:.3f}",
+            f"{ev.scores.get(t, 0):.3f}",
+            f"{ev.retention[t]:.3f}",
+        )
+    console.print(table)
+    verdict = "[green]PASSED[/green]" if gate.passed else "[red]FAILED[/red]"
+    console.print(f"Gate {verdict}")
+    for check in gate.checks:
+        console.print(f"  {'✓' if check.passed else '✗'} {escape(str(check))}")
+    reg, promo = summary.registration, summary.promotion
+    status = "is now [bold]champion[/bold]" if promo.promoted else f"not promoted: {promo.reason}"
+    console.print(f"Model {reg.name} v{reg.version} {escape(status) if not promo.promoted else status}")
+    console.print(
+        f"Wall time {summary.wall_seconds:.0f}s (training {summary.train_seconds:.0f}s, "
+        f"evaluation {summary.eval_seconds:.0f}s, everything else {summary.overhead_share:.0%}); "
+        f"outputs in {summary.run_dir}"
+    )
+
+
+def cmd_run(args) -> int:
+    from flows.retrain import retrain
+
+    summary = retrain(
+        params_file=args.params, release=args.release, overrides=parse_overrides(args.set)
+    )
+    print_summary(summary)
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from flows.config import load_params
+    from flows.probes import collect_probe_items
+    from flows.tracking import current_champion
+    from flows.validate import ValidationFailed, validate_release
+
+    params = load_params(args.params)
+    prompts = [i["prompt"] for i in collect_probe_items(params, current_champion(params))]
+    cfg = params.data
+    report = validate_release(
+        Path(args.release),
+        prompts,
+        cfg.max_prompt_chars,
+        cfg.max_completion_chars,
+        {"train": cfg.min_train_records, "eval": cfg.min_eval_records},
+    )
+    if report.passed:
+        console.print(f"[green]{args.release}: valid[/green] {report.checked}")
+        return 0
+    console.print(f"[red]{escape(str(ValidationFailed(report, limit=100)))}[/red]")
+    return 1
+
+
+def cmd_demo_data(args) -> int:
+    from flows.demo_data import build_demo
+
+    out = build_demo(Path(args.out))
+    console.print(f"demo releases and probes in {out}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from flows import accuracy_matrix
+    from flows.config import load_params
+    from flows.tracking import current_champion
+
+    params = load_params(args.params)
+    champ = current_champion(params)
+    console.print(
+        f"champion: {champ.version or 'base model'} ({champ.model_dir}); learned {champ.releases}"
+    )
+    matrix = accuracy_matrix.load(params.workspace_dir / "accuracy_matrix.json")
+    cols = accuracy_matrix.tasks(matrix)
+    table = Table(title="accuracy matrix R[i][j]")
+    table.add_column("model")
+    for c in cols:
+        table.add_column(c, justify="right")
+    for row in matrix["rows"]:
+        cells = [f"{row['scores'][c]:.3f}" if c in row["scores"] else "" for c in cols]
+        table.add_row(row["label"] + (" *" if row.get("promoted") else ""), *cells)
+    console.print(table)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="forgetless", description=__doc__)
+    parser.add_argument(
+        "--params", default="params.yaml", help="params file (default: params.yaml)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser(
+        "run",
+        help="retrain on a release: version, validate, probes, fine-tune, evaluate, gate, register, promote",
+    )
+    run.add_argument(
+        "--release", help="release folder (train.jsonl, eval.jsonl); default: the next demo release"
+    )
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a params.yaml key, e.g. train.max_steps=5",
+    )
+    run.set_defaults(fn=cmd_run)
+    val = sub.add_parser("validate", help="validate a release folder without training")
+    val.add_argument("release")
+    val.set_defaults(fn=cmd_validate)
+    demo = sub.add_parser("demo-data", help="write the embedded demo releases and probe source")
+    demo.add_argument("--out", default=".cache/demo-data")
+    demo.set_defaults(fn=cmd_demo_data)
+    st = sub.add_parser("status", help="the champion and the accuracy matrix")
+    st.set_defaults(fn=cmd_status)
+    args = parser.parse_args(argv)
+    from flows.config import ParamsError
+    from flows.data import DataError
+    from flows.tracking import TrackingUnavailable
+    from flows.validate import ValidationFailed
+
+    try:
+        return args.fn(args)
+    except (ParamsError, DataError, ValidationFailed, TrackingUnavailable) as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

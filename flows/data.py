@@ -1,0 +1,121 @@
+"""Reading releases and probe items. A release is a folder with ``train.jsonl`` and ``eval.jsonl``.
+
+A release record is ``{"id", "prompt", "completion"}`` or ``{"id", "messages": [...]}`` (chat:
+the last message is the assistant's completion), with optional ``choices`` (the answer set, for
+classification) and ``category``. A probe item is ``{"id", "prompt", "answers", "task",
+"category"}`` with optional ``choices``; ``scoring`` is ``generate`` (greedy answer must contain
+an accepted answer) or ``choice`` (highest log-likelihood choice must be an accepted answer).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+RELEASE_FILES = ("train.jsonl", "eval.jsonl")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, the line and the rule broken."""
+
+    def __init__(self, file: Path | str, line: int | None, rule: str):
+        self.file, self.line, self.rule = str(file), line, rule
+        super().__init__(f"{file}:{line}: {rule}" if line else f"{file}: {rule}")
+
+
+def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, record) pairs; blank lines are skipped, anything else must be a JSON object."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(path, lineno, f"not valid JSON ({exc.msg})") from None
+            if not isinstance(obj, dict):
+                raise DataError(path, lineno, "a record must be a JSON object")
+            records.append((lineno, obj))
+    return records
+
+
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return path
+
+
+@dataclass(frozen=True)
+class Example:
+    """One prompt with what counts as a right answer; release records and probes alike."""
+
+    id: str
+    messages: list[dict[str, str]]  # the prompt, as chat messages
+    completion: str  # the training target (first accepted answer for probes)
+    answers: list[str]
+    task: str
+    category: str = ""
+    choices: list[str] = field(default_factory=list)
+    scoring: str = "generate"
+
+    @property
+    def prompt_text(self) -> str:
+        return "\n".join(m["content"] for m in self.messages)
+
+
+def release_example(record: dict[str, Any], task: str) -> Example:
+    """A validated release record as an Example (the release name is the task)."""
+    if "messages" in record:
+        *prompt, last = record["messages"]
+        messages, completion = list(prompt), last["content"]
+    else:
+        messages, completion = [{"role": "user", "content": record["prompt"]}], record["completion"]
+    return Example(
+        id=str(record["id"]),
+        messages=messages,
+        completion=completion,
+        answers=[completion],
+        task=task,
+        category=str(record.get("category", "")),
+        choices=list(record.get("choices") or []),
+    )
+
+
+def probe_example(record: dict[str, Any]) -> Example:
+    answers = list(record["answers"])
+    return Example(
+        id=str(record["id"]),
+        messages=[{"role": "user", "content": record["prompt"]}],
+        completion=answers[0],
+        answers=answers,
+        task=str(record["task"]),
+        category=str(record.get("category", "")),
+        choices=list(record.get("choices") or []),
+        scoring=str(record.get("scoring", "generate")),
+    )
+
+
+def as_probe_record(ex: Example) -> dict[str, Any]:
+    """An Example written back as a probe item (a promoted release's held-out item)."""
+    return {
+        "id": ex.id,
+        "prompt": ex.prompt_text,
+        "answers": ex.answers,
+        "task": ex.task,
+        "category": ex.category,
+        "choices": ex.choices,
+        "scoring": ex.scoring,
+    }
+
+
+def load_release(folder: Path, split: str) -> list[Example]:
+    return [release_example(r, folder.name) for _, r in read_jsonl(folder / f"{split}.jsonl")]
+
+
+def load_probes(path: Path) -> list[Example]:
+    return [probe_example(r) for _, r in read_jsonl(path)]

@@ -1,0 +1,95 @@
+"""Step 4, fine-tune: LoRA on the champion with the strategies named in ``params.yaml``.
+
+Runs a ``cf_strategies.ContinualTrainer`` (a transformers ``Trainer``) on the release's
+``train.jsonl``, loads the strategies' state saved beside the champion (Fisher, importances,
+buffers), merges the adapter, and writes the candidate folder atomically: weights, tokenizer and
+``strategy_state/`` for the next release. On a GPU it trains in bf16; on the CPU in fp32.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import DataCollatorForSeq2Seq, TrainingArguments, set_seed
+
+import cf_strategies
+from flows.config import Params
+from flows.data import load_release
+from flows.modeling import load_model, tokenize_for_training
+from flows.records import ChampionRef, TrainResult
+
+STRATEGY_STATE = "strategy_state"
+
+
+def finetune(
+    params: Params, champion: ChampionRef, release_dir: Path, run_dir: Path
+) -> TrainResult:
+    cfg = params.train
+    set_seed(cfg.seed)
+    model, tokenizer = load_model(champion.model_dir, for_training=True)
+    chat = params.model.use_chat_template
+    train_set = [
+        tokenize_for_training(tokenizer, ex, chat, cfg.max_length)
+        for ex in load_release(release_dir, "train")
+    ]
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=list(cfg.lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora)
+    strategies = cf_strategies.build_strategies(cfg.strategy, cfg.strategy_params)
+    state_dir = Path(champion.model_dir) / STRATEGY_STATE
+    if state_dir.is_dir():
+        cf_strategies.load_strategies(strategies, state_dir)
+
+    gpu = torch.cuda.is_available()
+    args = TrainingArguments(
+        output_dir=str(run_dir / "trainer"),
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        warmup_steps=cfg.warmup_steps,
+        lr_scheduler_type="linear",
+        logging_steps=cfg.logging_steps,
+        save_strategy="no",
+        report_to=[],
+        seed=cfg.seed,
+        bf16=gpu and torch.cuda.is_bf16_supported(),
+        use_cpu=not gpu,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+    )
+    trainer = cf_strategies.ContinualTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        strategies=strategies,
+    )
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+
+    out = run_dir / "candidate_model"
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cf_strategies.save_strategies(strategies, tmp / STRATEGY_STATE)
+    merged = trainer.model.merge_and_unload()
+    merged.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return TrainResult(
+        model_dir=out,
+        strategy=cfg.strategy,
+        steps=trainer.state.global_step,
+        train_seconds=seconds,
+        log_history=[h for h in trainer.state.log_history if "loss" in h],
+    )

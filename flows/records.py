@@ -1,0 +1,136 @@
+"""The small typed records that cross pipeline steps (big things travel as paths)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    def write(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.model_dump_json(indent=1))
+        return path
+
+    @classmethod
+    def read(cls, path: Path):
+        return cls.model_validate_json(Path(path).read_text())
+
+
+class VersionedRelease(Record):
+    """A data release tracked by DVC in the workspace (step 1)."""
+
+    name: str
+    path: Path  # the release folder inside the workspace
+    dvc_hash: str  # content hash of the folder (DVC's md5 of the directory)
+    git_commit: str  # workspace commit that records the .dvc file
+    remote: str
+
+
+class Violation(Record):
+    """One broken rule: which file, which line (1-based) and record, which rule."""
+
+    file: str
+    line: int | None
+    record_id: str | None
+    rule: str
+    detail: str = ""
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        rec = f" (record {self.record_id!r})" if self.record_id else ""
+        return f"{where}{rec}: {self.rule}" + (f" — {self.detail}" if self.detail else "")
+
+
+class ValidationReport(Record):
+    """Step 2: the result of every expectation on every file of a release."""
+
+    release: str
+    passed: bool
+    violations: list[Violation] = []
+    checked: dict[str, int] = {}  # file -> records checked
+
+
+class ChampionRef(Record):
+    """The champion when a retrain began: a registered version, or the base model."""
+
+    version: str | None  # None: no champion yet, the base model stands in
+    model_dir: Path
+    releases: list[str] = []  # releases this model has learned, oldest first
+
+
+class ProbeSet(Record):
+    """Step 3: the frozen probe set and its baseline scores on the champion."""
+
+    path: Path
+    dvc_hash: str
+    n_items: int
+    tasks: list[str]
+    baseline: dict[str, float]  # task -> score of the champion
+    new_task_baseline: float  # the champion's score on the new release's eval set
+    champion: ChampionRef
+    baseline_seconds: float = 0.0
+
+
+class TrainResult(Record):
+    """Step 4: the candidate model folder (merged weights, tokenizer, strategy state)."""
+
+    model_dir: Path
+    strategy: str
+    steps: int
+    train_seconds: float
+    log_history: list[dict] = []
+
+
+class EvalReport(Record):
+    """Step 5: candidate scores, and retention against the probe baseline."""
+
+    scores: dict[str, float]  # probe task -> candidate score
+    baseline: dict[str, float]
+    retention: dict[str, float]  # task -> candidate / baseline
+    new_task: str
+    new_task_score: float
+    new_task_baseline: float
+    eval_seconds: float
+
+
+class GateCheck(Record):
+    name: str
+    value: float
+    threshold: float
+    passed: bool
+
+    def __str__(self) -> str:
+        op = ">=" if self.passed else "<"
+        verdict = "ok" if self.passed else "FAILED"
+        return f"{self.name} = {self.value:.3f} {op} {self.threshold:.3f}: {verdict}"
+
+
+class GateDecision(Record):
+    """Step 6: the decision and every check behind it. A failed gate is data, not an error."""
+
+    passed: bool
+    checks: list[GateCheck]
+
+    @property
+    def reasons(self) -> list[str]:
+        return [str(c) for c in self.checks if not c.passed] or ["every check passed"]
+
+
+class Registration(Record):
+    """Step 7: the registered model version and its MLflow run."""
+
+    name: str
+    version: str
+    run_id: str
+
+
+class Promotion(Record):
+    """Step 8: whether the champion alias moved, and why (not)."""
+
+    promoted: bool
+    champion_version: str | None  # the champion after this step
+    reason: str

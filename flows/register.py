@@ -1,0 +1,146 @@
+"""Step 7, register: one MLflow run with everything about the retrain, and a model version.
+
+The run holds the params, the per-step training loss, the release's DVC hash and commits, the
+probe, eval and training sets as dataset inputs, the scores, retention and the gate report. The
+model version (a pyfunc whose artifact is the candidate folder) is tagged with the gate decision
+and the releases it has learned; it is registered whether or not the gate passed.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import warnings
+from pathlib import Path
+
+import pandas as pd
+
+from flows import serving
+from flows.config import Params
+from flows.data import read_jsonl
+from flows.records import (
+    EvalReport,
+    GateDecision,
+    ProbeSet,
+    Registration,
+    TrainResult,
+    VersionedRelease,
+)
+from flows.tracking import client
+
+PIP_REQUIREMENTS = ["torch==2.13.0", "transformers==5.24.0", "peft==0.21.2", "mlflow==3.17.2"]
+
+
+def code_commit() -> str:
+    """The commit of the Forgetless code that ran, or "unknown" outside a git checkout."""
+    here = Path(__file__).resolve().parent
+    done = subprocess.run(
+        ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True
+    )
+    return done.stdout.strip() or "unknown"
+
+
+def flat_params(params: Params) -> dict[str, str]:
+    data = params.model_dump(mode="json", exclude={"root"})
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, node) -> None:
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = json.dumps(node) if not isinstance(node, str) else node
+
+    walk("", data)
+    return out
+
+
+def _dataset(path: Path, name: str, digest: str | None = None):
+    import mlflow
+
+    df = pd.DataFrame([r for _, r in read_jsonl(path)]).astype(str)
+    with warnings.catch_warnings():  # a local path matches two equivalent source types
+        warnings.filterwarnings("ignore", message="The specified dataset source")
+        return mlflow.data.from_pandas(df, source=str(path), name=name, digest=digest)
+
+
+def register(
+    params: Params,
+    release: VersionedRelease,
+    probe_set: ProbeSet,
+    train: TrainResult,
+    report: EvalReport,
+    decision: GateDecision,
+    run_dir: Path,
+) -> Registration:
+    import mlflow
+
+    c = client(params)
+    name = params.model.registered_name
+    mlflow.set_experiment(params.tracking.experiment)
+    verdict = "passed" if decision.passed else "failed"
+    with mlflow.start_run(run_name=f"retrain-{release.name}") as run:
+        mlflow.log_params(flat_params(params))
+        for h in train.log_history:
+            mlflow.log_metric("train_loss", h["loss"], step=int(h["step"]))
+        metrics = {f"probe_score.{t}": s for t, s in report.scores.items()}
+        metrics |= {f"baseline.{t}": s for t, s in report.baseline.items()}
+        metrics |= {f"retention.{t}": r for t, r in report.retention.items()}
+        metrics |= {
+            "new_task_score": report.new_task_score,
+            "new_task_baseline": report.new_task_baseline,
+            "min_retention": min(report.retention.values(), default=1.0),
+            "train_seconds": train.train_seconds,
+            "eval_seconds": report.eval_seconds,
+        }
+        mlflow.log_metrics(metrics)
+        mlflow.set_tags(
+            {
+                "release": release.name,
+                "release_dvc_hash": release.dvc_hash,
+                "workspace_git_commit": release.git_commit,
+                "code_git_commit": code_commit(),
+                "probe_set_dvc_hash": probe_set.dvc_hash,
+                "champion_at_start": probe_set.champion.version or "base",
+                "strategy": train.strategy,
+                "gate": verdict,
+            }
+        )
+        mlflow.log_input(
+            _dataset(probe_set.path, "probe_set", probe_set.dvc_hash[:8]), context="probe"
+        )
+        mlflow.log_input(
+            _dataset(release.path / "eval.jsonl", f"{release.name}-eval"), context="eval"
+        )
+        mlflow.log_input(
+            _dataset(release.path / "train.jsonl", f"{release.name}-train"), context="training"
+        )
+        mlflow.log_dict(decision.model_dump(mode="json"), "gate_report.json")
+        mlflow.log_dict(report.model_dump(mode="json"), "eval_report.json")
+        for f in sorted(run_dir.glob("*/*.jsonl")):
+            mlflow.log_artifact(str(f), artifact_path=f"outputs/{f.parent.name}")
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=serving.__file__,
+            artifacts={"model_dir": str(train.model_dir)},
+            model_config={"use_chat_template": params.model.use_chat_template},
+            pip_requirements=PIP_REQUIREMENTS,
+            registered_model_name=name,
+        )
+    version = str(info.registered_model_version)
+    learned = probe_set.champion.releases + [release.name]
+    for key, value in {
+        "gate": verdict,
+        "gate_reasons": "; ".join(decision.reasons),
+        "release": release.name,
+        "releases_learned": json.dumps(learned),
+        "release_dvc_hash": release.dvc_hash,
+        "champion_at_start": probe_set.champion.version or "base",
+    }.items():
+        c.set_model_version_tag(name, version, key, value)
+    return Registration(name=name, version=version, run_id=run.info.run_id)
+
+
+def log_artifact(params: Params, run_id: str, path: Path, folder: str = "plots") -> None:
+    """Attach a file made after registration (the accuracy heatmap) to the retrain's run."""
+    client(params).log_artifact(run_id, str(path), folder)

@@ -1,0 +1,204 @@
+"""The Prefect flow of one retrain: version → validate → probes → fine-tune → evaluate → gate
+→ register → promote. Each task wraps the plain step function of the module named after it.
+
+Run it with ``forgetless run`` (no server needed: Prefect starts a temporary one) or deploy it
+to a Prefect server with a schedule; ``finetune`` is the step to send to a GPU work pool.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+
+from flows import accuracy_matrix, demo_data
+from flows.config import Params, load_params
+from flows.evaluate import evaluate_candidate
+from flows.finetune import finetune
+from flows.gate import gate
+from flows.probes import collect_probe_items, create_probe_set
+from flows.promote import promote
+from flows.records import (
+    ChampionRef,
+    EvalReport,
+    GateDecision,
+    Promotion,
+    Record,
+    Registration,
+    TrainResult,
+)
+from flows.register import log_artifact, register
+from flows.tracking import TrackingUnavailable, current_champion
+from flows.validate import ValidationFailed, validate_release
+from flows.version import version_release
+from flows.workspace import quiet_env
+
+
+class RetrainSummary(Record):
+    release: str
+    run_dir: Path
+    strategy: str
+    champion_at_start: str | None
+    eval: EvalReport
+    gate: GateDecision
+    registration: Registration
+    promotion: Promotion
+    train_seconds: float
+    eval_seconds: float
+    wall_seconds: float
+    step_seconds: dict[str, float]
+
+    @property
+    def overhead_share(self) -> float:
+        """Share of the wall time outside training and evaluation (orchestration, tracking,
+        versioning, validation, model loading and saving)."""
+        return 1 - (self.train_seconds + self.eval_seconds) / self.wall_seconds
+
+
+def next_demo_release(params: Params, champion: ChampionRef) -> Path:
+    """The first embedded demo release the champion has not learned yet."""
+    demo = demo_data.build_demo(params.path(params.data.demo_dir))
+    for release in demo_data.demo_releases(demo):
+        if release.name not in champion.releases:
+            return release
+    raise SystemExit(
+        "the champion has learned every embedded demo release; pass --release DIR to train on "
+        "your own data (or delete the workspace folder to start the demo over)"
+    )
+
+
+def transient(task, task_run, state) -> bool:
+    """Retry I/O hiccups (a busy tracking server, a locked file), never bad input or bugs."""
+    try:
+        state.result()
+    except (OSError, TimeoutError, TrackingUnavailable):
+        return True
+    except Exception:
+        return False
+    return False
+
+
+io = {"retries": 2, "retry_delay_seconds": 3, "retry_condition_fn": transient}
+version_task = task(version_release, name="version", **io)
+champion_task = task(current_champion, name="champion", **io)
+validate_task = task(validate_release, name="validate")
+probes_task = task(create_probe_set, name="probes")
+finetune_task = task(finetune, name="finetune")
+evaluate_task = task(evaluate_candidate, name="evaluate")
+gate_task = task(gate, name="gate")
+register_task = task(register, name="register", **io)
+promote_task = task(promote, name="promote")
+
+
+@flow(name="forgetless-retrain", log_prints=True)
+def retrain(
+    params_file: str = "params.yaml",
+    release: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> RetrainSummary:
+    quiet_env()
+    start = time.perf_counter()
+    log = get_run_logger()
+    params = load_params(params_file, overrides)
+    ws = params.workspace_dir
+    steps: dict[str, float] = {}
+
+    def timed(name: str, fn, *args):
+        t = time.perf_counter()
+        result = fn(*args)
+        steps[name] = round(time.perf_counter() - t, 2)
+        return result
+
+    champion = timed("champion", champion_task, params)
+    release = release or (str(params.path(params.data.release)) if params.data.release else None)
+    release_dir = Path(release).resolve() if release else next_demo_release(params, champion)
+    log.info(f"retrain on release {release_dir.name}, from champion {champion.version or 'base'}")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    run_dir = ws / "runs" / f"{release_dir.name}-{stamp}"
+
+    versioned = timed("version", version_task, release_dir, ws, params.dvc_remote)
+    log.info(
+        f"versioned {versioned.name}: {versioned.dvc_hash} (commit {versioned.git_commit[:8]})"
+    )
+
+    probe_prompts = [item["prompt"] for item in collect_probe_items(params, champion)]
+    cfg = params.data
+    report = timed(
+        "validate",
+        validate_task,
+        versioned.path,
+        probe_prompts,
+        cfg.max_prompt_chars,
+        cfg.max_completion_chars,
+        {"train": cfg.min_train_records, "eval": cfg.min_eval_records},
+    )
+    report.write(run_dir / "validation_report.json")
+    if not report.passed:
+        raise ValidationFailed(report)
+    log.info(f"validated {report.checked}")
+
+    probe_set = timed("probes", probes_task, params, versioned.path, champion, run_dir)
+    probe_set.write(run_dir / "probe_set.json")
+    log.info(f"probe set: {probe_set.n_items} items, baseline {probe_set.baseline}")
+
+    trained: TrainResult = timed(
+        "finetune", finetune_task, params, champion, versioned.path, run_dir
+    )
+    trained.write(run_dir / "train_result.json")
+    evaluation = timed(
+        "evaluate", evaluate_task, params, trained.model_dir, probe_set, versioned.path, run_dir
+    )
+    evaluation.write(run_dir / "eval_report.json")
+    decision = timed("gate", gate_task, evaluation, params.gate)
+    decision.write(run_dir / "gate_report.json")
+    log.info(f"gate {'passed' if decision.passed else 'FAILED'}: {decision.reasons}")
+
+    matrix_file = ws / "accuracy_matrix.json"
+    accuracy_matrix.record_scores(
+        matrix_file,
+        champion.version and f"v{champion.version}" or "base",
+        probe_set.baseline | {versioned.name: probe_set.new_task_baseline},
+    )
+    registration = timed(
+        "register",
+        register_task,
+        params,
+        versioned,
+        probe_set,
+        trained,
+        evaluation,
+        decision,
+        run_dir,
+    )
+    matrix = accuracy_matrix.record_scores(
+        matrix_file,
+        f"v{registration.version}",
+        evaluation.scores | {versioned.name: evaluation.new_task_score},
+        release=versioned.name,
+    )
+    promotion = timed("promote", promote_task, params, registration, decision, champion.version)
+    matrix = accuracy_matrix.record_scores(
+        matrix_file, f"v{registration.version}", {}, promoted=promotion.promoted
+    )
+    log_artifact(
+        params, registration.run_id, accuracy_matrix.plot(matrix, run_dir / "accuracy_matrix.png")
+    )
+    summary = RetrainSummary(
+        release=versioned.name,
+        run_dir=run_dir,
+        strategy=params.train.strategy,
+        champion_at_start=champion.version,
+        eval=evaluation,
+        gate=decision,
+        registration=registration,
+        promotion=promotion,
+        train_seconds=trained.train_seconds,
+        eval_seconds=probe_set.baseline_seconds + evaluation.eval_seconds,
+        wall_seconds=time.perf_counter() - start,
+        step_seconds=steps,
+    )
+    summary.write(run_dir / "summary.json")
+    return summary

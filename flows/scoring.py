@@ -1,0 +1,165 @@
+"""Scoring a model on examples: greedy-generation match and log-likelihood multiple choice.
+
+- ``generate``: greedy decoding; with ``choices`` the first choice named in the output must be an
+  accepted answer, otherwise an accepted answer must appear in the output (case-insensitive).
+- ``choice``: the choice with the highest mean token log-likelihood after the prompt must be an
+  accepted answer. The LM head runs only on the choice tokens, not on every position.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from flows.data import Example
+from flows.modeling import format_prompt
+
+Progress = Callable[[int], None]
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"\s+", " ", re.sub(r"[^\w\s]", " ", text.lower())).strip()
+
+
+def first_choice_named(output: str, choices: Sequence[str]) -> str | None:
+    """The choice whose name appears earliest in the output (longest wins a tie)."""
+    out = f" {_norm(output)} "
+    found = [(out.find(f" {_norm(c)} "), -len(c), c) for c in choices]
+    found = [f for f in found if f[0] >= 0]
+    return min(found)[2] if found else None
+
+
+def generation_correct(output: str, ex: Example) -> bool:
+    if ex.choices:
+        named = first_choice_named(output, ex.choices)
+        return named is not None and _norm(named) in {_norm(a) for a in ex.answers}
+    out = f" {_norm(output)} "
+    return any(f" {_norm(a)} " in out for a in ex.answers)
+
+
+@torch.no_grad()
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    use_chat_template: bool,
+    max_new_tokens: int,
+    batch_size: int,
+    progress: Progress | None = None,
+) -> list[str]:
+    """Greedy answers, batched with left padding."""
+    tokenizer.padding_side = "left"
+    outputs: list[str] = []
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start : start + batch_size]
+        prompts = [format_prompt(tokenizer, ex.messages, use_chat_template) for ex in batch]
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = enc.to(model.device)
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        new_tokens = out[:, enc["input_ids"].shape[1] :]
+        outputs += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        if progress:
+            progress(len(batch))
+    return outputs
+
+
+@torch.no_grad()
+def choice_loglik(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    use_chat_template: bool,
+    batch_size: int,
+    progress: Progress | None = None,
+) -> list[list[float]]:
+    """Mean log-probability of each choice's tokens after the prompt, per example."""
+    pairs = []  # (example index, prompt ids, choice ids)
+    for i, ex in enumerate(examples):
+        prompt = tokenizer(
+            format_prompt(tokenizer, ex.messages, use_chat_template), add_special_tokens=False
+        )["input_ids"]
+        sep = "" if use_chat_template and tokenizer.chat_template else " "
+        for choice in ex.choices:
+            pairs.append(
+                (i, prompt, tokenizer(sep + choice, add_special_tokens=False)["input_ids"])
+            )
+    scores: list[list[float]] = [[] for _ in examples]
+    body = getattr(model, model.base_model_prefix)
+    head = model.get_output_embeddings()
+    pad = tokenizer.pad_token_id
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        seqs = [p + c for _, p, c in chunk]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, s in enumerate(seqs):
+            ids[row, : len(s)] = torch.tensor(s)
+            mask[row, : len(s)] = 1
+        hidden = body(input_ids=ids.to(model.device), attention_mask=mask.to(model.device))[0]
+        for row, (i, p, c) in enumerate(chunk):
+            positions = torch.arange(len(p) - 1, len(p) + len(c) - 1, device=hidden.device)
+            logits = head(hidden[row, positions]).float()
+            target = torch.tensor(c, device=logits.device)
+            logp = torch.log_softmax(logits, dim=-1).gather(1, target[:, None]).mean()
+            scores[i].append(float(logp))
+        if progress:
+            progress(
+                sum(len(scores[i]) == len(examples[i].choices) for i in {i for i, _, _ in chunk})
+            )
+    return scores
+
+
+def score_examples(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    use_chat_template: bool,
+    max_new_tokens: int,
+    batch_size: int,
+    progress: Progress | None = None,
+) -> list[dict]:
+    """Per-example results: ``{"id", "task", "category", "scoring", "output", "correct"}``."""
+    results: dict[int, dict] = {}
+    gen_idx = [i for i, ex in enumerate(examples) if ex.scoring == "generate"]
+    mc_idx = [i for i, ex in enumerate(examples) if ex.scoring == "choice"]
+    if gen_idx:
+        outs = generate(
+            model,
+            tokenizer,
+            [examples[i] for i in gen_idx],
+            use_chat_template,
+            max_new_tokens,
+            batch_size,
+            progress,
+        )
+        for i, out in zip(gen_idx, outs, strict=True):
+            results[i] = {"output": out, "correct": generation_correct(out, examples[i])}
+    if mc_idx:
+        lls = choice_loglik(
+            model, tokenizer, [examples[i] for i in mc_idx], use_chat_template, batch_size, progress
+        )
+        for i, ll in zip(mc_idx, lls, strict=True):
+            ex = examples[i]
+            best = ex.choices[max(range(len(ll)), key=ll.__getitem__)]
+            results[i] = {"output": best, "correct": _norm(best) in {_norm(a) for a in ex.answers}}
+    return [
+        {"id": ex.id, "task": ex.task, "category": ex.category, "scoring": ex.scoring, **results[i]}
+        for i, ex in enumerate(examples)
+    ]
+
+
+def accuracy_by_task(results: Sequence[dict]) -> dict[str, float]:
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for r in results:
+        hits[r["task"]].append(bool(r["correct"]))
+    return {task: sum(h) / len(h) for task, h in sorted(hits.items())}

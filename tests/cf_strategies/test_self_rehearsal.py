@@ -1,0 +1,111 @@
+"""Self-rehearsal: the champion's greedy answers to old prompts become replay examples."""
+
+import torch
+from tiny_lm import PAD, lm_loss, tiny_lm, token_batch
+
+from cf_strategies import build_strategies, train_task
+
+PROMPTS = [[5, 9, 12], [7, 8, 30, 31, 40, 41], [50, 3]]
+
+
+def _ssr(**options):
+    return build_strategies("self_rehearsal", {"self_rehearsal": options})[0]
+
+
+def _greedy(model, prompt, n):
+    """Unpadded greedy decoding of one prompt, one token at a time (the reference)."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1:].argmax(-1)], dim=1)
+    return ids[0, len(prompt) :].tolist()
+
+
+def test_champion_answers_become_replay_examples_with_prompt_labels_masked():
+    model = tiny_lm()
+    ssr = _ssr(max_new_tokens=4, generation_batch_size=2, eos_token_id=63)
+    ssr.add_prompts(PROMPTS)
+    ssr.before_task(model)
+    assert ssr.pending == [] and len(ssr.buffer) == 3
+    assert ssr.buffer.tasks == [-1, -1, -1]  # prompts given before any task
+    model.eval()
+    by_prompt = {len(p): p for p in PROMPTS}
+    for ex in ssr.buffer.examples:
+        prompt = next(p for p in PROMPTS if ex["input_ids"][: len(p)].tolist() == p)
+        answer = ex["input_ids"][len(prompt) :].tolist()
+        # left-padded batch generation gives the same tokens as decoding each prompt alone
+        expected = _greedy(model, prompt, 4)
+        if 63 in expected:
+            expected = expected[: expected.index(63) + 1]
+        assert answer == expected
+        assert ex["labels"].tolist() == [-100] * len(prompt) + answer
+        assert ex["attention_mask"].tolist() == [1] * len(ex["input_ids"])
+        del by_prompt[len(prompt)]
+    assert not by_prompt
+
+
+def test_answers_stop_after_end_of_sequence():
+    model = tiny_lm()
+    model.eval()
+    first = _greedy(model, PROMPTS[0], 6)
+    eos = first[2]
+    ssr = _ssr(max_new_tokens=6, eos_token_id=eos)
+    ssr.add_prompts(PROMPTS[:1], task=0)
+    ssr.rehearse(model)
+    (ex,) = ssr.buffer.examples
+    assert ex["input_ids"][3:].tolist() == first[: first.index(eos) + 1]
+
+
+def test_string_prompts_are_tokenized_and_the_tokenizer_gives_eos():
+    class Tokenizer:
+        eos_token_id = 1
+
+        def __call__(self, text):
+            return {"input_ids": [10 + ord(c) % 50 for c in text]}
+
+    ssr = _ssr(max_new_tokens=2)
+    ssr.add_prompts(["abc", "hello"], Tokenizer())
+    assert ssr.eos_token_id == 1
+    assert ssr.pending[0] == ([10 + ord(c) % 50 for c in "abc"], -1)
+
+
+def test_task_data_is_never_stored_only_prompts_when_asked(tmp_path):
+    model = tiny_lm()
+    data = [token_batch(4, seed=s) for s in range(2)]
+    private = _ssr()
+    private.after_task(model, data)
+    assert len(private.buffer) == 0 and private.pending == []
+
+    harvest = _ssr(prompts_from_data=True, max_new_tokens=3, buffer_size=5)
+    harvest.after_task(model, data)
+    assert len(harvest.buffer) == 0 and len(harvest.pending) == 8
+    first = data[0]
+    answer_start = int((first["labels"][0] != -100).nonzero()[0])
+    assert harvest.pending[0] == (first["input_ids"][0, :answer_start].tolist(), 0)
+
+    harvest.save(tmp_path)
+    loaded = _ssr()
+    loaded.load(tmp_path)
+    assert loaded.pending == harvest.pending
+
+    harvest.before_task(model)  # at most buffer_size prompts are answered
+    assert len(harvest.buffer) == 5 and harvest.buffer.tasks == [0] * 5
+    for ex in harvest.buffer.examples:  # the stored answers are the model's, not the data's
+        assert ex["input_ids"].tolist() not in [
+            row.tolist() for b in data for row in b["input_ids"]
+        ]
+
+
+def test_self_rehearsal_mixes_its_answers_into_training():
+    model = tiny_lm()
+    ssr = _ssr(max_new_tokens=3, ratio=0.5, pad_token_id=PAD)
+    ssr.add_prompts(PROMPTS)
+    seen = []
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+
+    def loss_fn(m, batch):
+        seen.append(batch["input_ids"].shape[0])
+        return lm_loss(m, batch)
+
+    train_task(model, [token_batch(4, seed=s) for s in range(2)], [ssr], opt, loss_fn)
+    assert seen == [6, 6]  # 4 new + 2 rehearsed per step
