@@ -78,37 +78,42 @@ def align_to(
 
 
 class _QuadraticTerms(torch.autograd.Function):
-    """Per-tensor Σ w·(θ − a)² with torch._foreach ops; backward is 2·w·(θ − a) per tensor."""
+    """Per-tensor ‖√w·(θ − a)‖² with torch._foreach ops; backward is 2·w·(θ − a) per tensor."""
 
     @staticmethod
-    def forward(ctx, anchors, weights, *params):
-        diff = torch._foreach_sub(params, anchors)
-        if weights is None:
-            ctx.wdiff = diff
-            return torch.stack(torch._foreach_norm(diff, 2)).square()
-        ctx.wdiff = torch._foreach_mul(diff, weights)
-        # Σ|w·d·d| = Σ w·d² because w ≥ 0: one fused reduction per tensor.
-        return torch.stack(torch._foreach_norm(torch._foreach_mul(ctx.wdiff, diff), 1))
+    def forward(ctx, anchors, sqrt_weights, *params):
+        scaled = torch._foreach_sub(params, anchors)
+        if sqrt_weights is not None:
+            torch._foreach_mul_(scaled, sqrt_weights)
+        ctx.scaled, ctx.sqrt_weights = scaled, sqrt_weights
+        return torch.stack(torch._foreach_norm(scaled, 2)).square()
 
     @staticmethod
     def backward(ctx, grad_terms):
-        grads = torch._foreach_mul(ctx.wdiff, list((2 * grad_terms).unbind(0)))
-        del ctx.wdiff
+        grads, ctx.scaled = ctx.scaled, None  # reused in place: this backward runs once
+        if ctx.sqrt_weights is not None:
+            torch._foreach_mul_(grads, ctx.sqrt_weights)
+        if grad_terms.dim() == 1 and grad_terms.stride(0) == 0:  # terms.sum(): one coefficient
+            torch._foreach_mul_(grads, 2 * grad_terms[0])
+        else:
+            torch._foreach_mul_(grads, list((2 * grad_terms).unbind(0)))
         return (None, None, *grads)
 
 
 def quadratic_terms(
     params: Sequence[torch.Tensor],
     anchors: Sequence[torch.Tensor],
-    weights: Sequence[torch.Tensor] | None = None,
+    sqrt_weights: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """``terms[k] = Σ_i w_i (θ_i − a_i)²`` over the elements of the k-th tensor, as a vector with one
-    entry per tensor (sum it for the total). Weights must be ≥ 0 (Fisher, importances); None means
-    all ones. Gradients flow into ``params`` only and are computed in closed form, 2·w·(θ − a),
-    with a handful of torch._foreach kernels whatever the number of tensors."""
+    """``terms[k] = Σ_i w_i (θ_i − a_i)²`` over the elements of the k-th tensor, as a vector with
+    one entry per tensor (sum it for the total). The weights (Fisher, importances; ≥ 0) are given
+    as their square roots, so that each term is one 2-norm; None means all ones. Gradients flow
+    into ``params`` only, computed in closed form, 2·w·(θ − a): a few torch._foreach kernels
+    forward and backward, whatever the number of tensors."""
     if not params:
         return torch.zeros(0)
-    return _QuadraticTerms.apply(list(anchors), None if weights is None else list(weights), *params)
+    sqrt_weights = None if sqrt_weights is None else list(sqrt_weights)
+    return _QuadraticTerms.apply(list(anchors), sqrt_weights, *params)
 
 
 # ---- the log-likelihood of a batch, for strategies that need one (Fisher, importances) ----------

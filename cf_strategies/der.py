@@ -79,15 +79,12 @@ class DER(Strategy):
         device = target_rows(batch).device
         replay = {k: v.to(device) for k, v in replay.items()}
         rows = forward_rows(model, replay)  # one row per stored logit vector
-        rows_per_example = [len(_stored(ex)) for ex in examples]
-        split = sum(rows_per_example[: len(draws[0])])
+        split = sum(len(_stored(ex)) for ex in draws[0])  # rows of the first draw
 
         stored = torch.cat([_stored(ex) for ex in draws[0]]).to(device, rows.dtype)
         student = rows[:split]
-        if INDEX in draws[0][0]:
-            index = torch.cat([ex[INDEX].reshape(-1, ex[INDEX].shape[-1]) for ex in draws[0]]).to(
-                device
-            )
+        if INDEX in draws[0][0]:  # top-k: the student's logits at the stored vocabulary indices
+            index = torch.cat([_stored(ex, INDEX) for ex in draws[0]]).to(device)
             student = student.gather(-1, index.long())
         loss = self.alpha * F.mse_loss(student, stored)
         if self.beta:
@@ -135,7 +132,8 @@ def _inputs(example: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in example.items() if k not in (LOGITS, INDEX)}
 
 
-def _stored(example: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """The stored logits as rows: (1, C) for a classifier example, (P, k) for a sequence."""
-    z = example[LOGITS]
+def _stored(example: Mapping[str, torch.Tensor], key: str = LOGITS) -> torch.Tensor:
+    """Stored logits (or their indices) as rows: (1, C) for a classifier example, (P, k) for a
+    sequence with P supervised tokens."""
+    z = example[key]
     return z.reshape(-1, z.shape[-1])

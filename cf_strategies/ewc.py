@@ -73,22 +73,21 @@ class EWC(Strategy):
         self._fisher: dict[str, torch.Tensor] = {}  # F by parameter name (float32): the state
         self._anchor: dict[str, torch.Tensor] = {}  # θ* by parameter name
         self._params: list[nn.Parameter] = []  # this task's working lists, in the same order
-        self._weights: list[torch.Tensor] = []
+        self._sqrt_fisher: list[torch.Tensor] = []  # √F: the penalty's weights
         self._anchors: list[torch.Tensor] = []
 
     def before_task(self, model: nn.Module, data: Iterable[Batch] | None = None) -> None:
         params = trainable_parameters(model)
         self._params = list(params.values())
         if self._fisher:  # from the second task (or a loaded release) on
-            self._weights = align_to(params, self._fisher, "EWC Fisher")
+            self._sqrt_fisher = torch._foreach_sqrt(align_to(params, self._fisher, "EWC Fisher"))
             self._anchors = align_to(params, self._anchor, "EWC anchor", missing=torch.clone)
 
     def extra_loss(self, model: nn.Module, batch: Batch, outputs: Any) -> torch.Tensor | None:
-        if not self._weights or self.lambda_ == 0:
+        if not self._sqrt_fisher or self.lambda_ == 0:
             return None
-        return (
-            0.5 * self.lambda_ * quadratic_terms(self._params, self._anchors, self._weights).sum()
-        )
+        terms = quadratic_terms(self._params, self._anchors, self._sqrt_fisher)
+        return 0.5 * self.lambda_ * terms.sum()
 
     def after_task(self, model: nn.Module, data: Iterable[Batch] | None = None) -> None:
         if data is None:
@@ -101,7 +100,7 @@ class EWC(Strategy):
             old = self._fisher.get(name)
             self._fisher[name] = f if old is None else self.gamma * old.to(f.device) + f
         self._anchor = {name: p.detach().clone() for name, p in params.items()}
-        self._params, self._weights, self._anchors = [], [], []
+        self._params, self._sqrt_fisher, self._anchors = [], [], []
         self.tasks += 1
 
     def state_dict(self) -> dict[str, Any]:
@@ -116,7 +115,7 @@ class EWC(Strategy):
         self._anchor = {k[7:]: v for k, v in state.items() if k.startswith("anchor.")}
         if set(self._fisher) != set(self._anchor):
             raise ValueError("ewc: saved state has a Fisher and an anchor for different parameters")
-        self._params, self._weights, self._anchors = [], [], []
+        self._params, self._sqrt_fisher, self._anchors = [], [], []
 
 
 def diagonal_fisher(
@@ -128,11 +127,17 @@ def diagonal_fisher(
     chunk: int = 16,
 ) -> dict[str, torch.Tensor]:
     """Mean over at most ``max_samples`` examples of the squared per-example gradient of
-    ``−log p(y|x)`` for each of ``params`` (float32), with the model in eval mode."""
+    ``−log p(y|x)`` for each of ``params`` (float32), with the model in eval mode.
+
+    Per-example gradients come from the cheapest exact method that applies: a closed form when
+    every parameter belongs to an ``nn.Linear`` fed one vector per example (an MLP: Σ_n g_n²·x_n²
+    is one matrix product per layer); else torch.func's vmap of grad, ``chunk`` examples at a time
+    (transformers models); else a loop over examples (a model vmap cannot run)."""
     names, plist = list(params), list(params.values())
     sums = [torch.zeros_like(p, dtype=torch.float32) for p in plist]
     causal, device, seen = is_causal_lm(model), plist[0].device, 0
-    use_vmap = True
+    linear = _linear_owners(model, params)
+    method = "linear" if linear else "vmap"
     was_training = model.training
     model.eval()
     try:
@@ -141,8 +146,9 @@ def diagonal_fisher(
             if labels is None:
                 raise ValueError("ewc: the Fisher needs batches with labels")
             n = labels.shape[0]
-            for start in range(0, n, chunk):
-                take = min(chunk, n - start, max_samples - seen)
+            step = n if method == "linear" else chunk
+            for start in range(0, n, step):
+                take = min(step, n - start, max_samples - seen)
                 part = slice(start, start + take)
                 a = tuple(x[part] for x in args)
                 kw = {k: v[part] if _batched(v, n) else v for k, v in kwargs.items()}
@@ -150,7 +156,12 @@ def diagonal_fisher(
                 if kind == "true":
                     y = _sample_labels(model, a, kw, y, causal)
                 squares = None
-                if use_vmap:
+                if method == "linear":
+                    try:
+                        squares = _linear_squared_grads(model, linear, a, kw, y, causal)
+                    except NotImplementedError:  # e.g. a sequence per example: vmap instead
+                        method = "vmap"
+                if squares is None and method == "vmap":
                     try:
                         squares = _vmap_squared_grads(model, params, a, kw, y, causal)
                     except (RuntimeError, NotImplementedError) as err:
@@ -159,7 +170,7 @@ def diagonal_fisher(
                             "using a per-example loop (slower, same result)",
                             stacklevel=2,
                         )
-                        use_vmap = False
+                        method = "loop"
                 if squares is None:
                     squares = _loop_squared_grads(model, plist, a, kw, y, causal)
                 torch._foreach_add_(sums, squares)
@@ -190,6 +201,56 @@ def _sample_labels(model, args, kwargs, labels, causal: bool) -> torch.Tensor:
     if causal:  # the prediction at position t is the label of position t + 1
         sampled = torch.cat([torch.full_like(sampled[:, :1], -100), sampled[:, :-1]], dim=1)
     return torch.where(labels == -100, labels, sampled)
+
+
+def _linear_owners(model: nn.Module, params: dict[str, nn.Parameter]) -> dict | None:
+    """``{name: (module, "weight" | "bias")}`` when every parameter belongs to an ``nn.Linear``."""
+    owners = {}
+    for module_name, module in model.named_modules():
+        for attr, _ in module.named_parameters(recurse=False):
+            name = f"{module_name}.{attr}" if module_name else attr
+            if name in params:
+                if type(module) is not nn.Linear:
+                    return None
+                owners[name] = (module, attr)
+    return owners if set(owners) == set(params) else None
+
+
+def _linear_squared_grads(model, owners, args, kwargs, labels, causal: bool) -> list[torch.Tensor]:
+    """Σ_n (∂ℓ_n/∂W)² = (G²)ᵀ·X² for a linear layer y = W·x + b applied once to one vector x_n
+    per example (G: the per-example gradients at its outputs, exact because ℓ_n depends on
+    example n alone); Σ_n (∂ℓ_n/∂b)² = Σ_n g_n². Raises NotImplementedError otherwise."""
+    modules = {id(m): m for m, _ in owners.values()}
+    inputs: dict[int, torch.Tensor] = {}
+    outputs: dict[int, torch.Tensor] = {}
+
+    def record(module, inp, out):
+        if id(module) in outputs or inp[0].dim() != 2:  # reused, or a sequence per example
+            raise NotImplementedError("not one vector per example")
+        inputs[id(module)], outputs[id(module)] = inp[0].detach(), out
+
+    handles = [m.register_forward_hook(record) for m in modules.values()]
+    try:
+        with torch.enable_grad():
+            nll = example_nll(logits_of(model(*args, **kwargs)), labels, causal).sum()
+            keys = list(outputs)
+            grads = torch.autograd.grad(nll, [outputs[k] for k in keys], allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    out_grads = dict(zip(keys, grads, strict=True))
+    squares = []
+    for module, attr in owners.values():
+        g = out_grads.get(id(module))
+        p = getattr(module, attr)
+        if g is None:
+            squares.append(torch.zeros_like(p, dtype=torch.float32))
+            continue
+        g2 = g.float().square()
+        squares.append(
+            g2.T @ inputs[id(module)].float().square() if attr == "weight" else g2.sum(0)
+        )
+    return squares
 
 
 def _vmap_squared_grads(model, params, args, kwargs, labels, causal: bool) -> list[torch.Tensor]:

@@ -95,8 +95,7 @@ class HLR(SynapticIntelligence):
         optimizer = torch.optim.Adam(params.values(), lr=lr)
         was_training = model.training
         model.train()
-        self.before_task(model)
-        self._importance = []  # record on the general loss alone, without the penalty
+        self.before_task(model)  # the loop below adds no penalty: the general loss alone
         device = next(iter(params.values())).device
         for batch in batches:
             loss = loss_fn(model, move_batch(batch, device))

@@ -41,6 +41,7 @@ class SynapticIntelligence(Strategy):
         self._anchor: dict[str, torch.Tensor] = {}  # θ* by parameter name
         self._params: list[nn.Parameter] = []  # this task's working lists, in the same order
         self._importance: list[torch.Tensor] = []  # Ω
+        self._sqrt_importance: list[torch.Tensor] = []  # √Ω: the penalty's weights
         self._anchors: list[torch.Tensor] = []  # θ*
         self._start: list[torch.Tensor] = []  # θ at the start of the task
         self._prev: list[torch.Tensor] = []  # θ before the current optimizer step
@@ -55,6 +56,7 @@ class SynapticIntelligence(Strategy):
         self._importance = []
         if self._omega:
             self._importance = align_to(params, self._omega, f"{self.name} importance")
+            self._sqrt_importance = torch._foreach_sqrt(self._importance)
             self._anchors = align_to(
                 params, self._anchor, f"{self.name} anchor", missing=torch.clone
             )
@@ -70,10 +72,13 @@ class SynapticIntelligence(Strategy):
     def extra_loss(self, model: nn.Module, batch: Batch, outputs: Any) -> torch.Tensor | None:
         if not self._importance or self.c == 0:
             return None
-        terms = quadratic_terms(self._params, self._anchors, self._importance)
+        terms = quadratic_terms(self._params, self._anchors, self._sqrt_importance)
         coef = self.coefficients(terms.detach())
-        self._coef = coef if isinstance(coef, float) else list(coef.unbind(0))
         self._penalised = True
+        if isinstance(coef, float):
+            self._coef = coef
+            return coef * terms.sum()
+        self._coef = list(coef.unbind(0))
         return (coef * terms).sum()
 
     @torch.no_grad()
@@ -81,20 +86,25 @@ class SynapticIntelligence(Strategy):
         if not self._params:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
-        torch._foreach_copy_(self._grad, grads)
-        if self._penalised:  # g − ∂(own penalty)/∂θ = g − 2·coef·Ω·(θ − θ*)
-            own = torch._foreach_sub(self._params, self._anchors)
-            torch._foreach_mul_(own, self._importance)
+        if not self._penalised:
+            torch._foreach_copy_(self._grad, grads)
+            return
+        # g − ∂(own penalty)/∂θ = g − 2·coef·Ω·(θ − θ*)
+        own = torch._foreach_sub(self._params, self._anchors)
+        if isinstance(self._coef, float):
+            scale = -2.0 * self._coef
+        else:  # one coefficient per tensor (HLR)
             torch._foreach_mul_(own, self._coef)
-            torch._foreach_add_(self._grad, own, alpha=-2.0)
-            self._penalised = False
+            scale = -2.0
+        self._grad = torch._foreach_addcmul(grads, own, self._importance, value=scale)
+        self._penalised = False
 
     @torch.no_grad()
     def after_step(self, model: nn.Module) -> None:
         if not self._params:
             return
-        delta = torch._foreach_sub(self._params, self._prev)
-        torch._foreach_addcmul_(self._path, self._grad, delta, value=-1.0)  # ω −= g·Δθ
+        torch._foreach_sub_(self._prev, self._params)  # θ_before − θ_after = −Δθ
+        torch._foreach_addcmul_(self._path, self._grad, self._prev)  # ω −= g·Δθ
         torch._foreach_copy_(self._prev, self._params)
 
     @torch.no_grad()
@@ -111,7 +121,7 @@ class SynapticIntelligence(Strategy):
             old = self._omega.get(name)
             self._omega[name] = g.float() if old is None else old.to(g.device) + g.float()
         self._anchor = {n: p.detach().clone() for n, p in zip(names, self._params, strict=True)}
-        self._params, self._importance, self._anchors = [], [], []
+        self._params, self._importance, self._sqrt_importance, self._anchors = [], [], [], []
         self._start, self._prev, self._grad, self._path = [], [], [], []
         self.tasks += 1
 
@@ -127,4 +137,4 @@ class SynapticIntelligence(Strategy):
         self._anchor = {k[7:]: v for k, v in state.items() if k.startswith("anchor.")}
         if set(self._omega) != set(self._anchor):
             raise ValueError(f"{self.name}: saved importance and anchor cover different parameters")
-        self._params, self._importance, self._anchors = [], [], []
+        self._params, self._importance, self._sqrt_importance, self._anchors = [], [], [], []

@@ -13,13 +13,15 @@ def load(path: Path) -> dict:
 
 
 def record_scores(path: Path, label: str, scores: dict[str, float], **info) -> dict:
-    """Merge ``scores`` into the row called ``label`` (created at the end if new)."""
+    """Add ``scores`` to the row called ``label`` (created at the end if new). An entry already
+    measured is kept: R[i][j] is the score when model i was first evaluated on task j."""
     matrix = load(path)
     row = next((r for r in matrix["rows"] if r["label"] == label), None)
     if row is None:
         row = {"label": label, "scores": {}}
         matrix["rows"].append(row)
-    row["scores"].update(scores)
+    for task, score in scores.items():
+        row["scores"].setdefault(task, score)
     row.update(info)
     path.write_text(json.dumps(matrix, indent=1))
     return matrix

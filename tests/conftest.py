@@ -38,8 +38,13 @@ def write_params(tmp_path: Path, tiny_model_dir: Path, demo_dir: Path, **section
         "model": {"base": str(tiny_model_dir), "use_chat_template": False},
         "data": {"demo_dir": str(demo_dir)},
         "probes": {"per_category": 8},
-        "train": {"max_steps": 12, "batch_size": 8, "learning_rate": 5e-3, "max_length": 160,
-                  "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}},
+        "train": {
+            "max_steps": 30,
+            "batch_size": 8,
+            "learning_rate": 0.02,
+            "max_length": 160,
+            "lora": {"r": 8, "alpha": 16},  # every linear layer, as on the real model
+        },
         "evaluate": {"batch_size": 32, "max_new_tokens": 6, "new_task_max_new_tokens": 4},
         "gate": {"min_retention": 0.0, "min_new_task_score": 0.0},
         "versioning": {"remote": str(tmp_path / "dvc-remote")},

@@ -1,0 +1,121 @@
+"""The whole retrain on a tiny model with real Prefect, MLflow (SQLite), git + DVC and Great
+Expectations: a pass moves the champion, a failed gate registers without moving it, and the
+next release starts from the new champion with the old release among its probes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import mlflow
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from flows.config import load_params
+from flows.retrain import retrain
+from flows.validate import ValidationFailed
+from tests.conftest import write_params
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def mlflow_client(params_file):
+    uri = load_params(params_file).tracking_uri
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def test_pass_then_fail_then_next_release(tmp_path, tiny_model_dir, demo_dir):
+    params_file = write_params(tmp_path, tiny_model_dir, demo_dir)
+    ws = tmp_path / "workspace"
+
+    first = retrain(params_file=str(params_file))
+    assert first.release == "wiki-topics-1" and first.champion_at_start is None
+    assert first.gate.passed, first.gate.reasons
+    assert first.eval.new_task_score > first.eval.new_task_baseline  # it learned something
+    assert first.promotion.promoted and first.promotion.champion_version == "1"
+    client = mlflow_client(params_file)
+    v1 = client.get_model_version_by_alias("forgetless-lm", "champion")
+    assert str(v1.version) == "1" and v1.tags["gate"] == "passed"
+    assert json.loads(v1.tags["releases_learned"]) == ["wiki-topics-1"]
+
+    # The MLflow run holds what a reviewer needs.
+    run = client.get_run(first.registration.run_id)
+    dvc_file = yaml.safe_load((ws / "releases" / "wiki-topics-1.dvc").read_text())
+    assert run.data.tags["release_dvc_hash"] == dvc_file["outs"][0]["md5"]
+    assert run.data.tags["gate"] == "passed"
+    assert run.data.params["train.strategy"] == "naive"
+    losses = client.get_metric_history(run.info.run_id, "train_loss")
+    assert [m.step for m in losses] == list(range(1, 31))
+    contexts = {i.tags[0].value for i in run.inputs.dataset_inputs}
+    assert contexts == {"probe", "eval", "training"}
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"gate_report.json", "eval_report.json", "plots"} <= artifacts
+
+    # The release is in the workspace's git history and in the DVC remote.
+    log = subprocess.run(["git", "-C", str(ws), "log", "--format=%s"], capture_output=True, text=True)
+    assert "Release wiki-topics-1" in log.stdout
+    assert any((tmp_path / "dvc-remote").rglob("*")), "dvc push left the remote empty"
+
+    # The champion loads by alias and answers.
+    model = mlflow.pyfunc.load_model("models:/forgetless-lm@champion")
+    answers = model.predict(["Which topic is this article about? Answer with one of: Arts."])
+    assert isinstance(answers, list) and len(answers) == 1 and isinstance(answers[0], str)
+
+    # A threshold out of reach: registered, tagged failed, the champion stays v1.
+    failed = retrain(params_file=str(params_file), overrides={"gate.min_new_task_score": 2.0})
+    assert failed.release == "wiki-topics-2" and failed.champion_at_start == "1"
+    assert not failed.gate.passed
+    assert any("new_task_score" in r for r in failed.gate.reasons)
+    assert not failed.promotion.promoted
+    v2 = client.get_model_version("forgetless-lm", failed.registration.version)
+    assert v2.tags["gate"] == "failed" and "new_task_score" in v2.tags["gate_reasons"]
+    assert str(client.get_model_version_by_alias("forgetless-lm", "champion").version) == "1"
+
+    # The next retrain starts from champion v1; release 1's held-out items are probes now.
+    second = retrain(params_file=str(params_file))
+    assert second.champion_at_start == "1" and second.release == "wiki-topics-2"
+    assert set(second.eval.baseline) == {"general-knowledge", "wiki-topics-1"}
+    assert second.eval.baseline["wiki-topics-1"] == pytest.approx(first.eval.new_task_score, abs=0.2)
+    probe_tasks = {json.loads(line)["task"] for line in (ws / "probes" / "probe_set.jsonl").open()}
+    assert probe_tasks == {"general-knowledge", "wiki-topics-1"}
+
+    matrix = json.loads((ws / "accuracy_matrix.json").read_text())
+    labels = [r["label"] for r in matrix["rows"]]
+    assert labels == ["base", "v1", "v2", "v3"]
+    assert matrix["rows"][1]["scores"]["wiki-topics-1"] == first.eval.new_task_score
+    assert (second.run_dir / "accuracy_matrix.png").stat().st_size > 1000
+
+
+def test_malformed_release_is_rejected_before_training(tmp_path, tiny_model_dir, demo_dir):
+    params_file = write_params(tmp_path, tiny_model_dir, demo_dir)
+    release = tmp_path / "my-release"
+    shutil.copytree(demo_dir / "releases" / "wiki-topics-1", release)
+    lines = (release / "train.jsonl").read_text().splitlines()
+    lines[6] = json.dumps({"id": "broken", "prompt": "Which topic?"})  # no completion
+    (release / "train.jsonl").write_text("\n".join(lines) + "\n")
+
+    with pytest.raises(ValidationFailed) as err:
+        retrain(params_file=str(params_file), release=str(release))
+    message = str(err.value)
+    assert "train.jsonl:7" in message and "'broken'" in message
+    assert "a completion (or final assistant message) is required" in message
+    client = mlflow_client(params_file)
+    assert client.search_model_versions("name='forgetless-lm'") == []
+    runs = list((tmp_path / "workspace" / "runs").iterdir())
+    assert not any((r / "trainer").exists() for r in runs), "training started on bad data"
+    report = json.loads((runs[0] / "validation_report.json").read_text())
+    assert report["passed"] is False and report["violations"][0]["line"] == 7
+
+
+def test_probe_prompt_in_training_data_is_rejected(tmp_path, tiny_model_dir, demo_dir):
+    params_file = write_params(tmp_path, tiny_model_dir, demo_dir)
+    release = tmp_path / "leaky"
+    shutil.copytree(demo_dir / "releases" / "wiki-topics-1", release)
+    probe = json.loads((demo_dir / "probes" / "general_knowledge.jsonl").open().readline())
+    with open(release / "train.jsonl", "a") as f:
+        f.write(json.dumps({"id": "leak", "prompt": probe["prompt"], "completion": "x"}) + "\n")
+    with pytest.raises(ValidationFailed, match="probe leaked into the release"):
+        retrain(params_file=str(params_file), release=str(release))
+    assert mlflow_client(params_file).search_model_versions("name='forgetless-lm'") == []
