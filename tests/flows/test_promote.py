@@ -1,0 +1,65 @@
+"""Promotion on a real MLflow registry (SQLite): only a pass, only from the champion the
+retrain was measured against, and of two racing retrains exactly one wins."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from mlflow import MlflowClient
+
+from flows.config import load_params
+from flows.promote import promote
+from flows.records import GateCheck, GateDecision, Registration
+from flows.tracking import champion_version, client
+
+PASS = GateDecision(passed=True, checks=[GateCheck(name="x", value=1, threshold=0, passed=True)])
+FAIL = GateDecision(passed=False, checks=[GateCheck(name="x", value=0, threshold=1, passed=False)])
+
+
+@pytest.fixture
+def registry(params_file):
+    params = load_params(params_file)
+    params.workspace_dir.mkdir(parents=True)
+    c: MlflowClient = client(params)
+    c.create_registered_model("forgetless-lm")
+
+    def new_version(gate: str) -> Registration:
+        mv = c.create_model_version("forgetless-lm", source=str(params.workspace_dir))
+        c.set_model_version_tag("forgetless-lm", mv.version, "gate", gate)
+        return Registration(name="forgetless-lm", version=str(mv.version), run_id="r")
+
+    return params, c, new_version
+
+
+def test_only_a_pass_moves_the_alias(registry):
+    params, c, new_version = registry
+    failed = promote(params, new_version("failed"), FAIL, None)
+    assert not failed.promoted and champion_version(params) is None
+    passed = promote(params, new_version("passed"), PASS, None)
+    assert passed.promoted and champion_version(params) == "2"
+    assert c.get_model_version("forgetless-lm", "2").tags["previous_champion"] == "base"
+
+
+def test_a_stale_champion_blocks_promotion(registry):
+    params, c, new_version = registry
+    promote(params, new_version("passed"), PASS, None)  # v1 becomes champion meanwhile
+    late = promote(params, new_version("passed"), PASS, None)  # measured against the base
+    assert not late.promoted and "changed from base to 1" in late.reason
+    assert champion_version(params) == "1"
+    assert "not promoted" in c.get_model_version("forgetless-lm", "2").tags["promotion"]
+
+
+def test_a_version_not_tagged_passed_is_never_promoted(registry):
+    params, _, new_version = registry
+    with pytest.raises(RuntimeError, match="not tagged gate=passed"):
+        promote(params, new_version("failed"), PASS, None)  # a decision that disagrees with the tag
+    assert champion_version(params) is None
+
+
+def test_two_retrains_racing_to_promote_one_wins(registry):
+    params, _, new_version = registry
+    a, b = new_version("passed"), new_version("passed")
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda r: promote(params, r, PASS, None), [a, b]))
+    assert sorted(r.promoted for r in results) == [False, True]
+    winner = next(r for r, reg in zip(results, [a, b], strict=True) if r.promoted)
+    assert champion_version(params) == winner.champion_version
