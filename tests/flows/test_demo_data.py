@@ -12,7 +12,7 @@ def test_demo_is_deterministic_and_releases_do_not_share_articles(tmp_path, demo
         {
             json.loads(line)["source"]
             for split in ("train", "eval")
-            for line in open(demo_dir / "releases" / name / f"{split}.jsonl")
+            for line in (demo_dir / "releases" / name / f"{split}.jsonl").read_text().splitlines()
         }
         for name in RELEASE_TOPICS
     ]

@@ -19,7 +19,7 @@ def append(folder, fname, *records):
     with open(folder / fname, "a") as f:
         for r in records:
             f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
-    return sum(1 for _ in open(folder / fname))  # the line number of the last record
+    return len((folder / fname).read_text().splitlines())  # the line number of the last record
 
 
 def test_the_demo_release_is_valid(release):
@@ -60,7 +60,7 @@ def test_each_rule_names_file_line_and_rule(release, record, rule):
 
 
 def test_duplicate_ids_name_both_lines(release):
-    first = json.loads(open(release / "train.jsonl").readline())
+    first = json.loads((release / "train.jsonl").read_text().splitlines()[0])
     line = append(release, "train.jsonl", {**first, "prompt": "another prompt"})
     report = validate_release(release, PROBES)
     lines = sorted(v.line for v in report.violations if v.rule == "ids must be unique")
@@ -68,7 +68,7 @@ def test_duplicate_ids_name_both_lines(release):
 
 
 def test_eval_item_also_in_training_is_a_leak(release):
-    train = json.loads(open(release / "train.jsonl").readline())
+    train = json.loads((release / "train.jsonl").read_text().splitlines()[0])
     line = append(release, "eval.jsonl", {**train, "id": "copy"})
     report = validate_release(release, PROBES)
     [v] = report.violations
