@@ -11,6 +11,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from flows.records import STAGES
+
 console = Console()
 
 
@@ -92,6 +94,19 @@ def cmd_validate(args) -> int:
     return 1
 
 
+def cmd_step(args) -> int:
+    from flows.config import load_params
+    from flows.demo_data import build_demo, demo_releases
+    from flows.stages import run_stage
+
+    params = load_params(args.params)
+    release = params.path(params.data.release) if params.data.release else None
+    if release is None:  # the DVC driver's default: the first demo release
+        release = demo_releases(build_demo(params.path(params.data.demo_dir)))[0]
+    run_stage(args.stage, params, Path(args.run_dir), release)
+    return 0
+
+
 def cmd_demo_data(args) -> int:
     from flows.demo_data import build_demo
 
@@ -147,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     val = sub.add_parser("validate", help="validate a release folder without training")
     val.add_argument("release")
     val.set_defaults(fn=cmd_validate)
+    step = sub.add_parser("step", help="run one pipeline step on a run folder (the DVC stages)")
+    step.add_argument("stage", choices=STAGES)
+    step.add_argument("--run-dir", default="artifacts/dvc-run")
+    step.set_defaults(fn=cmd_step)
     demo = sub.add_parser("demo-data", help="write the embedded demo releases and probe source")
     demo.add_argument("--out", default=".cache/demo-data")
     demo.set_defaults(fn=cmd_demo_data)

@@ -6,6 +6,19 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
+# The pipeline steps in order, and the record file each writes into a run folder.
+STAGES = ["version", "validate", "probes", "finetune", "evaluate", "gate", "register", "promote"]
+FILES = {
+    "version": "versioned_release.json",
+    "validate": "validation_report.json",
+    "probes": "probe_set.json",
+    "finetune": "train_result.json",
+    "evaluate": "eval_report.json",
+    "gate": "gate_report.json",
+    "register": "registration.json",
+    "promote": "promotion.json",
+}
+
 
 class Record(BaseModel):
     model_config = ConfigDict(frozen=True)

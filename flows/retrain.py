@@ -19,9 +19,10 @@ from flows.config import Params, load_params
 from flows.evaluate import evaluate_candidate
 from flows.finetune import finetune
 from flows.gate import gate
-from flows.probes import collect_probe_items, create_probe_set
+from flows.probes import create_probe_set
 from flows.promote import promote
 from flows.records import (
+    FILES,
     ChampionRef,
     EvalReport,
     GateDecision,
@@ -31,8 +32,9 @@ from flows.records import (
     TrainResult,
 )
 from flows.register import log_artifact, register
+from flows.stages import validate_step
 from flows.tracking import TrackingUnavailable, current_champion
-from flows.validate import ValidationFailed, validate_release
+from flows.validate import ValidationFailed
 from flows.version import version_release
 from flows.workspace import quiet_env
 
@@ -84,7 +86,7 @@ def transient(task, task_run, state) -> bool:
 io = {"retries": 2, "retry_delay_seconds": 3, "retry_condition_fn": transient}
 version_task = task(version_release, name="version", **io)
 champion_task = task(current_champion, name="champion", **io)
-validate_task = task(validate_release, name="validate")
+validate_task = task(validate_step, name="validate")
 probes_task = task(create_probe_set, name="probes")
 finetune_task = task(finetune, name="finetune")
 evaluate_task = task(evaluate_candidate, name="evaluate")
@@ -120,40 +122,31 @@ def retrain(
     run_dir = ws / "runs" / f"{release_dir.name}-{stamp}"
 
     versioned = timed("version", version_task, release_dir, ws, params.dvc_remote)
+    versioned.write(run_dir / FILES["version"])
     log.info(
         f"versioned {versioned.name}: {versioned.dvc_hash} (commit {versioned.git_commit[:8]})"
     )
 
-    probe_prompts = [item["prompt"] for item in collect_probe_items(params, champion)]
-    cfg = params.data
-    report = timed(
-        "validate",
-        validate_task,
-        versioned.path,
-        probe_prompts,
-        cfg.max_prompt_chars,
-        cfg.max_completion_chars,
-        {"train": cfg.min_train_records, "eval": cfg.min_eval_records},
-    )
-    report.write(run_dir / "validation_report.json")
+    report = timed("validate", validate_task, params, versioned.path, champion)
+    report.write(run_dir / FILES["validate"])
     if not report.passed:
         raise ValidationFailed(report)
     log.info(f"validated {report.checked}")
 
     probe_set = timed("probes", probes_task, params, versioned.path, champion, run_dir)
-    probe_set.write(run_dir / "probe_set.json")
+    probe_set.write(run_dir / FILES["probes"])
     log.info(f"probe set: {probe_set.n_items} items, baseline {probe_set.baseline}")
 
     trained: TrainResult = timed(
         "finetune", finetune_task, params, champion, versioned.path, run_dir
     )
-    trained.write(run_dir / "train_result.json")
+    trained.write(run_dir / FILES["finetune"])
     evaluation = timed(
         "evaluate", evaluate_task, params, trained.model_dir, probe_set, versioned.path, run_dir
     )
-    evaluation.write(run_dir / "eval_report.json")
+    evaluation.write(run_dir / FILES["evaluate"])
     decision = timed("gate", gate_task, evaluation, params.gate)
-    decision.write(run_dir / "gate_report.json")
+    decision.write(run_dir / FILES["gate"])
     log.info(f"gate {'passed' if decision.passed else 'FAILED'}: {decision.reasons}")
 
     matrix_file = ws / "accuracy_matrix.json"
@@ -179,7 +172,9 @@ def retrain(
         evaluation.scores | {versioned.name: evaluation.new_task_score},
         release=versioned.name,
     )
+    registration.write(run_dir / FILES["register"])
     promotion = timed("promote", promote_task, params, registration, decision, champion.version)
+    promotion.write(run_dir / FILES["promote"])
     matrix = accuracy_matrix.record_scores(
         matrix_file, f"v{registration.version}", {}, promoted=promotion.promoted
     )

@@ -47,7 +47,7 @@ def version_release(release_dir: Path, ws: Path, remote: str) -> VersionedReleas
         name=name,
         path=target,
         dvc_hash=dvc_hash,
-        git_commit=git(ws, "rev-parse", "HEAD"),
+        git_commit=git(ws, "log", "-1", "--format=%H", "--", str(dvc_file.relative_to(ws))),
         remote=remote,
     )
 

@@ -31,6 +31,9 @@ def tiny_model_dir(tmp_path_factory, demo_dir) -> Path:
     return build_tiny_llm(tmp_path_factory.mktemp("tiny-llm"), corpus)
 
 
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
 def write_params(tmp_path: Path, tiny_model_dir: Path, demo_dir: Path, **sections) -> Path:
     """A params.yaml for the tiny model; ``sections`` override whole keys of a section."""
     params = {
@@ -39,11 +42,11 @@ def write_params(tmp_path: Path, tiny_model_dir: Path, demo_dir: Path, **section
         "data": {"demo_dir": str(demo_dir)},
         "probes": {"per_category": 8},
         "train": {
-            "max_steps": 30,
+            "max_steps": 40,
             "batch_size": 8,
             "learning_rate": 0.02,
             "max_length": 160,
-            "lora": {"r": 8, "alpha": 16},  # every linear layer, as on the real model
+            "lora": {"r": 8, "alpha": 16, "target_modules": ALL_LINEAR},
         },
         "evaluate": {"batch_size": 32, "max_new_tokens": 6, "new_task_max_new_tokens": 4},
         "gate": {"min_retention": 0.0, "min_new_task_score": 0.0},

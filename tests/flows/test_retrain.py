@@ -47,7 +47,7 @@ def test_pass_then_fail_then_next_release(tmp_path, tiny_model_dir, demo_dir):
     assert run.data.tags["gate"] == "passed"
     assert run.data.params["train.strategy"] == "naive"
     losses = client.get_metric_history(run.info.run_id, "train_loss")
-    assert [m.step for m in losses] == list(range(1, 31))
+    assert [m.step for m in losses] == list(range(1, 41))
     contexts = {i.tags[0].value for i in run.inputs.dataset_inputs}
     assert contexts == {"probe", "eval", "training"}
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
