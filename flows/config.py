@@ -47,6 +47,7 @@ class LoraConfig(Section):
 class TrainConfig(Section):
     strategy: str = "naive"
     strategy_params: dict[str, dict[str, Any]] = {}
+    rehearsal_prompts: Path | None = None
     lora: LoraConfig = LoraConfig()
     learning_rate: float = Field(1e-3, gt=0)
     max_steps: int = Field(30, ge=1)

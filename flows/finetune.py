@@ -18,11 +18,40 @@ from transformers import DataCollatorForSeq2Seq, TrainingArguments, set_seed
 
 import cf_strategies
 from flows.config import Params
-from flows.data import load_release
-from flows.modeling import load_model, tokenize_for_training
+from flows.data import load_release, read_jsonl
+from flows.demo_data import build_demo
+from flows.modeling import format_prompt, load_model, tokenize_for_training
 from flows.records import ChampionRef, TrainResult
 
 STRATEGY_STATE = "strategy_state"
+
+
+def rehearsal_prompt_file(params: Params) -> Path:
+    if params.train.rehearsal_prompts:
+        return params.path(params.train.rehearsal_prompts)
+    return build_demo(params.path(params.data.demo_dir)) / "rehearsal" / "general_prompts.jsonl"
+
+
+def prepare_strategies(strategies, params: Params, tokenizer, release_dir: Path) -> None:
+    """Give strategies what only the pipeline knows: the tokenizer's pad/eos ids, the release's
+    name, and (for self-rehearsal) the old-task prompts, formatted as the model sees them."""
+    for s in strategies:
+        if hasattr(s, "pad_token_id") and "pad_token_id" not in params.train.strategy_params.get(
+            s.name, {}
+        ):
+            s.pad_token_id = tokenizer.pad_token_id
+        if hasattr(s, "data_version"):
+            s.data_version = release_dir.name
+        if hasattr(s, "add_prompts"):
+            chat = params.model.use_chat_template
+            prompts = [
+                tokenizer(
+                    format_prompt(tokenizer, [{"role": "user", "content": r["prompt"]}], chat),
+                    add_special_tokens=False,
+                )["input_ids"]
+                for _, r in read_jsonl(rehearsal_prompt_file(params))
+            ]
+            s.add_prompts(prompts, tokenizer)
 
 
 def finetune(
@@ -48,6 +77,7 @@ def finetune(
     state_dir = Path(champion.model_dir) / STRATEGY_STATE
     if state_dir.is_dir():
         cf_strategies.load_strategies(strategies, state_dir)
+    prepare_strategies(strategies, params, tokenizer, release_dir)
 
     gpu = torch.cuda.is_available()
     args = TrainingArguments(
