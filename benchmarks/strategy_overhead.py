@@ -50,8 +50,10 @@ def build_model(args):
         )  # fmt: skip
         model = LlamaForCausalLM(config).to(getattr(torch, args.dtype))
         name = "tiny Llama (4 layers, hidden 128, vocab 1024), random weights"
-    lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=args.targets)
-    model = get_peft_model(model, lora).to(args.device)
+    if not args.full:
+        lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=args.targets)
+        model = get_peft_model(model, lora)
+    model = model.to(args.device)
     model.train()
     return model, name
 
@@ -63,19 +65,28 @@ def sync(device: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", type=Path, help="a local transformers folder (default: a tiny Llama)")
-    parser.add_argument("--targets", nargs="+", default=["q_proj", "v_proj"], help="LoRA target modules")
+    parser.add_argument(
+        "--model", type=Path, help="a local transformers folder (default: a tiny Llama)"
+    )
+    parser.add_argument(
+        "--targets", nargs="+", default=["q_proj", "v_proj"], help="LoRA target modules"
+    )
     parser.add_argument("--lora-r", type=int, default=8)
+    parser.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=60, help="timed steps per strategy")
+    parser.add_argument("--rounds", type=int, default=200, help="timed steps per strategy")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per strategy first")
-    parser.add_argument("--releases", type=int, default=5, help="past releases for the 'many' state")
+    parser.add_argument(
+        "--releases", type=int, default=5, help="past releases for the 'many' state"
+    )
     parser.add_argument("--strategies", nargs="+", default=REGULARISERS)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "strategy_overhead.json")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: leave as is)")
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).parent / "results" / "strategy_overhead.json"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -144,18 +155,22 @@ def main() -> None:
             print(f"round {r + 1}/{args.rounds}", flush=True)
 
     base = statistics.median(times["naive"])
+    base_p10 = statistics.quantiles(times["naive"], n=10, method="inclusive")[0]
     results = {}
     for name in names:
         med = statistics.median(times[name])
-        q = statistics.quantiles(times[name], n=10)
+        q = statistics.quantiles(times[name], n=10, method="inclusive")
         results[name] = {
             "median_ms": 1e3 * med, "p10_ms": 1e3 * q[0], "p90_ms": 1e3 * q[-1],
-            "vs_naive": med / base, "after_task_s": after_task_s.get(name),
+            "vs_naive": med / base, "p10_vs_naive": q[0] / base_p10,
+            "after_task_s": after_task_s.get(name),
+            "step_ms": [round(1e3 * t, 3) for t in times[name]],
         }  # fmt: skip
     record = {
         "model": model_name,
         "config": {
-            "lora_r": args.lora_r, "targets": args.targets, "batch": args.batch, "seq": args.seq,
+            "lora_r": None if args.full else args.lora_r, "targets": "all (full fine-tuning)" if args.full else args.targets,
+            "batch": args.batch, "seq": args.seq,
             "rounds": args.rounds, "warmup": args.warmup,
             "dtype": args.dtype, "device": args.device, "threads": torch.get_num_threads(),
             "trainable_tensors": len(trainable), "trainable_params": sum(p.numel() for p in trainable),
@@ -166,13 +181,18 @@ def main() -> None:
     }  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1))
-    print(f"\n{model_name}; LoRA r={args.lora_r} on {', '.join(args.targets)}; batch {args.batch} x {args.seq}")
-    print(f"{'strategy':10s} {'median ms':>10s} {'vs naive':>9s} {'limit':>6s}  after_task s")
+    tuned = (
+        "full fine-tuning" if args.full else f"LoRA r={args.lora_r} on {', '.join(args.targets)}"
+    )
+    print(f"\n{model_name}; {tuned}; batch {args.batch} x {args.seq}")
+    print(
+        f"{'strategy':10s} {'median ms':>10s} {'vs naive':>9s} {'p10 vs':>7s} {'limit':>6s}  after_task s"
+    )
     for name, r in results.items():
         limit = LIMITS.get(name.split("@")[0])
-        at = r["after_task_s"]
-        print(f"{name:10s} {r['median_ms']:10.2f} {r['vs_naive']:8.3f}x {f'{limit:.2f}x' if limit else '':>6s}  "
-              f"{statistics.mean(at):.3f}" if at else f"{name:10s} {r['median_ms']:10.2f} {r['vs_naive']:8.3f}x")  # fmt: skip
+        at = f"{statistics.mean(r['after_task_s']):.3f}" if r["after_task_s"] else ""
+        print(f"{name:10s} {r['median_ms']:10.2f} {r['vs_naive']:8.3f}x {r['p10_vs_naive']:6.3f}x "
+              f"{f'{limit:.2f}x' if limit else '':>6s}  {at}")  # fmt: skip
     print(f"wrote {args.out}")
 
 

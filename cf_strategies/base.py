@@ -81,39 +81,51 @@ class _QuadraticTerms(torch.autograd.Function):
     """Per-tensor ‖√w·(θ − a)‖² with torch._foreach ops; backward is 2·w·(θ − a) per tensor."""
 
     @staticmethod
-    def forward(ctx, anchors, sqrt_weights, *params):
-        scaled = torch._foreach_sub(params, anchors)
+    def forward(ctx, anchors, sqrt_weights, diffs, *params):
+        owned = diffs is None  # our own buffers may be reused in place
+        scaled = torch._foreach_sub(params, anchors) if owned else list(diffs)
         if sqrt_weights is not None:
-            torch._foreach_mul_(scaled, sqrt_weights)
-        ctx.scaled, ctx.sqrt_weights = scaled, sqrt_weights
+            if owned:
+                torch._foreach_mul_(scaled, sqrt_weights)
+            else:
+                scaled, owned = torch._foreach_mul(scaled, sqrt_weights), True
+        ctx.scaled, ctx.sqrt_weights, ctx.owned = scaled, sqrt_weights, owned
         return torch.stack(torch._foreach_norm(scaled, 2)).square()
 
     @staticmethod
     def backward(ctx, grad_terms):
-        grads, ctx.scaled = ctx.scaled, None  # reused in place: this backward runs once
+        grads, ctx.scaled = ctx.scaled, None  # this backward runs once
         if ctx.sqrt_weights is not None:
-            torch._foreach_mul_(grads, ctx.sqrt_weights)
+            torch._foreach_mul_(grads, ctx.sqrt_weights)  # w·(θ − a)
         if grad_terms.dim() == 1 and grad_terms.stride(0) == 0:  # terms.sum(): one coefficient
-            torch._foreach_mul_(grads, 2 * grad_terms[0])
+            scale = 2 * grad_terms[0]
         else:
-            torch._foreach_mul_(grads, list((2 * grad_terms).unbind(0)))
-        return (None, None, *grads)
+            scale = list((2 * grad_terms).unbind(0))
+        if ctx.owned:
+            torch._foreach_mul_(grads, scale)
+        else:
+            grads = torch._foreach_mul(grads, scale)
+        return (None, None, None, *grads)
 
 
 def quadratic_terms(
     params: Sequence[torch.Tensor],
-    anchors: Sequence[torch.Tensor],
+    anchors: Sequence[torch.Tensor] | None,
     sqrt_weights: Sequence[torch.Tensor] | None = None,
+    diffs: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``terms[k] = Σ_i w_i (θ_i − a_i)²`` over the elements of the k-th tensor, as a vector with
     one entry per tensor (sum it for the total). The weights (Fisher, importances; ≥ 0) are given
-    as their square roots, so that each term is one 2-norm; None means all ones. Gradients flow
-    into ``params`` only, computed in closed form, 2·w·(θ − a): a few torch._foreach kernels
-    forward and backward, whatever the number of tensors."""
+    as their square roots, so that each term is one 2-norm; None means all ones. ``diffs``, if
+    given, are θ − a already computed (then ``anchors`` is not read and ``diffs`` is not changed).
+    Gradients flow into ``params`` only, computed in closed form, 2·w·(θ − a): a few
+    torch._foreach kernels forward and backward, whatever the number of tensors."""
     if not params:
         return torch.zeros(0)
     sqrt_weights = None if sqrt_weights is None else list(sqrt_weights)
-    return _QuadraticTerms.apply(list(anchors), sqrt_weights, *params)
+    return _QuadraticTerms.apply(
+        None if anchors is None else list(anchors), sqrt_weights, diffs, *params
+    )
 
 
 # ---- the log-likelihood of a batch, for strategies that need one (Fisher, importances) ----------

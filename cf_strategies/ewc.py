@@ -9,9 +9,10 @@ form with decay γ is Schwarz et al., "Progress & Compress" (ICML 2018). One Fis
 whatever the number of past releases, so the per-step cost stays constant (γ = 1 sums the Fisher of
 every past task; γ < 1 lets old tasks fade).
 
-The Fisher is a mean of per-example squared gradients (torch.func: vmap of grad, a chunk of
-``fisher_batch_size`` examples at a time; a per-example loop where vmap cannot run the model), not
-a square of minibatch-mean gradients, which underestimates it by about the batch size.
+The Fisher is a mean of per-example squared gradients, not of squared minibatch-mean gradients
+(which shrink it, by up to the batch size, as the examples' gradients cancel). They are computed
+exactly and batched: in closed form for an MLP, else with torch.func (vmap of grad) on chunks of
+``fisher_batch_size`` examples, else example by example (see ``diagonal_fisher``).
 ``fisher="empirical"`` takes y_n from the data (the empirical Fisher); ``fisher="true"`` samples
 y_n from the model's own prediction p(·|x_n) (the true Fisher, one sample per example). For a
 sequence, log p is the mean over its labelled tokens, so F does not grow with sequence length.

@@ -7,12 +7,14 @@
 Song et al., "How to Alleviate Catastrophic Forgetting in LLMs Finetuning? Hierarchical Layer-Wise
 and Element-Wise Regularization" (arXiv:2501.13669, 2025).
 
-From the paper: (1) the element-wise importance Ω of each weight for general knowledge is the
-SI-style path integral recorded while fine-tuning on general data (its "general importance
-recording" phase), which is what ``estimate_importance(model, batches)`` does; (2) the dual
-objective: the task's cross-entropy plus λ times an importance-weighted penalty on the deviation
-from the weights the importance was recorded for; (3) a per-layer coefficient from each layer's
-share of the total regularisation loss, recomputed during training so the layers are balanced.
+From the paper (its abstract and method overview): (1) the element-wise importance Ω of each
+weight for general knowledge is an SI-style path integral, the weight's contribution to the drop in
+loss, damped by ξ, recorded while fine-tuning on general data (the "general importance recording"
+phase): ``estimate_importance(model, batches)``; (2) the dual objective: the task's cross-entropy
+plus an importance-weighted penalty that keeps the weights important for general knowledge close to
+their pre-trained values; (3) layer-wise coefficients that balance the layers' contributions,
+recomputed during training. Not checked against the paper's equations (its full text was not at
+hand): the form of α_l, each layer's share of the total regularisation loss, as the issue states it.
 
 Our choices: α_l is scaled by the number of layers L (all layers equal gives α_l = 1, so λ keeps
 SI's scale) and is a constant in backward (it weights the layers, it is not itself minimised);

@@ -4,7 +4,7 @@
     during a task:  ω_i = −Σ_steps g_i(t) · Δθ_i(t)           (Δθ(t): the change made by optimizer step t)
     after a task:   Ω_i ← Ω_i + max(ω_i, 0) / ((θ_i^end − θ_i^start)² + ξ),   θ* ← θ^end
 
-Zenke, Poole & Ganguli, "Continual Learning Through Synaptic Intelligence" (ICML 2017), eqs. 3-5.
+Zenke, Poole & Ganguli, "Continual Learning Through Synaptic Intelligence" (ICML 2017).
 As in the paper's code, g is the gradient of the loss *without* the SI term: SI subtracts its own
 penalty gradient 2cΩ(θ − θ*) from ``.grad`` (other strategies' terms and gradient clipping stay in
 it). Ω is never capped and never negative: a task whose path integral is negative for a weight
@@ -47,6 +47,7 @@ class SynapticIntelligence(Strategy):
         self._prev: list[torch.Tensor] = []  # θ before the current optimizer step
         self._grad: list[torch.Tensor] = []  # g of the current step, without the SI term
         self._path: list[torch.Tensor] = []  # ω
+        self._diff: list[torch.Tensor] = []  # θ − θ* at the last penalty
         self._coef: float | list[torch.Tensor] = self.c  # the penalty's coefficient(s), last step
         self._penalised = False
 
@@ -72,7 +73,9 @@ class SynapticIntelligence(Strategy):
     def extra_loss(self, model: nn.Module, batch: Batch, outputs: Any) -> torch.Tensor | None:
         if not self._importance or self.c == 0:
             return None
-        terms = quadratic_terms(self._params, self._anchors, self._sqrt_importance)
+        with torch.no_grad():  # θ − θ*, kept for after_backward
+            self._diff = torch._foreach_sub(self._params, self._anchors)
+        terms = quadratic_terms(self._params, None, self._sqrt_importance, diffs=self._diff)
         coef = self.coefficients(terms.detach())
         self._penalised = True
         if isinstance(coef, float):
@@ -90,7 +93,7 @@ class SynapticIntelligence(Strategy):
             torch._foreach_copy_(self._grad, grads)
             return
         # g − ∂(own penalty)/∂θ = g − 2·coef·Ω·(θ − θ*)
-        own = torch._foreach_sub(self._params, self._anchors)
+        own, self._diff = self._diff, []
         if isinstance(self._coef, float):
             scale = -2.0 * self._coef
         else:  # one coefficient per tensor (HLR)

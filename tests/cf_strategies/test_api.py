@@ -77,6 +77,21 @@ def test_quadratic_terms_value_and_gradient():
     ).backward()
     for p, r in zip(params, ref, strict=True):
         torch.testing.assert_close(p.grad, r.grad)
+    diffs = [(p - a).detach() for p, a in zip(params, anchors, strict=True)]
+    kept = [d.clone() for d in diffs]
+    for p in params:
+        p.grad = None
+    (
+        coef * quadratic_terms(params, None, [w.sqrt() for w in weights], diffs=diffs)
+    ).sum().backward()
+    for p, r, d, k in zip(params, ref, diffs, kept, strict=True):  # θ − a given: same, unchanged
+        torch.testing.assert_close(p.grad, r.grad)
+        assert torch.equal(d, k)
+        p.grad = None
+    quadratic_terms(params, None, diffs=diffs).sum().backward()
+    for p, d, k in zip(params, diffs, kept, strict=True):
+        torch.testing.assert_close(p.grad, 2 * k)
+        assert torch.equal(d, k)
     terms = quadratic_terms(params, anchors)  # no weights: plain squared distance
     torch.testing.assert_close(
         terms, torch.stack([((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True)])
