@@ -51,9 +51,12 @@ def validate_spec(spec: str | list[str], params: Mapping[str, Mapping[str, Any]]
     if len(set(names)) != len(names):
         raise ValueError(f"strategy spec {spec!r} names a strategy twice")
     for name, options in (params or {}).items():
-        if name not in names:
+        # Options may wait for a strategy not in the spec (switching strategies keeps them),
+        # but must name a real strategy and real options.
+        if name not in STRATEGIES:
             raise ValueError(
-                f"options given for strategy {name!r}, which is not in the spec {'+'.join(names)}"
+                f"options given for unknown strategy {name!r}; valid strategies: "
+                + ", ".join(sorted(STRATEGIES))
             )
         valid = strategy_options(name)
         for key in options:

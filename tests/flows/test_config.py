@@ -32,10 +32,15 @@ def test_unknown_strategy_lists_the_valid_ones(tmp_path):
         load_params(write(tmp_path, "train:\n  strategy: ewcc\n"))
 
 
-def test_options_for_a_strategy_not_in_the_spec_are_an_error(tmp_path):
+def test_options_must_name_a_real_strategy_and_real_options(tmp_path):
     text = "train:\n  strategy: naive\n  strategy_params: {other: {x: 1}}\n"
-    with pytest.raises(ParamsError, match="not in the spec"):
+    with pytest.raises(ParamsError, match="unknown strategy 'other'"):
         load_params(write(tmp_path, text))
+    text = "train:\n  strategy: naive\n  strategy_params: {ewc: {lamda: 1}}\n"
+    with pytest.raises(ParamsError, match="unknown option 'lamda' for strategy 'ewc'.*lambda_"):
+        load_params(write(tmp_path, text))
+    text = "train:\n  strategy: naive\n  strategy_params: {ewc: {lambda_: 1}}\n"
+    assert load_params(write(tmp_path, text)).train.strategy == "naive"  # kept for later
 
 
 def test_bad_value_names_the_key(tmp_path):

@@ -1,0 +1,105 @@
+"""Strategies on the embedded demo: SmolLM2-135M-Instruct learns release ``wiki-topics-1``.
+
+For each strategy, the same probe set and baseline (the base model's scores, computed once), the
+same 30 LoRA steps, then the candidate's new-task score and per-probe retention. Writes
+``results/smollm2_demo.json`` and a trade-off plot ``results/smollm2_demo.png``.
+
+    python benchmarks/smollm2_demo.py --strategies naive,self_rehearsal,lwf,l2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from flows.config import load_params
+from flows.demo_data import build_demo, demo_releases
+from flows.evaluate import evaluate_candidate, score_model
+from flows.finetune import finetune
+from flows.model_source import resolve_model
+from flows.probes import build_probe_set
+from flows.records import ChampionRef, ProbeSet
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--strategies", default="naive,self_rehearsal,lwf,l2")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--work", default=str(ROOT / ".cache" / "bench-smollm2"))
+    args = ap.parse_args()
+    work = Path(args.work)
+    params = load_params(
+        ROOT / "params.yaml", {"workspace": str(work / "ws"), "train.max_steps": args.steps}
+    )
+    release = demo_releases(build_demo(params.path(params.data.demo_dir)))[0]
+    base = resolve_model(params.model.base, params.path(params.model.cache_dir))
+    champion = ChampionRef(version=None, model_dir=Path(base), releases=[])
+    probe_path, tasks = build_probe_set(params, champion, work / "probe_set.jsonl")
+    base_scores = score_model(params, Path(base), probe_path, release, work / "baseline")
+    probe_set = ProbeSet(
+        path=probe_path,
+        dvc_hash="-",
+        n_items=len(probe_path.read_text().splitlines()),
+        tasks=tasks,
+        baseline=base_scores.probe_scores,
+        new_task_baseline=base_scores.new_task_score,
+        champion=champion,
+    )
+    print("baseline", base_scores)
+    out = RESULTS / "smollm2_demo.json"
+    results = json.loads(out.read_text()) if out.exists() else {}
+    results["baseline"] = {
+        "probes": base_scores.probe_scores,
+        "new_task": base_scores.new_task_score,
+    }
+    for name in args.strategies.split(","):
+        run = params.with_overrides({"train.strategy": name})
+        start = time.perf_counter()
+        trained = finetune(run, champion, release, work / name)
+        report = evaluate_candidate(run, trained.model_dir, probe_set, release, work / name)
+        results[name] = {
+            "new_task": report.new_task_score,
+            "retention": report.retention,
+            "probe_scores": report.scores,
+            "train_seconds": trained.train_seconds,
+            "seconds_per_step": trained.train_seconds / trained.steps,
+            "wall_seconds": time.perf_counter() - start,
+            "steps": trained.steps,
+        }
+        print(name, json.dumps(results[name]))
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1))
+    plot(results, RESULTS / "smollm2_demo.png")
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = results["baseline"]["new_task"]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name, r in results.items():
+        if name == "baseline":
+            continue
+        x = min(r["retention"].values())
+        ax.scatter(x, r["new_task"], s=60)
+        ax.annotate(name, (x, r["new_task"]), textcoords="offset points", xytext=(6, 4))
+    ax.axhline(base, color="grey", ls=":", label=f"base model on the new task ({base:.2f})")
+    ax.axvline(0.95, color="red", ls="--", lw=1, label="retention 0.95")
+    ax.set_xlabel("worst probe retention (candidate / base)")
+    ax.set_ylabel("new-task score (wiki-topics-1)")
+    ax.set_title("SmolLM2-135M, 30 LoRA steps: learning vs forgetting")
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
