@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
 import torch
 from split_digits import (
     ALPHAS,
@@ -42,9 +41,12 @@ REFERENCE = {
 
 
 def permuted_digits(seed: int, validation: bool, count: int = 10) -> list[Experience]:
+    """The experiences of ``permuted_digits.py`` for the same seed: the same split and the same
+    permutations (drawn as it draws them), so that the two families' tables compare row by row."""
     x_tr, y_tr, x_te, y_te = digits(seed, validation)
-    rng = np.random.default_rng(seed)
-    perms = [np.arange(64)] + [rng.permutation(64) for _ in range(count - 1)]
+    g = torch.Generator().manual_seed(10_000 + seed)
+    perms = [torch.arange(64)] + [torch.randperm(64, generator=g) for _ in range(count - 1)]
+    perms = [p.numpy() for p in perms]
     return [Experience(_split(x_tr[:, p], y_tr), _split(x_te[:, p], y_te)) for p in perms]
 
 

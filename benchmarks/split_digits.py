@@ -306,13 +306,13 @@ def write_results(
 
 # ---- Split-digits -------------------------------------------------------------------------------
 BUFFER = {"buffer_size": 100}
-ALPHAS, BETAS = [0.1, 0.3, 1.0], [0.5, 1.0, 2.0]  # DER++
+ALPHAS, BETAS = [0.03, 0.1, 0.3, 1.0, 3.0], [0.5, 1.0, 2.0]  # DER++
 DER_ALPHAS = [0.3, 1.0, 3.0, 10.0]  # DER (beta = 0): the logit term is all it has
 REPLAY_GRID = {  # replayed examples per new one; one reservoir, or one per task
     "replay.ratio": [0.5, 1, 2, 4],
     "replay.per_task_quota": [False, True],
 }
-LWF_GRID = {"lwf.alpha": [0.5, 1.0, 2.0], "lwf.temperature": [1.0, 2.0]}
+LWF_GRID = {"lwf.alpha": [0.1, 0.25, 0.5, 1.0, 2.0], "lwf.temperature": [1.0, 2.0]}
 
 
 def split_methods(task_incremental: bool) -> list[Method]:
