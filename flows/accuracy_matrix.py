@@ -53,7 +53,7 @@ def plot(matrix: dict, out: Path) -> Path:
             if not math.isnan(v):
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.6 else "k")
     ax.set_xlabel("task scored")
-    ax.set_ylabel("model after release (★ promoted)")
+    ax.set_ylabel("model (★ promoted)")
     fig.colorbar(im, ax=ax, fraction=0.04)
     ax.set_title("Accuracy matrix R[i][j]")
     fig.tight_layout()
