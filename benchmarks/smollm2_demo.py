@@ -5,6 +5,7 @@ same 30 LoRA steps, then the candidate's new-task score and per-probe retention.
 ``results/smollm2_demo.json`` and a trade-off plot ``results/smollm2_demo.png``.
 
     python benchmarks/smollm2_demo.py --strategies naive,self_rehearsal,lwf,l2
+    python benchmarks/smollm2_demo.py --strategies lwf --options '{"lwf": {"alpha": 0.3}}' --label alpha0.3
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--strategies", default="naive,self_rehearsal,lwf,l2")
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument(
+        "--options", default="{}", help='strategy options, e.g. {"lwf": {"alpha": 0.3}}'
+    )
+    ap.add_argument("--label", default="", help="suffix for the result names, e.g. alpha0.3")
     ap.add_argument("--work", default=str(ROOT / ".cache" / "bench-smollm2"))
     args = ap.parse_args()
     work = Path(args.work)
@@ -58,11 +63,13 @@ def main() -> None:
         "new_task": base_scores.new_task_score,
     }
     for name in args.strategies.split(","):
-        run = params.with_overrides({"train.strategy": name})
+        options = json.loads(args.options)
+        run = params.with_overrides({"train.strategy": name, "train.strategy_params": options})
         start = time.perf_counter()
         trained = finetune(run, champion, release, work / name)
         report = evaluate_candidate(run, trained.model_dir, probe_set, release, work / name)
-        results[name] = {
+        key = f"{name} {args.label}".strip()
+        results[key] = {
             "new_task": report.new_task_score,
             "retention": report.retention,
             "probe_scores": report.scores,
@@ -71,7 +78,8 @@ def main() -> None:
             "wall_seconds": time.perf_counter() - start,
             "steps": trained.steps,
         }
-        print(name, json.dumps(results[name]))
+        results[key]["options"] = options.get(name, {})
+        print(key, json.dumps(results[key]))
         RESULTS.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=1))
     plot(results, RESULTS / "smollm2_demo.png")

@@ -152,7 +152,7 @@ def retrain(
     matrix_file = ws / "accuracy_matrix.json"
     accuracy_matrix.record_scores(
         matrix_file,
-        champion.version and f"v{champion.version}" or "base",
+        f"v{champion.version}" if champion.version else "base",
         probe_set.baseline | {versioned.name: probe_set.new_task_baseline},
     )
     registration = timed(

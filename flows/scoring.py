@@ -52,12 +52,17 @@ def generate(
     progress: Progress | None = None,
 ) -> list[str]:
     """Greedy answers, batched with left padding."""
-    tokenizer.padding_side = "left"
     outputs: list[str] = []
     for start in range(0, len(examples), batch_size):
         batch = examples[start : start + batch_size]
         prompts = [format_prompt(tokenizer, ex.messages, use_chat_template) for ex in batch]
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tokenizer(
+            prompts,
+            return_tensors="pt",
+            padding=True,
+            padding_side="left",
+            add_special_tokens=False,
+        )
         enc = enc.to(model.device)
         out = model.generate(
             **enc,

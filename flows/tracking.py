@@ -79,8 +79,9 @@ def model_version_dir(params: Params, version: str) -> Path:
         tmp.mkdir(parents=True)
         uri = f"models:/{params.model.registered_name}/{version}"
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp)))
-        weights = next(local.rglob("config.json")).parent
-        weights.rename(cache) if weights != tmp else tmp.rename(cache)
+        weights = next(local.rglob("config.json")).parent  # the model_dir artifact inside
+        shutil.rmtree(cache, ignore_errors=True)
+        weights.rename(cache)
         shutil.rmtree(tmp, ignore_errors=True)
     return cache
 
