@@ -78,7 +78,7 @@ def main() -> None:
             "wall_seconds": time.perf_counter() - start,
             "steps": trained.steps,
         }
-        results[key]["options"] = options.get(name, {})
+        results[key]["options"] = options
         print(key, json.dumps(results[key]))
         RESULTS.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=1))
