@@ -3,7 +3,7 @@
 A causal LM built from a config (random weights, nothing downloaded) with LoRA adapters on every
 linear layer of the blocks (as the pipeline's ``params.yaml``), AdamW on the adapters, batches of
 prompt + answer tokens (labels -100 on the prompt). Every strategy runs the same training step
-(``total_loss`` + backward + optimizer step, the loop of ``train_task``); the strategies take turns
+(``train_step``: the step of ``train_task``); the strategies take turns
 one step at a time, on the same batches, so that load on the machine hits them alike. Reported:
 the median and the fastest step time of each, with their ratios to naive's (on a shared machine
 the fastest step is the least disturbed estimate). Replay and DER++ are also reported per replayed example:
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from split_digits import environment, save  # noqa: E402
 
 from cf_strategies import build_strategies  # noqa: E402
-from cf_strategies.trainer import total_loss  # noqa: E402
+from cf_strategies.trainer import causal_lm_loss, train_step  # noqa: E402
 
 PRESETS = {
     # a few-million-parameter LM: seconds per strategy on one CPU core
@@ -94,21 +94,9 @@ def batch(n: int, prompt: int, answer: int, vocab: int, g: torch.Generator) -> d
     return out
 
 
-def lm_loss(model, b):
-    outputs = model(**b)
-    return outputs.loss, outputs
-
-
 def step(model, optimizer, strategies, b) -> int:
     """One training step as ``train_task`` runs it; returns the rows trained on."""
-    loss, _, trained = total_loss(model, b, strategies, lm_loss, 0)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    for s in strategies:
-        s.after_backward(model)
-    optimizer.step()
-    for s in strategies:
-        s.after_step(model)
+    _, trained = train_step(model, b, strategies, optimizer, causal_lm_loss)
     return len(trained["input_ids"])
 
 

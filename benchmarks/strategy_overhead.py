@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cf_strategies import build_strategies  # noqa: E402
-from cf_strategies.trainer import total_loss  # noqa: E402
+from cf_strategies.trainer import causal_lm_loss, train_step  # noqa: E402
 
 REGULARISERS = ["l2", "ewc", "si", "hlr"]
 LIMITS = {"l2": 1.10, "ewc": 1.10, "si": 1.15}  # the targets (hlr: none given)
@@ -101,19 +101,8 @@ def main() -> None:
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     options = {"ewc": {"fisher_samples": 2 * args.batch, "fisher_batch_size": args.batch}}
 
-    def lm_loss(m, b):
-        out = m(**b)
-        return out.loss, out
-
     def step(strategies) -> None:
-        loss, _, _ = total_loss(model, batch, strategies, lm_loss, 0)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        for s in strategies:
-            s.after_backward(model)
-        optimizer.step()
-        for s in strategies:
-            s.after_step(model)
+        train_step(model, batch, strategies, optimizer, causal_lm_loss)
 
     # Each contender: its strategies, after `past` releases of 2 training steps each.
     contenders: dict[str, list] = {"naive": build_strategies("naive")}

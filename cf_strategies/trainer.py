@@ -39,7 +39,8 @@ def total_loss(
     return loss, outputs, batch
 
 
-def _causal_lm_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, Any]:
+def causal_lm_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, Any]:
+    """``task_loss`` of a transformers causal LM: its own loss on a batch with ``labels``."""
     outputs = model(**batch)
     return outputs.loss, outputs
 
@@ -91,13 +92,37 @@ class ContinualTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training:  # evaluation: the task loss alone
-            loss, outputs = _causal_lm_loss(model, inputs)
+            loss, outputs = causal_lm_loss(model, inputs)
             return (loss, outputs) if return_outputs else loss
         self._strategy_callback.model = model
         loss, outputs, _ = total_loss(
-            model, inputs, self.strategies, _causal_lm_loss, self.state.global_step
+            model, inputs, self.strategies, causal_lm_loss, self.state.global_step
         )
         return (loss, outputs) if return_outputs else loss
+
+
+def train_step(
+    model: nn.Module,
+    batch: Batch,
+    strategies: Sequence[Strategy],
+    optimizer: torch.optim.Optimizer,
+    task_loss: Callable[[nn.Module, Batch], tuple[torch.Tensor, Any]],
+    step: int = 0,
+    max_grad_norm: float | None = None,
+) -> tuple[torch.Tensor, Batch]:
+    """One optimizer step with every strategy hook; returns the loss and the batch trained on
+    (after ``augment_batch``)."""
+    loss, _, trained = total_loss(model, batch, strategies, task_loss, step)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    for s in strategies:
+        s.after_backward(model)
+    optimizer.step()
+    for s in strategies:
+        s.after_step(model)
+    return loss, trained
 
 
 def train_task(
@@ -119,16 +144,9 @@ def train_task(
     model.train()
     for _ in range(epochs):
         for batch in data:
-            loss, _, _ = total_loss(model, batch, strategies, task_loss, len(losses))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-            for s in strategies:
-                s.after_backward(model)
-            optimizer.step()
-            for s in strategies:
-                s.after_step(model)
+            loss, _ = train_step(
+                model, batch, strategies, optimizer, task_loss, len(losses), max_grad_norm
+            )
             losses.append(float(loss.detach()))
     for s in strategies:
         s.after_task(model, data)
