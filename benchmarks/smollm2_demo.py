@@ -81,6 +81,9 @@ def main() -> None:
         results[key]["options"] = options
         print(key, json.dumps(results[key]))
         RESULTS.mkdir(parents=True, exist_ok=True)
+        # re-read before writing: other runs (other --work folders) may have added rows
+        on_disk = json.loads(out.read_text()) if out.exists() else {}
+        results = {**on_disk, "baseline": results["baseline"], key: results[key]}
         out.write_text(json.dumps(results, indent=1))
     plot(results, RESULTS / "smollm2_demo.png")
 

@@ -8,6 +8,7 @@ A strategy sees one training task (one data release) at a time:
     after_backward(model)             gradients of the total loss are in .grad (SI reads them)
     after_step(model)                 parameters were just updated (SI path integral, masks)
     after_task(model, data)           Fisher, importances, buffer updates for the next release
+    reanchor(model)                   the old weights were merged: anchor penalties to the new ones
 
 State that must survive to the next release (Fisher diagonals, importances, buffers) is
 returned by ``state_dict()`` and saved with ``save(folder)`` as safetensors + JSON, never pickle.
@@ -219,6 +220,12 @@ class Strategy:
 
     def after_task(self, model: nn.Module, data: Iterable[Batch] | None = None) -> None:
         """Called once after training on a task; ``data`` iterates over that task's batches."""
+
+    def reanchor(self, model: nn.Module) -> None:
+        """The model's trainable weights now stand where the last task ended, under other values:
+        e.g. its LoRA adapter was merged into the base weights and a fresh adapter (ΔW = 0) put
+        on. Strategies that anchor to old weights (EWC, SI, HLR) move θ* to the current values;
+        their importances stay. Call it after ``load`` and before ``before_task``."""
 
     # ---- state that survives across releases -------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -104,6 +104,16 @@ class EWC(Strategy):
         self._params, self._sqrt_fisher, self._anchors = [], [], []
         self.tasks += 1
 
+    def reanchor(self, model: nn.Module) -> None:
+        params = trainable_parameters(model)
+        self._anchor = {n: params[n].detach().clone() for n in self._fisher if n in params}
+
+    def estimate_importance(self, model: nn.Module, batches: Iterable[Batch]) -> None:
+        """Consolidate general knowledge before the first task: the Fisher of ``batches`` (general
+        data, e.g. the model's own answers to general prompts) at the current weights, which
+        become θ*. The same as ``after_task`` on that data."""
+        self.after_task(model, batches)
+
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"tasks": self.tasks}
         state.update({f"fisher.{k}": v for k, v in self._fisher.items()})

@@ -30,21 +30,12 @@ in SI (which HLR extends: same path integral, same damping ξ, same unregularise
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-from cf_strategies.base import (
-    Batch,
-    example_nll,
-    is_causal_lm,
-    logits_of,
-    move_batch,
-    snapshot,
-    split_batch,
-    trainable_parameters,
-)
+from cf_strategies.base import Batch, trainable_parameters
 from cf_strategies.registry import register
 from cf_strategies.si import SynapticIntelligence
 
@@ -80,40 +71,6 @@ class HLR(SynapticIntelligence):
         alpha = self._layers * per_layer / per_layer.sum().clamp_min(1e-30)
         return self.lambda_ * alpha[self._layer_index]
 
-    def estimate_importance(
-        self,
-        model: nn.Module,
-        batches: Iterable[Batch],
-        lr: float = 1e-4,
-        loss_fn: Callable[[nn.Module, Batch], torch.Tensor] | None = None,
-    ) -> None:
-        """Record the importance of each weight for general knowledge on ``batches`` (general
-        data) and anchor the penalty to the current weights. One pass of Adam at ``lr`` with the
-        path integral recorded, then the weights are restored: the model is left unchanged.
-        ``loss_fn(model, batch)`` defaults to the mean negative log-likelihood of the labels."""
-        loss_fn = loss_fn or mean_nll
-        params = trainable_parameters(model)
-        pretrained = snapshot(params)
-        optimizer = torch.optim.Adam(params.values(), lr=lr)
-        was_training = model.training
-        model.train()
-        self.before_task(model)  # the loop below adds no penalty: the general loss alone
-        device = next(iter(params.values())).device
-        for batch in batches:
-            loss = loss_fn(model, move_batch(batch, device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.after_backward(model)
-            optimizer.step()
-            self.after_step(model)
-        self.after_task(model)
-        with torch.no_grad():
-            for p, p0 in zip(params.values(), pretrained.values(), strict=True):
-                p.copy_(p0)
-                p.grad = None
-        self._anchor = pretrained
-        model.train(was_training)
-
 
 def layer_of(name: str) -> str:
     """The layer a parameter belongs to: its path up to the first numeric component
@@ -123,9 +80,3 @@ def layer_of(name: str) -> str:
         if part.isdigit():
             return ".".join(parts[: i + 1])
     return ".".join(parts[:-1]) or name
-
-
-def mean_nll(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """The mean over the batch of each example's negative log-likelihood of its labels."""
-    args, kwargs, labels = split_batch(batch)
-    return example_nll(logits_of(model(*args, **kwargs)), labels, is_causal_lm(model)).mean()

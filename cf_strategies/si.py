@@ -16,13 +16,25 @@ per-step cost is constant: a few torch._foreach kernels over the trainable weigh
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
-from cf_strategies.base import Batch, Strategy, align_to, quadratic_terms, trainable_parameters
+from cf_strategies.base import (
+    Batch,
+    Strategy,
+    align_to,
+    example_nll,
+    is_causal_lm,
+    logits_of,
+    move_batch,
+    quadratic_terms,
+    snapshot,
+    split_batch,
+    trainable_parameters,
+)
 from cf_strategies.registry import register
 
 
@@ -128,6 +140,45 @@ class SynapticIntelligence(Strategy):
         self._start, self._prev, self._grad, self._path = [], [], [], []
         self.tasks += 1
 
+    def reanchor(self, model: nn.Module) -> None:
+        params = trainable_parameters(model)
+        self._anchor = {n: params[n].detach().clone() for n in self._omega if n in params}
+
+    def estimate_importance(
+        self,
+        model: nn.Module,
+        batches: Iterable[Batch],
+        lr: float = 1e-4,
+        loss_fn: Callable[[nn.Module, Batch], torch.Tensor] | None = None,
+    ) -> None:
+        """Record the importance of each weight for general knowledge on ``batches`` (general
+        data) and anchor the penalty to the current weights, before the first task (HLR's
+        "general importance recording"). One pass of Adam at ``lr`` with the path integral
+        recorded, then the weights are restored: the model is left unchanged.
+        ``loss_fn(model, batch)`` defaults to the mean negative log-likelihood of the labels."""
+        loss_fn = loss_fn or mean_nll
+        params = trainable_parameters(model)
+        pretrained = snapshot(params)
+        optimizer = torch.optim.Adam(params.values(), lr=lr)
+        was_training = model.training
+        model.train()
+        self.before_task(model)  # the loop below adds no penalty: the general loss alone
+        device = next(iter(params.values())).device
+        for batch in batches:
+            loss = loss_fn(model, move_batch(batch, device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.after_backward(model)
+            optimizer.step()
+            self.after_step(model)
+        self.after_task(model)
+        with torch.no_grad():
+            for p, p0 in zip(params.values(), pretrained.values(), strict=True):
+                p.copy_(p0)
+                p.grad = None
+        self._anchor = pretrained
+        model.train(was_training)
+
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"tasks": self.tasks}
         state.update({f"omega.{k}": v for k, v in self._omega.items()})
@@ -141,3 +192,9 @@ class SynapticIntelligence(Strategy):
         if set(self._omega) != set(self._anchor):
             raise ValueError(f"{self.name}: saved importance and anchor cover different parameters")
         self._params, self._importance, self._sqrt_importance, self._anchors = [], [], [], []
+
+
+def mean_nll(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """The mean over the batch of each example's negative log-likelihood of its labels."""
+    args, kwargs, labels = split_batch(batch)
+    return example_nll(logits_of(model(*args, **kwargs)), labels, is_causal_lm(model)).mean()

@@ -48,6 +48,7 @@ class TrainConfig(Section):
     strategy: str = "naive"
     strategy_params: dict[str, dict[str, Any]] = {}
     rehearsal_prompts: Path | None = None
+    general_importance_prompts: int = Field(64, ge=0)
     lora: LoraConfig = LoraConfig()
     learning_rate: float = Field(1e-3, gt=0)
     max_steps: int = Field(30, ge=1)

@@ -17,6 +17,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import DataCollatorForSeq2Seq, TrainingArguments, set_seed
 
 import cf_strategies
+from cf_strategies.buffer import collate
+from cf_strategies.self_rehearsal import SelfRehearsal
 from flows.config import Params
 from flows.data import load_release, read_jsonl
 from flows.demo_data import build_demo
@@ -32,6 +34,18 @@ def rehearsal_prompt_file(params: Params) -> Path:
     return build_demo(params.path(params.data.demo_dir)) / "rehearsal" / "general_prompts.jsonl"
 
 
+def rehearsal_prompts(params: Params, tokenizer) -> list[list[int]]:
+    """The rehearsal prompts as token ids, formatted as the model sees a user turn."""
+    chat = params.model.use_chat_template
+    return [
+        tokenizer(
+            format_prompt(tokenizer, [{"role": "user", "content": r["prompt"]}], chat),
+            add_special_tokens=False,
+        )["input_ids"]
+        for _, r in read_jsonl(rehearsal_prompt_file(params))
+    ]
+
+
 def prepare_strategies(strategies, params: Params, tokenizer, release_dir: Path) -> None:
     """Give strategies what only the pipeline knows: the tokenizer's pad/eos ids, the release's
     name, and (for self-rehearsal) the old-task prompts, formatted as the model sees them."""
@@ -43,15 +57,30 @@ def prepare_strategies(strategies, params: Params, tokenizer, release_dir: Path)
         if hasattr(s, "data_version"):
             s.data_version = release_dir.name
         if hasattr(s, "add_prompts"):
-            chat = params.model.use_chat_template
-            prompts = [
-                tokenizer(
-                    format_prompt(tokenizer, [{"role": "user", "content": r["prompt"]}], chat),
-                    add_special_tokens=False,
-                )["input_ids"]
-                for _, r in read_jsonl(rehearsal_prompt_file(params))
-            ]
-            s.add_prompts(prompts, tokenizer)
+            s.add_prompts(rehearsal_prompts(params, tokenizer), tokenizer)
+
+
+def protect_general_knowledge(strategies, model, tokenizer, params: Params) -> None:
+    """EWC, SI and HLR with no saved state (the first release) estimate each weight's importance
+    for general knowledge on the champion's own greedy answers to ``general_importance_prompts``
+    rehearsal prompts, anchored at the champion; otherwise the first release is unregularised."""
+    fresh = [s for s in strategies if hasattr(s, "estimate_importance") and s.tasks == 0]
+    n = params.train.general_importance_prompts
+    if not fresh or n == 0:
+        return
+    answers = SelfRehearsal(
+        buffer_size=n, max_new_tokens=48, generation_batch_size=16,
+        pad_token_id=tokenizer.pad_token_id, seed=params.train.seed,
+    )  # fmt: skip
+    answers.add_prompts(rehearsal_prompts(params, tokenizer), tokenizer)
+    answers.rehearse(model)
+    examples, size = answers.buffer.examples, params.train.batch_size
+    batches = [
+        collate(examples[i : i + size], tokenizer.pad_token_id)
+        for i in range(0, len(examples), size)
+    ]
+    for s in fresh:
+        s.estimate_importance(model, batches)
 
 
 def finetune(
@@ -77,9 +106,12 @@ def finetune(
     state_dir = Path(champion.model_dir) / STRATEGY_STATE
     if state_dir.is_dir():
         cf_strategies.load_strategies(strategies, state_dir)
+    for s in strategies:  # the champion's adapter was merged: the fresh one starts where it ended
+        s.reanchor(model)
     prepare_strategies(strategies, params, tokenizer, release_dir)
 
     gpu = torch.cuda.is_available()
+    model.to("cuda" if gpu else "cpu")  # before the strategies generate or estimate on it
     args = TrainingArguments(
         output_dir=str(run_dir / "trainer"),
         max_steps=cfg.max_steps,
@@ -104,6 +136,7 @@ def finetune(
         strategies=strategies,
     )
     start = time.perf_counter()
+    protect_general_knowledge(strategies, model, tokenizer, params)
     trainer.train()
     seconds = time.perf_counter() - start
 

@@ -266,3 +266,35 @@ def test_trainer_runs_the_hooks_and_evaluation_has_no_penalty(tmp_path):
     torch.testing.assert_close(trainer.compute_loss(model, batch), plain)
     model.train()
     assert float(trainer.compute_loss(model, batch).detach()) > float(plain.detach())
+
+
+# ---- a release later: the old adapter merged, a fresh one on --------------------------------
+@pytest.mark.parametrize("spec", ["ewc", "si", "hlr"])
+def test_reanchor_after_a_merge_anchors_to_the_fresh_adapter(spec, tmp_path):
+    """After the champion's adapter is merged and a fresh one (ΔW = 0) is put on, the old end of
+    task is the new adapter's start: reanchored, the penalty is 0 there; loaded as saved, it would
+    pull the fresh adapter toward the old adapter's values (re-adding the merged update)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_lora()
+    strategies = build_strategies(spec)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    train_task(model, token_batches(seed=0), strategies, optimizer, lm_loss)
+    save_strategies(strategies, tmp_path)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    merged = model.merge_and_unload()
+
+    def penalty_at_start(reanchor: bool) -> float:
+        fresh = get_peft_model(merged, config)
+        loaded = build_strategies(spec)
+        load_strategies(loaded, tmp_path)
+        if reanchor:
+            loaded[0].reanchor(fresh)
+        loaded[0].before_task(fresh)
+        batch = token_batches(seed=1)[0]
+        term = loaded[0].extra_loss(fresh, batch, fresh(**batch))
+        fresh.unload()  # take the fresh adapter off again for the next call
+        return float(term.detach())
+
+    assert penalty_at_start(reanchor=False) > 0
+    assert penalty_at_start(reanchor=True) == 0.0

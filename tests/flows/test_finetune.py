@@ -41,3 +41,34 @@ def test_a_nan_loss_stops_training_and_writes_no_candidate(
             params, champion(tiny_model_dir), demo_dir / "releases" / "wiki-topics-1", tmp_path
         )
     assert not (tmp_path / "candidate_model").exists()
+
+
+def test_ewc_protects_general_knowledge_from_the_first_release_and_reanchors_on_the_next(
+    params_file, tiny_model_dir, demo_dir, tmp_path
+):
+    """Release 1: EWC's Fisher comes from the champion's answers to rehearsal prompts, anchored at
+    the champion (penalty 0 at the first step, active from the second). Release 2 from that
+    candidate: the old adapter is merged, so the fresh one is anchored where it starts (penalty 0
+    at the first step again, not a pull toward the merged adapter's values)."""
+    releases = demo_dir / "releases"
+    naive = load_params(params_file, {"train.max_steps": 2})
+    ewc = naive.with_overrides(
+        {
+            "train.strategy": "ewc",
+            "train.strategy_params": {"ewc": {"lambda_": 1e8, "fisher_samples": 8}},
+            "train.general_importance_prompts": 8,
+        }
+    )
+    base = champion(tiny_model_dir)
+    losses = lambda r: [h["loss"] for h in r.log_history]  # noqa: E731
+    plain = finetune(naive, base, releases / "wiki-topics-1", tmp_path / "naive1")
+    first = finetune(ewc, base, releases / "wiki-topics-1", tmp_path / "ewc1")
+    assert losses(first)[0] == pytest.approx(losses(plain)[0], abs=1e-4)
+    assert losses(first)[1] > losses(plain)[1] + 0.1  # the general-knowledge penalty acts
+    state = json.loads((first.model_dir / "strategy_state" / "ewc.json").read_text())
+    assert state["tasks"] == 2  # general knowledge, then release 1
+
+    after = ChampionRef(version="1", model_dir=first.model_dir, releases=["wiki-topics-1"])
+    plain2 = finetune(naive, after, releases / "wiki-topics-2", tmp_path / "naive2")
+    second = finetune(ewc, after, releases / "wiki-topics-2", tmp_path / "ewc2")
+    assert losses(second)[0] == pytest.approx(losses(plain2)[0], abs=1e-4)
