@@ -7,6 +7,17 @@ prompt) and are mixed into the training batches exactly as ``replay`` does:
 
     loss = CE(f([x; x_s]), [y; ŷ_s]),   ŷ_s = greedy decode of f_champion(x_s)
 
+With ``distill_alpha`` α > 0 the rehearsed answers are not trained as labels; the model instead
+matches the champion's whole next-token distribution at each answer position (our choice; the
+"LwF on rehearsal data" / DER form of the same idea):
+
+    loss = CE(f(x), y) + α · T² · KL( softmax(f_champion([x_s; ŷ_s]) / T) ‖ softmax(f([x_s; ŷ_s]) / T) )
+
+At the start this term and its gradient are zero (the student is the champion): it only pulls
+back where learning the new task moves the model on general prompts, whereas training on the
+greedy answers also sharpens the champion's habits (e.g. its answer format) on them. The teacher is
+LwF's: with LoRA the same model under ``disable_adapter()``, otherwise a frozen copy.
+
 SSR also synthesises the prompts by in-context learning with the base model; here they are given
 with ``add_prompts`` (strings, or token ids e.g. from a chat template), or, with
 ``prompts_from_data``, kept from each task's data: prompt tokens only, never the answers. Nothing
@@ -23,7 +34,8 @@ import torch
 from torch import nn
 
 from cf_strategies.base import Batch
-from cf_strategies.buffer import IGNORE_INDEX, unbatch
+from cf_strategies.buffer import IGNORE_INDEX, batch_size, logits_of, unbatch
+from cf_strategies.lwf import LwF
 from cf_strategies.registry import register
 from cf_strategies.replay import Replay
 
@@ -45,8 +57,15 @@ class SelfRehearsal(Replay):
         pad_token_id: int = 0,
         eos_token_id: int | None = None,
         seed: int = 0,
+        distill_alpha: float = 0.0,
+        temperature: float = 1.0,
     ):
         super().__init__(buffer_size, ratio, per_task_quota, pad_token_id, seed)
+        if distill_alpha < 0 or temperature <= 0:
+            raise ValueError("self_rehearsal: need distill_alpha >= 0 and temperature > 0")
+        self.distill_alpha, self.temperature = distill_alpha, temperature
+        self.teacher = LwF(alpha=distill_alpha, temperature=temperature)
+        self._rehearsed: tuple[slice, torch.Tensor] | None = None  # rows, their answer labels
         self.max_new_tokens = max_new_tokens
         self.generation_batch_size = generation_batch_size
         self.prompts_from_data = prompts_from_data
@@ -66,6 +85,29 @@ class SelfRehearsal(Replay):
 
     def before_task(self, model: nn.Module, data: Iterable[Batch] | None = None) -> None:
         self.rehearse(model)
+        if self.distill_alpha:
+            self.teacher.before_task(model, data)
+
+    def augment_batch(self, model: nn.Module, batch: Batch) -> Batch:
+        start = batch_size(batch)
+        mixed = super().augment_batch(model, batch)
+        self._rehearsed = None
+        if self.distill_alpha and batch_size(mixed) > start:
+            rows = slice(start, batch_size(mixed))
+            labels = mixed["labels"].clone()
+            self._rehearsed = (rows, labels[rows].clone())
+            labels[rows] = IGNORE_INDEX  # the task loss skips them; extra_loss distils them
+            mixed = {**mixed, "labels": labels}
+        return mixed
+
+    def extra_loss(self, model: nn.Module, batch: Batch, outputs: Any) -> torch.Tensor | None:
+        if self._rehearsed is None:
+            return None
+        rows, labels = self._rehearsed
+        self._rehearsed = None
+        rehearsed = {k: v[rows] for k, v in batch.items() if torch.is_tensor(v)}
+        rehearsed["labels"] = labels
+        return self.teacher.extra_loss(model, rehearsed, logits_of(outputs)[rows])
 
     @torch.no_grad()
     def rehearse(self, model: nn.Module) -> int:
@@ -106,6 +148,7 @@ class SelfRehearsal(Replay):
         return offered
 
     def after_task(self, model: nn.Module, data: Iterable[Batch] | None = None) -> None:
+        self.teacher.frozen = None
         if self.prompts_from_data:
             for batch in data or ():
                 for ex in unbatch(batch):

@@ -1,5 +1,6 @@
 """Self-rehearsal: the champion's greedy answers to old prompts become replay examples."""
 
+import pytest
 import torch
 from tiny_lm import PAD, lm_loss, tiny_lm, token_batch
 
@@ -109,3 +110,42 @@ def test_self_rehearsal_mixes_its_answers_into_training():
 
     train_task(model, [token_batch(4, seed=s) for s in range(2)], [ssr], opt, loss_fn)
     assert seen == [6, 6]  # 4 new + 2 rehearsed per step
+
+
+def test_distillation_matches_the_champions_distribution_on_rehearsed_answers():
+    """With ``distill_alpha`` the rehearsed rows carry no labels into the task loss; the extra
+    term is α·T²·KL(champion ‖ model) at their answer positions: zero while the fresh LoRA
+    adapter leaves the model as the champion, the hand-computed KL once it does not."""
+    import torch.nn.functional as F
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_lm(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    ssr = _ssr(max_new_tokens=3, ratio=0.5, pad_token_id=PAD, distill_alpha=2.0, temperature=2.0)
+    ssr.add_prompts(PROMPTS)
+    ssr.before_task(model)
+    batch = token_batch(4, seed=0)
+    mixed = ssr.augment_batch(model, batch)
+    assert mixed["input_ids"].shape[0] == 6 and (mixed["labels"][4:] == -100).all()
+    outputs = model(**mixed)
+    assert torch.allclose(outputs.loss, lm_loss(model, batch)[0])  # new rows only
+    assert float(ssr.extra_loss(model, mixed, outputs).detach()) == pytest.approx(0.0, abs=1e-6)
+
+    with torch.no_grad():  # move the adapter: the model is no longer the champion
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    mixed = ssr.augment_batch(model, batch)
+    rows, labels = slice(4, 6), ssr._rehearsed[1]
+    outputs = model(**mixed)
+    term = ssr.extra_loss(model, mixed, outputs).detach()
+    answer = torch.zeros_like(labels, dtype=torch.bool)
+    answer[:, :-1] = labels[:, 1:] != -100  # positions that predict an answer token
+    with torch.no_grad(), model.disable_adapter():
+        champion = model(input_ids=mixed["input_ids"][rows]).logits[answer]
+    student = outputs.logits[rows][answer]
+    kl = F.kl_div(
+        F.log_softmax(student / 2, -1), F.log_softmax(champion / 2, -1),
+        log_target=True, reduction="batchmean",
+    )  # fmt: skip
+    assert float(term) > 0.01
+    assert float(term) == pytest.approx(float(2.0 * 4 * kl), rel=1e-4)
