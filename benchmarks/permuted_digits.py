@@ -145,6 +145,11 @@ def main() -> None:
     parser.add_argument("--time-repeats", type=int, default=3, help="final runs repeated, min time")
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 experiences, 1 epoch")
     parser.add_argument(
+        "--strengths-from", type=Path, default=None,
+        help="skip the validation step: take the chosen strengths from this results file "
+        "(a timing re-run on an idle machine)",
+    )  # fmt: skip
+    parser.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results" / "permuted_digits.json"
     )
     args = parser.parse_args()
@@ -156,7 +161,9 @@ def main() -> None:
 
     # 1. strengths on the validation split
     selection: dict[str, dict] = {}
-    for name in args.strategies:
+    if args.strengths_from:
+        selection = json.loads(args.strengths_from.read_text())["selection"]
+    for name in [] if args.strengths_from else args.strategies:
         key, grid = GRID[name]
         scores = {}
         for strength in grid:

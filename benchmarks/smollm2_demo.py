@@ -1,17 +1,24 @@
 """Strategies on the embedded demo: SmolLM2-135M-Instruct learns release ``wiki-topics-1``.
 
-For each strategy, the same probe set and baseline (the base model's scores, computed once), the
+For each strategy, the same probe set and baseline (the champion's scores, computed once), the
 same 30 LoRA steps, then the candidate's new-task score and per-probe retention. Writes
 ``results/smollm2_demo.json`` and a trade-off plot ``results/smollm2_demo.png``.
 
     python benchmarks/smollm2_demo.py --strategies naive,self_rehearsal,lwf,l2
     python benchmarks/smollm2_demo.py --strategies lwf --options '{"lwf": {"alpha": 0.3}}' --label alpha0.3
+
+``--release 2``: first a champion learns release 1 with ``--champion-strategy`` (by default
+``lwf+replay+der``: LwF protects general knowledge while the replay and DER buffers fill with
+release 1, and that state is saved with the champion), then each strategy learns ``wiki-topics-2``
+from it; the probes then hold release 1's held-out items too. Results go to
+``results/smollm2_demo_release2.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -36,16 +43,22 @@ def main() -> None:
     )
     ap.add_argument("--label", default="", help="suffix for the result names, e.g. alpha0.3")
     ap.add_argument("--work", default=str(ROOT / ".cache" / "bench-smollm2"))
+    ap.add_argument("--release", type=int, choices=(1, 2), default=1)
+    ap.add_argument("--champion-strategy", default="lwf+replay+der")
     args = ap.parse_args()
     work = Path(args.work)
     params = load_params(
         ROOT / "params.yaml", {"workspace": str(work / "ws"), "train.max_steps": args.steps}
     )
-    release = demo_releases(build_demo(params.path(params.data.demo_dir)))[0]
+    releases = demo_releases(build_demo(params.path(params.data.demo_dir)))
     base = resolve_model(params.model.base, params.path(params.model.cache_dir))
     champion = ChampionRef(version=None, model_dir=Path(base), releases=[])
+    release, out = releases[0], RESULTS / "smollm2_demo.json"
+    if args.release == 2:
+        champion = release_1_champion(params, args.champion_strategy, releases[0], work)
+        release, out = releases[1], RESULTS / "smollm2_demo_release2.json"
     probe_path, tasks = build_probe_set(params, champion, work / "probe_set.jsonl")
-    base_scores = score_model(params, Path(base), probe_path, release, work / "baseline")
+    base_scores = score_model(params, champion.model_dir, probe_path, release, work / "baseline")
     probe_set = ProbeSet(
         path=probe_path,
         dvc_hash="-",
@@ -56,7 +69,6 @@ def main() -> None:
         champion=champion,
     )
     print("baseline", base_scores)
-    out = RESULTS / "smollm2_demo.json"
     results = json.loads(out.read_text()) if out.exists() else {}
     results["baseline"] = {
         "probes": base_scores.probe_scores,
@@ -70,6 +82,7 @@ def main() -> None:
         report = evaluate_candidate(run, trained.model_dir, probe_set, release, work / name)
         key = f"{name} {args.label}".strip()
         results[key] = {
+            "champion": str(champion.version or "base"),
             "new_task": report.new_task_score,
             "retention": report.retention,
             "probe_scores": report.scores,
@@ -85,10 +98,22 @@ def main() -> None:
         on_disk = json.loads(out.read_text()) if out.exists() else {}
         results = {**on_disk, "baseline": results["baseline"], key: results[key]}
         out.write_text(json.dumps(results, indent=1))
-    plot(results, RESULTS / "smollm2_demo.png")
+    plot(results, out.with_suffix(".png"), release.name)
 
 
-def plot(results: dict, path: Path) -> None:
+def release_1_champion(params, spec: str, release: Path, work: Path) -> ChampionRef:
+    """The model that learned ``release`` with ``spec`` (trained once, then reused), its strategy
+    state beside it; the release is copied into the workspace, where the probes look for it."""
+    shutil.copytree(release, params.workspace_dir / "releases" / release.name, dirs_exist_ok=True)
+    folder = work / f"champion-{spec}"
+    if not (folder / "candidate_model").is_dir():
+        run = params.with_overrides({"train.strategy": spec})
+        base = resolve_model(params.model.base, params.path(params.model.cache_dir))
+        finetune(run, ChampionRef(version=None, model_dir=Path(base)), release, folder)
+    return ChampionRef(version="1", model_dir=folder / "candidate_model", releases=[release.name])
+
+
+def plot(results: dict, path: Path, release: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,10 +127,10 @@ def plot(results: dict, path: Path) -> None:
         x = min(r["retention"].values())
         ax.scatter(x, r["new_task"], s=60)
         ax.annotate(name, (x, r["new_task"]), textcoords="offset points", xytext=(6, 4))
-    ax.axhline(base, color="grey", ls=":", label=f"base model on the new task ({base:.2f})")
+    ax.axhline(base, color="grey", ls=":", label=f"champion before training ({base:.2f})")
     ax.axvline(0.95, color="red", ls="--", lw=1, label="retention 0.95")
     ax.set_xlabel("worst probe retention (candidate / base)")
-    ax.set_ylabel("new-task score (wiki-topics-1)")
+    ax.set_ylabel(f"new-task score ({release})")
     ax.set_title("SmolLM2-135M, 30 LoRA steps: learning vs forgetting")
     ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
