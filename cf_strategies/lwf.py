@@ -16,6 +16,12 @@ Which logits are distilled:
     the new inputs, summed, as in the paper.
 ``skip_first_task``: a randomly initialised classifier has nothing to keep on its first task; a
 pretrained LM has, so by default LwF distils from the first task on.
+
+``non_target=True`` distils only the teacher's distribution over the tokens (classes) other than
+each row's label, both sides renormalised without it: the non-target part (NCKD) of Decoupled
+Knowledge Distillation (Zhao et al., CVPR 2022, "Decoupled Knowledge Distillation"). The label's
+own probability is then left to the task loss, which LwF otherwise pulls back toward the
+teacher's; what is kept is how the model ranks everything else (our use of it for LwF).
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ from cf_strategies.buffer import (
     target_rows,
 )
 from cf_strategies.registry import register
+
+NO_LOGIT = -1e9  # a logit that takes a class out of a softmax (finite: KL stays 0·0, not NaN)
 
 
 def distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -63,9 +71,13 @@ class LwF(Strategy):
         multi_head: bool = False,
         teacher: str = "auto",
         skip_first_task: bool = False,
+        non_target: bool = False,
     ):
         if positions not in ("labels", "all") or classes not in ("all", "seen"):
             raise ValueError("positions must be 'labels' or 'all'; classes 'all' or 'seen'")
+        if non_target and (positions != "labels" or multi_head):
+            raise ValueError("non_target needs positions='labels' and one head (every row a label)")
+        self.non_target = non_target
         if teacher not in ("auto", "adapter", "copy"):
             raise ValueError("teacher must be 'auto', 'adapter' (LoRA) or 'copy'")
         self.alpha, self.temperature = alpha, temperature
@@ -106,6 +118,10 @@ class LwF(Strategy):
                 return None
             keep = torch.tensor(self.seen_classes, device=student.device)
             student, teacher = student[:, keep], teacher[:, keep]
+        elif self.non_target:  # the label's logit out of both distributions
+            label = target_rows(batch)[:, None]
+            student = student.float().scatter(-1, label, NO_LOGIT)
+            teacher = teacher.float().scatter(-1, label, NO_LOGIT)
         return self.alpha * distillation(student, teacher, self.temperature)
 
     @torch.no_grad()

@@ -87,6 +87,31 @@ def test_lwf_loss_is_t2_kl_on_supervised_or_all_positions():
         assert loss.requires_grad
 
 
+def test_non_target_distils_the_renormalised_distribution_without_the_label():
+    """NCKD: the KL of the distributions over the other tokens; the label's logit gets no
+    gradient from it, so the task loss alone decides how likely the label becomes."""
+    model = _lora(tiny_lm())
+    batch = token_batch(4, seed=3)
+    outputs = model(**batch)
+    mask = target_positions(batch)
+    labels = batch["labels"][:, 1:][batch["labels"][:, 1:] != -100]
+    with torch.no_grad(), model.disable_adapter():
+        teacher = model(input_ids=batch["input_ids"]).logits[mask]
+    student = outputs.logits[mask]
+    keep = torch.ones_like(student, dtype=torch.bool).scatter(-1, labels[:, None], False)
+    rows = len(labels)
+    expected = 0.5 * _kd(student[keep].view(rows, -1), teacher[keep].view(rows, -1), 2.0)
+    lwf = _lwf(alpha=0.5, temperature=2.0, non_target=True)
+    lwf.before_task(model)
+    loss = lwf.extra_loss(model, batch, outputs)
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-4)
+    (grad,) = torch.autograd.grad(loss, outputs.logits)
+    assert grad[mask].gather(-1, labels[:, None]).abs().max() < 1e-9  # the label is untouched
+    assert grad[mask].abs().max() > 1e-4
+    with pytest.raises(ValueError, match="non_target needs"):
+        _lwf(non_target=True, positions="all")
+
+
 def test_fresh_adapter_gives_zero_distillation_loss():
     model = get_peft_model(tiny_lm(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     lwf = _lwf()
