@@ -31,6 +31,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cf_strategies.base import Batch
@@ -106,7 +107,9 @@ class SelfRehearsal(Replay):
         rows, labels = self._rehearsed
         self._rehearsed = None
         rehearsed = {k: v[rows] for k, v in batch.items() if torch.is_tensor(v)}
-        rehearsed["labels"] = labels
+        # a strategy after this one may have appended longer rows: the batch is wider now
+        width = rehearsed["input_ids"].shape[1]
+        rehearsed["labels"] = F.pad(labels, (0, width - labels.shape[1]), value=IGNORE_INDEX)
         return self.teacher.extra_loss(model, rehearsed, logits_of(outputs)[rows])
 
     @torch.no_grad()

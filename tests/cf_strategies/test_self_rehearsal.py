@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
 from tiny_lm import PAD, lm_loss, tiny_lm, token_batch
 
 from cf_strategies import build_strategies, train_task
@@ -116,9 +118,6 @@ def test_distillation_matches_the_champions_distribution_on_rehearsed_answers():
     """With ``distill_alpha`` the rehearsed rows carry no labels into the task loss; the extra
     term is α·T²·KL(champion ‖ model) at their answer positions: zero while the fresh LoRA
     adapter leaves the model as the champion, the hand-computed KL once it does not."""
-    import torch.nn.functional as F
-    from peft import LoraConfig, get_peft_model
-
     model = get_peft_model(tiny_lm(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     ssr = _ssr(max_new_tokens=3, ratio=0.5, pad_token_id=PAD, distill_alpha=2.0, temperature=2.0)
     ssr.add_prompts(PROMPTS)
@@ -149,3 +148,23 @@ def test_distillation_matches_the_champions_distribution_on_rehearsed_answers():
     )  # fmt: skip
     assert float(term) > 0.01
     assert float(term) == pytest.approx(float(2.0 * 4 * kl.detach()), rel=1e-4)
+
+
+def test_distilled_rehearsal_composes_with_replay_of_longer_rows():
+    """Replay after self-rehearsal appends longer rows, widening the batch the rehearsed rows
+    are then read from; the distillation term must follow (it raised an IndexError)."""
+    model = get_peft_model(tiny_lm(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    lwf, ssr, replay = build_strategies(
+        "lwf+self_rehearsal+replay",
+        {
+            "lwf": {"alpha": 0.15},
+            "self_rehearsal": {"max_new_tokens": 2, "ratio": 0.5, "distill_alpha": 5.0},
+            "replay": {"ratio": 0.5},
+        },
+    )
+    replay.after_task(model, [token_batch(4, prompt=(20, 24), answer=(8, 10), seed=7)])
+    ssr.add_prompts(PROMPTS)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 1e-2)
+    losses = train_task(model, [token_batch(4, seed=s) for s in range(3)], [lwf, ssr, replay],
+                        opt, lm_loss)  # fmt: skip
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
