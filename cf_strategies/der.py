@@ -15,6 +15,11 @@ matches the student's logits at those indices. Memory per stored example with P 
 tokens: P·k·(2 + 4) bytes in float16, e.g. P = 64, k = 32: 12 KiB, against P·V·4 = 12 MiB for
 full float32 logits over SmolLM2's V = 49152 vocabulary (plus the token ids, 8 bytes per token).
 Classifiers (logits of shape (B, C)) keep all C logits unless ``top_k`` < C.
+
+``logit_loss="kl"`` replaces the paper's MSE by a distillation term better suited to an LM, whose
+raw logits have an arbitrary offset per position (our choice): T²·Σ_k q_k (log q_k − log p_k),
+q = softmax(z'/T) over the kept entries, p = the student's softmax over the whole vocabulary at
+the same indices (0 when the student puts all its mass on the kept tokens in the stored ratios).
 """
 
 from __future__ import annotations
@@ -59,7 +64,12 @@ class DER(Strategy):
         per_task_quota: bool = False,
         pad_token_id: int = 0,
         seed: int = 0,
+        logit_loss: str = "mse",
+        temperature: float = 1.0,
     ):
+        if logit_loss not in ("mse", "kl"):
+            raise ValueError(f"der: logit_loss must be 'mse' or 'kl', not {logit_loss!r}")
+        self.logit_loss, self.temperature = logit_loss, temperature
         self.alpha, self.beta = alpha, beta
         self.buffer = ReservoirBuffer(buffer_size, per_task_quota, seed)
         self.ratio = ratio
@@ -83,10 +93,17 @@ class DER(Strategy):
 
         stored = torch.cat([_stored(ex) for ex in draws[0]]).to(device, rows.dtype)
         student = rows[:split]
+        if self.logit_loss == "kl":  # log-probabilities over the whole vocabulary first
+            student = F.log_softmax(student.float() / self.temperature, dim=-1)
         if INDEX in draws[0][0]:  # top-k: the student's logits at the stored vocabulary indices
             index = torch.cat([_stored(ex, INDEX) for ex in draws[0]]).to(device)
             student = student.gather(-1, index.long())
-        loss = self.alpha * F.mse_loss(student, stored)
+        if self.logit_loss == "kl":
+            log_q = F.log_softmax(stored.float() / self.temperature, dim=-1)
+            kl = (log_q.exp() * (log_q - student)).sum(-1).mean()
+            loss = self.alpha * kl * self.temperature**2
+        else:
+            loss = self.alpha * F.mse_loss(student, stored)
         if self.beta:
             targets = target_rows(replay)[split:]
             loss = loss + self.beta * F.cross_entropy(rows[split:], targets)

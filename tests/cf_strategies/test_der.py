@@ -104,6 +104,33 @@ def test_lm_der_loss_matches_the_student_at_the_stored_indices():
     torch.testing.assert_close(loss, 0.5 * ce, atol=1e-5, rtol=1e-4)
 
 
+def test_lm_kl_term_is_sparse_distillation_at_the_stored_indices():
+    """``logit_loss="kl"``: T²·Σ q (log q − log p) with q the stored top-k renormalised and p the
+    student's full-vocabulary softmax read at those indices."""
+    model = tiny_lm()
+    der = _der(alpha=2.0, beta=0.0, buffer_size=3, top_k=4, logit_dtype="float32",
+               logit_loss="kl", temperature=2.0)  # fmt: skip
+    der.after_task(model, [token_batch(3, seed=1)])
+    with torch.no_grad():  # move the model away from what was stored
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    buf = collate(
+        [{k: v for k, v in ex.items() if k not in (LOGITS, INDEX)} for ex in der.buffer.examples]
+    )
+    stored = torch.cat([ex[LOGITS] for ex in der.buffer.examples])
+    index = torch.cat([ex[INDEX] for ex in der.buffer.examples]).long()
+    with torch.no_grad():
+        rows = model(input_ids=buf["input_ids"], attention_mask=buf["attention_mask"]).logits[
+            target_positions(buf)
+        ]
+        log_p = F.log_softmax(rows / 2.0, -1).gather(-1, index)
+        q = F.softmax(stored / 2.0, -1)
+        expected = 2.0 * 4.0 * (q * (q.log() - log_p)).sum(-1).mean()
+        loss = der.extra_loss(model, token_batch(4, seed=2), None)
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-4)
+    assert loss > 0
+
+
 def test_derpp_trains_a_causal_lm_over_two_tasks_and_round_trips(tmp_path):
     model = tiny_lm()
     der = _der(buffer_size=4, top_k=8, ratio=0.5)
