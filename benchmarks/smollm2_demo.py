@@ -55,7 +55,7 @@ def main() -> None:
     champion = ChampionRef(version=None, model_dir=Path(base), releases=[])
     release, out = releases[0], RESULTS / "smollm2_demo.json"
     if args.release == 2:
-        champion = release_1_champion(params, args.champion_strategy, releases[0], work)
+        champion = release_1_champion(params, args.champion_strategy, champion, releases[0], work)
         release, out = releases[1], RESULTS / "smollm2_demo_release2.json"
     probe_path, tasks = build_probe_set(params, champion, work / "probe_set.jsonl")
     base_scores = score_model(params, champion.model_dir, probe_path, release, work / "baseline")
@@ -101,15 +101,16 @@ def main() -> None:
     plot(results, out.with_suffix(".png"), release.name)
 
 
-def release_1_champion(params, spec: str, release: Path, work: Path) -> ChampionRef:
-    """The model that learned ``release`` with ``spec`` (trained once, then reused), its strategy
-    state beside it; the release is copied into the workspace, where the probes look for it."""
+def release_1_champion(
+    params, spec: str, base: ChampionRef, release: Path, work: Path
+) -> ChampionRef:
+    """The model that learned ``release`` from ``base`` with ``spec`` (trained once, then reused),
+    its strategy state beside it; the release is copied into the workspace, where the probes look
+    for it."""
     shutil.copytree(release, params.workspace_dir / "releases" / release.name, dirs_exist_ok=True)
     folder = work / f"champion-{spec}"
     if not (folder / "candidate_model").is_dir():
-        run = params.with_overrides({"train.strategy": spec})
-        base = resolve_model(params.model.base, params.path(params.model.cache_dir))
-        finetune(run, ChampionRef(version=None, model_dir=Path(base)), release, folder)
+        finetune(params.with_overrides({"train.strategy": spec}), base, release, folder)
     return ChampionRef(version="1", model_dir=folder / "candidate_model", releases=[release.name])
 
 

@@ -31,11 +31,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cf_strategies.base import Batch
-from cf_strategies.buffer import IGNORE_INDEX, batch_size, logits_of, unbatch
+from cf_strategies.buffer import IGNORE_INDEX, _pad_to, batch_size, logits_of, unbatch
 from cf_strategies.lwf import LwF
 from cf_strategies.registry import register
 from cf_strategies.replay import Replay
@@ -109,7 +108,7 @@ class SelfRehearsal(Replay):
         rehearsed = {k: v[rows] for k, v in batch.items() if torch.is_tensor(v)}
         # a strategy after this one may have appended longer rows: the batch is wider now
         width = rehearsed["input_ids"].shape[1]
-        rehearsed["labels"] = F.pad(labels, (0, width - labels.shape[1]), value=IGNORE_INDEX)
+        rehearsed["labels"] = _pad_to(labels, width, IGNORE_INDEX)
         return self.teacher.extra_loss(model, rehearsed, logits_of(outputs)[rows])
 
     @torch.no_grad()
