@@ -15,7 +15,7 @@ from cf_strategies import der, label_smoothing, lwf, replay, self_rehearsal  # n
 
 # isort: split
 from cf_strategies import wise  # noqa: F401  (weight-space interpolation)
-from cf_strategies.base import Strategy, snapshot, trainable_parameters
+from cf_strategies.base import Strategy, TaskContext, snapshot, trainable_parameters
 from cf_strategies.registry import (
     STRATEGIES,
     build_strategies,
@@ -44,6 +44,7 @@ __all__ = [
     "ContinualTrainer",
     "NonFiniteLossError",
     "Strategy",
+    "TaskContext",
     "build_strategies",
     "load_strategies",
     "register",

@@ -10,6 +10,10 @@ A strategy sees one training task (one data release) at a time:
     after_task(model, data)           Fisher, importances, buffer updates for the next release
     reanchor(model)                   the old weights were merged: anchor penalties to the new ones
 
+Before a task a pipeline hands every strategy a :class:`TaskContext` through ``prepare`` (the
+release's name, the tokenizer's ids, old-task rehearsal prompts): what only the pipeline knows is
+given through this one declared record, never set on attributes the pipeline discovers.
+
 State that must survive to the next release (Fisher diagonals, importances, buffers) is
 returned by ``state_dict()`` and saved with ``save(folder)`` as safetensors + JSON, never pickle.
 Every hook is a no-op here, so a strategy overrides only what it needs.
@@ -25,6 +29,7 @@ from __future__ import annotations
 import inspect
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -195,10 +200,78 @@ def example_nll(
     return nll.sum(1) / (labels != ignore_index).sum(1).clamp_min(1)
 
 
+@dataclass
+class TaskContext:
+    """What the pipeline knows about the coming task and gives every strategy (``prepare``).
+
+    ``rehearsal_prompts`` are old-task prompts as token ids, formatted as the model sees a user
+    turn (never probe items): self-rehearsal has the champion answer them, and EWC/SI/HLR estimate
+    the importance of general knowledge from those answers (the first ``general_importance_prompts``
+    of them) when they have no state yet."""
+
+    release: str | None = None  # the data release being learned (tags buffered examples)
+    pad_token_id: int | None = None
+    eos_token_id: int | None = None
+    rehearsal_prompts: list[list[int]] = field(default_factory=list)
+    general_importance_prompts: int = 0
+
+
+@torch.no_grad()
+def greedy_answers(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    pad_token_id: int,
+    eos_token_id: int | list[int] | None = None,
+    batch_size: int = 8,
+) -> list[list[int]]:
+    """The model's greedy answer (token ids, up to and including the first end-of-sequence
+    token) to each prompt, generated ``batch_size`` prompts at a time with left padding."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    if eos_token_id is None:
+        eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    stop = set() if eos_token_id is None else set(token_ids(eos_token_id))
+    answers: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = [list(p) for p in prompts[start : start + batch_size]]
+        width = max(len(ids) for ids in chunk)
+        input_ids = torch.full((len(chunk), width), pad_token_id)
+        attention_mask = torch.zeros_like(input_ids)
+        for i, ids in enumerate(chunk):
+            input_ids[i, width - len(ids) :] = torch.tensor(ids)
+            attention_mask[i, width - len(ids) :] = 1
+        out = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad_token_id,
+            **({} if eos_token_id is None else {"eos_token_id": eos_token_id}),
+        )
+        for answer in out[:, width:].cpu().tolist():
+            ends = [i for i, t in enumerate(answer) if t in stop]
+            answers.append(answer[: ends[0] + 1] if ends else answer)
+    model.train(was_training)
+    return answers
+
+
+def token_ids(token: int | Sequence[int]) -> list[int]:
+    """One token id or several, as a list."""
+    return [int(token)] if isinstance(token, int) else [int(t) for t in token]
+
+
 class Strategy:
     """Base class: hooks that do nothing and state that saves to a folder."""
 
     name: ClassVar[str] = ""
+    #: True when the strategy may train on ``TaskContext.rehearsal_prompts`` (validation then
+    #: checks that no rehearsal prompt is a probe prompt).
+    uses_rehearsal_prompts: ClassVar[bool] = False
+
+    def prepare(self, context: TaskContext) -> None:
+        """Called before ``before_task`` by a pipeline, with what it knows about the task."""
 
     def before_task(self, model: nn.Module, data: Iterable[Batch] | None = None) -> None:
         """Called once before training on a new task."""

@@ -16,117 +16,81 @@ exactly and batched: in closed form for an MLP, else with torch.func (vmap of gr
 ``fisher="empirical"`` takes y_n from the data (the empirical Fisher); ``fisher="true"`` samples
 y_n from the model's own prediction p(·|x_n) (the true Fisher, one sample per example). For a
 sequence, log p is the mean over its labelled tokens, so F does not grow with sequence length.
+
+With LoRA, θ is each target matrix W = W₀ + s·B·A, not the adapter's A and B (see
+``cf_strategies.importance``): F is the Fisher of W, the penalty λ/2·Σ F (W − W*)² is EWC's on the
+model's weights, and both carry over when the adapter is merged and a fresh one starts the next
+release (W* = the merged weights). Per-example gradients of W come from layer hooks
+(``lora_fisher``), exact for any padding.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from cf_strategies.base import (
     Batch,
-    Strategy,
-    align_to,
     example_nll,
     is_causal_lm,
     logits_of,
     move_batch,
-    quadratic_terms,
     split_batch,
-    trainable_parameters,
 )
+from cf_strategies.importance import ImportanceRegulariser, LoraSite, WeightGradients
 from cf_strategies.registry import register
-
-FISHER_KINDS = ("empirical", "true")
 
 
 @register
-class EWC(Strategy):
+class EWC(ImportanceRegulariser):
     """Online EWC: ``λ/2·Σ F (θ − θ*)²`` with a per-example diagonal Fisher, decayed by γ."""
 
     name = "ewc"
 
     def __init__(
         self,
-        lambda_: float = 100.0,
-        gamma: float = 1.0,
-        fisher: str = "empirical",
-        fisher_samples: int = 1024,
-        fisher_batch_size: int = 16,
+        lambda_: Annotated[float, Field(ge=0)] = 100.0,
+        gamma: Annotated[float, Field(ge=0, le=1)] = 1.0,
+        fisher: Literal["empirical", "true"] = "empirical",
+        fisher_samples: Annotated[int, Field(ge=1)] = 1024,
+        fisher_batch_size: Annotated[int, Field(ge=1)] = 16,
     ) -> None:
-        self.lambda_, self.gamma = float(lambda_), float(gamma)
-        self.fisher, self.fisher_samples = fisher, int(fisher_samples)
-        self.fisher_batch_size = int(fisher_batch_size)
-        if self.lambda_ < 0 or not 0 <= self.gamma <= 1:
-            raise ValueError(f"ewc: need lambda_ >= 0 and 0 <= gamma <= 1, got {lambda_}, {gamma}")
-        if fisher not in FISHER_KINDS:
-            raise ValueError(
-                f"ewc: fisher must be one of {', '.join(FISHER_KINDS)}, not {fisher!r}"
-            )
-        if self.fisher_samples < 1 or self.fisher_batch_size < 1:
-            raise ValueError("ewc: fisher_samples and fisher_batch_size must be >= 1")
-        self.tasks = 0
-        self._fisher: dict[str, torch.Tensor] = {}  # F by parameter name (float32): the state
-        self._anchor: dict[str, torch.Tensor] = {}  # θ* by parameter name
-        self._params: list[nn.Parameter] = []  # this task's working lists, in the same order
-        self._sqrt_fisher: list[torch.Tensor] = []  # √F: the penalty's weights
-        self._anchors: list[torch.Tensor] = []
-
-    def before_task(self, model: nn.Module, data: Iterable[Batch] | None = None) -> None:
-        params = trainable_parameters(model)
-        self._params = list(params.values())
-        if self._fisher:  # from the second task (or a loaded release) on
-            self._sqrt_fisher = torch._foreach_sqrt(align_to(params, self._fisher, "EWC Fisher"))
-            self._anchors = align_to(params, self._anchor, "EWC anchor", missing=torch.clone)
+        super().__init__()
+        self.lambda_, self.gamma = lambda_, gamma
+        self.fisher, self.fisher_samples = fisher, fisher_samples
+        self.fisher_batch_size = fisher_batch_size
 
     def extra_loss(self, model: nn.Module, batch: Batch, outputs: Any) -> torch.Tensor | None:
-        if not self._sqrt_fisher or self.lambda_ == 0:
+        if not self._sqrt_weights or self.lambda_ == 0:
             return None
-        terms = quadratic_terms(self._params, self._anchors, self._sqrt_fisher)
+        terms, _ = self.terms()
         return 0.5 * self.lambda_ * terms.sum()
 
     def after_task(self, model: nn.Module, data: Iterable[Batch] | None = None) -> None:
         if data is None:
             raise ValueError("ewc: after_task needs the task's data to estimate the Fisher")
-        params = trainable_parameters(model)
-        fisher = diagonal_fisher(
-            model, params, data, self.fisher, self.fisher_samples, self.fisher_batch_size
-        )
-        for name, f in fisher.items():
-            old = self._fisher.get(name)
-            self._fisher[name] = f if old is None else self.gamma * old.to(f.device) + f
-        self._anchor = {name: p.detach().clone() for name, p in params.items()}
-        self._params, self._sqrt_fisher, self._anchors = [], [], []
+        names = self.bind(model)
+        args = (data, self.fisher, self.fisher_samples, self.fisher_batch_size)
+        if self._lora:
+            fisher = lora_fisher(model, self._lora, *args)
+        else:
+            fisher = diagonal_fisher(model, self._params, *args)
+        self.accumulate(names, [fisher[n] for n in names], self.gamma)
+        self.snapshot_anchor()
+        self._weights, self._sqrt_weights, self._anchors = [], [], []
         self.tasks += 1
-
-    def reanchor(self, model: nn.Module) -> None:
-        params = trainable_parameters(model)
-        self._anchor = {n: params[n].detach().clone() for n in self._fisher if n in params}
 
     def estimate_importance(self, model: nn.Module, batches: Iterable[Batch]) -> None:
         """Consolidate general knowledge before the first task: the Fisher of ``batches`` (general
         data, e.g. the model's own answers to general prompts) at the current weights, which
         become θ*. The same as ``after_task`` on that data."""
         self.after_task(model, batches)
-
-    def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"tasks": self.tasks}
-        state.update({f"fisher.{k}": v for k, v in self._fisher.items()})
-        state.update({f"anchor.{k}": v for k, v in self._anchor.items()})
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.tasks = int(state.get("tasks", 0))
-        self._fisher = {k[7:]: v for k, v in state.items() if k.startswith("fisher.")}
-        self._anchor = {k[7:]: v for k, v in state.items() if k.startswith("anchor.")}
-        if set(self._fisher) != set(self._anchor):
-            raise ValueError("ewc: saved state has a Fisher and an anchor for different parameters")
-        self._params, self._sqrt_fisher, self._anchors = [], [], []
 
 
 def diagonal_fisher(
@@ -196,6 +160,55 @@ def diagonal_fisher(
         raise ValueError("ewc: no examples to estimate the Fisher from")
     torch._foreach_div_(sums, float(seen))
     return dict(zip(names, sums, strict=True))
+
+
+def lora_fisher(
+    model: nn.Module,
+    sites: dict[str, LoraSite],
+    data: Iterable[Batch],
+    kind: str = "empirical",
+    max_samples: int = 1024,
+    chunk: int = 16,
+) -> dict[str, torch.Tensor]:
+    """The diagonal Fisher of each LoRA target matrix W (not of the adapter's A and B): the
+    mean over at most ``max_samples`` examples of (∂ log p(y_n|x_n)/∂W)², with ∂/∂W of example n
+    = Σ_t δ_{n,t} x_{n,t}ᵀ from the layer's input and output gradient (exact for any padding:
+    padded positions get no gradient). Model in eval mode, ``chunk`` examples per backward."""
+    causal, seen = is_causal_lm(model), 0
+    some = next(iter(sites.values()))
+    device = some.A.device
+    factors = [p for s in sites.values() for p in (s.A, s.B)]
+    recorder = WeightGradients(sites, per_example=True).attach()
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in data:
+            args, kwargs, labels = split_batch(move_batch(batch, device))
+            if labels is None:
+                raise ValueError("ewc: the Fisher needs batches with labels")
+            n = labels.shape[0]
+            for start in range(0, n, chunk):
+                take = min(chunk, n - start, max_samples - seen)
+                part = slice(start, start + take)
+                a = tuple(x[part] for x in args)
+                kw = {k: v[part] if _batched(v, n) else v for k, v in kwargs.items()}
+                y = labels[part]
+                if kind == "true":
+                    y = _sample_labels(model, a, kw, y, causal)
+                with torch.enable_grad():
+                    nll = example_nll(logits_of(model(*a, **kw)), y, causal).sum()
+                    torch.autograd.grad(nll, factors, allow_unused=True)  # runs the hooks
+                seen += take
+                if seen >= max_samples:
+                    break
+            if seen >= max_samples:
+                break
+    finally:
+        recorder.detach()
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError("ewc: no examples to estimate the Fisher from")
+    return {n: s / seen for n, s in recorder.sums.items()}
 
 
 def _batched(v: Any, n: int) -> bool:

@@ -26,16 +26,18 @@ to) the pre-trained weights; without general data, the first task trained with H
 of the general task (no penalty on it, as in the paper's first phase). For continual releases,
 importance keeps accumulating over every task and θ* moves to the end of each task, exactly as
 in SI (which HLR extends: same path integral, same damping ξ, same unregularised gradient).
+With LoRA the elements are those of each target matrix W = W₀ + s·B·A, as in SI (see
+``cf_strategies.importance``); a target matrix belongs to the block its name names.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from typing import Annotated
 
 import torch
+from pydantic import Field
 from torch import nn
 
-from cf_strategies.base import Batch, trainable_parameters
 from cf_strategies.registry import register
 from cf_strategies.si import SynapticIntelligence
 
@@ -46,19 +48,23 @@ class HLR(SynapticIntelligence):
 
     name = "hlr"
 
-    def __init__(self, lambda_: float = 1.0, xi: float = 1e-3, layer_balance: bool = True) -> None:
+    def __init__(
+        self,
+        lambda_: Annotated[float, Field(ge=0)] = 1.0,
+        xi: Annotated[float, Field(gt=0)] = 1e-3,
+        layer_balance: bool = True,
+    ) -> None:
         super().__init__(c=lambda_, xi=xi)
         self.lambda_ = self.c
-        self.layer_balance = bool(layer_balance)
-        self._layer_index: torch.Tensor | None = None  # layer of each trainable tensor
+        self.layer_balance = layer_balance
+        self._layer_index: torch.Tensor | None = None  # layer of each site
         self._layers = 0
 
-    def before_task(self, model: nn.Module, data: Iterable[Batch] | None = None) -> None:
-        super().before_task(model, data)
-        names = list(trainable_parameters(model))
-        layers = [layer_of(n) for n in names]
+    def begin(self, model: nn.Module) -> None:
+        super().begin(model)
+        layers = [layer_of(n) for n in (self._lora or self._params)]
         ids = {layer: i for i, layer in enumerate(dict.fromkeys(layers))}
-        device = self._params[0].device if self._params else None
+        device = self._start[0].device if self._start else None
         self._layer_index = torch.tensor([ids[x] for x in layers], device=device)
         self._layers = len(ids)
 

@@ -1,34 +1,94 @@
-"""Strategies by name, and composition: ``build_strategies("ewc+replay", {"ewc": {...}})``."""
+"""Strategies by name, typed options, and composition: ``build_strategies("ewc+replay", {...})``.
+
+A strategy's options are the keyword arguments of its ``__init__``; their type hints (with
+``Annotated[..., Field(ge=0)]`` bounds, ``Literal`` choices) are the strategy's typed options
+model, built here with pydantic when the class is registered. Every construction, by name or
+directly, is validated through it: ``EWC(lambda_="abc")`` and ``{"ewc": {"lambda_": "abc"}}`` in a
+config are the same error, naming the strategy, the option and the rule.
+"""
 
 from __future__ import annotations
 
+import functools
 import inspect
+import typing
 from collections.abc import Mapping
 from typing import Any
+
+import pydantic
 
 from cf_strategies.base import Strategy
 
 STRATEGIES: dict[str, type[Strategy]] = {}
 
 
+class StrategyOptionError(ValueError):
+    """An option of a strategy is unknown, of the wrong type or out of range."""
+
+
+def _options_model(cls: type[Strategy]) -> type[pydantic.BaseModel]:
+    """A pydantic model whose fields are ``cls.__init__``'s keyword arguments."""
+    init = cls.__init__
+    hints = typing.get_type_hints(init, include_extras=True)
+    fields: dict[str, Any] = {}
+    for p in list(inspect.signature(init).parameters.values())[1:]:
+        if p.kind not in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            continue
+        default = ... if p.default is inspect.Parameter.empty else p.default
+        fields[p.name] = (hints.get(p.name, Any), default)
+    return pydantic.create_model(
+        f"{cls.__name__}Options",
+        __config__=pydantic.ConfigDict(extra="forbid", arbitrary_types_allowed=True),
+        **fields,
+    )
+
+
+def parse_options(name: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The options of strategy ``name`` checked and converted by its typed model (``"1e3"`` →
+    1000.0); raises :class:`StrategyOptionError` naming each bad option and the valid ones."""
+    model = STRATEGIES[name].options_model
+    try:
+        parsed = model.model_validate(dict(options or {}))
+    except pydantic.ValidationError as err:
+        problems = []
+        for e in err.errors():
+            option = ".".join(str(x) for x in e["loc"]) or "(options)"
+            if e["type"] == "extra_forbidden":
+                problems.append(f"unknown option {option!r}")
+            else:
+                problems.append(f"option {option!r}: {e['msg']} (got {e['input']!r})")
+        valid = ", ".join(sorted(model.model_fields)) or "(none)"
+        raise StrategyOptionError(
+            f"strategy {name!r}: {'; '.join(problems)}; valid options: {valid}"
+        ) from None
+    return {k: getattr(parsed, k) for k in model.model_fields if k in parsed.model_fields_set}
+
+
 def register(cls: type[Strategy]) -> type[Strategy]:
-    """Class decorator: make a strategy buildable by its ``name``."""
+    """Class decorator: make a strategy buildable by its ``name``, its options typed."""
     if not cls.name:
         raise TypeError(f"{cls.__qualname__} needs a class attribute `name`")
     if cls.name in STRATEGIES and STRATEGIES[cls.name] is not cls:
         raise TypeError(f"two strategies are named {cls.name!r}")
+    init = cls.__init__
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def validated_init(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        given = {k: v for k, v in bound.arguments.items() if k != "self"}
+        init(self, **parse_options(cls.name, given))
+
     STRATEGIES[cls.name] = cls
+    cls.options_model = _options_model(cls)
+    cls.__init__ = validated_init
     return cls
 
 
 def strategy_options(name: str) -> dict[str, Any]:
     """The keyword arguments a strategy accepts, with their defaults."""
-    sig = inspect.signature(STRATEGIES[name].__init__)
-    return {
-        p.name: (None if p.default is inspect.Parameter.empty else p.default)
-        for p in list(sig.parameters.values())[1:]
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    }
+    fields = STRATEGIES[name].options_model.model_fields
+    return {k: (None if f.is_required() else f.default) for k, f in fields.items()}
 
 
 def split_spec(spec: str | list[str]) -> list[str]:
@@ -41,7 +101,8 @@ def split_spec(spec: str | list[str]) -> list[str]:
 
 
 def validate_spec(spec: str | list[str], params: Mapping[str, Mapping[str, Any]] | None = None):
-    """Raise a ValueError naming the valid choices for a misspelt strategy or option."""
+    """Raise a ValueError naming the valid choices for a misspelt strategy, or an unknown or
+    invalid option (checked by the strategy's typed options model)."""
     names = split_spec(spec)
     for name in names:
         if name not in STRATEGIES:
@@ -52,19 +113,13 @@ def validate_spec(spec: str | list[str], params: Mapping[str, Mapping[str, Any]]
         raise ValueError(f"strategy spec {spec!r} names a strategy twice")
     for name, options in (params or {}).items():
         # Options may wait for a strategy not in the spec (switching strategies keeps them),
-        # but must name a real strategy and real options.
+        # but must name a real strategy and valid options.
         if name not in STRATEGIES:
             raise ValueError(
                 f"options given for unknown strategy {name!r}; valid strategies: "
                 + ", ".join(sorted(STRATEGIES))
             )
-        valid = strategy_options(name)
-        for key in options:
-            if key not in valid:
-                raise ValueError(
-                    f"unknown option {key!r} for strategy {name!r}; valid options: "
-                    + (", ".join(sorted(valid)) or "(none)")
-                )
+        parse_options(name, options)
     return names
 
 

@@ -8,6 +8,7 @@ buffers), merges the adapter, and writes the candidate folder atomically: weight
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -17,8 +18,6 @@ from peft import LoraConfig, get_peft_model
 from transformers import DataCollatorForSeq2Seq, TrainingArguments, set_seed
 
 import cf_strategies
-from cf_strategies.buffer import collate
-from cf_strategies.self_rehearsal import SelfRehearsal
 from flows.config import Params
 from flows.data import load_release, read_jsonl
 from flows.demo_data import build_demo
@@ -46,46 +45,38 @@ def rehearsal_prompts(params: Params, tokenizer) -> list[list[int]]:
     ]
 
 
-def prepare_strategies(strategies, params: Params, tokenizer, release_dir: Path) -> None:
-    """Give strategies what only the pipeline knows: the tokenizer's pad/eos ids, the release's
-    name, and (for self-rehearsal) the old-task prompts, formatted as the model sees them."""
-    for s in strategies:
-        if hasattr(s, "pad_token_id") and "pad_token_id" not in params.train.strategy_params.get(
-            s.name, {}
-        ):
-            s.pad_token_id = tokenizer.pad_token_id
-        if hasattr(s, "data_version"):
-            s.data_version = release_dir.name
-        if hasattr(s, "add_prompts"):
-            s.add_prompts(rehearsal_prompts(params, tokenizer), tokenizer)
+def task_context(params: Params, tokenizer, release_dir: Path) -> cf_strategies.TaskContext:
+    """What the pipeline tells strategies about this task: the release's name, the tokenizer's
+    pad/eos ids, the rehearsal prompts (formatted as the model sees them) and how many of them
+    EWC, SI and HLR use to measure general knowledge before the first release."""
+    uses_prompts = any(
+        cf_strategies.STRATEGIES[n].uses_rehearsal_prompts
+        for n in cf_strategies.split_spec(params.train.strategy)
+    )
+    return cf_strategies.TaskContext(
+        release=release_dir.name,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        rehearsal_prompts=rehearsal_prompts(params, tokenizer) if uses_prompts else [],
+        general_importance_prompts=params.train.general_importance_prompts,
+    )
 
 
-def protect_general_knowledge(strategies, model, tokenizer, params: Params) -> None:
-    """EWC, SI and HLR with no saved state (the first release) estimate each weight's importance
-    for general knowledge on the champion's own greedy answers to ``general_importance_prompts``
-    rehearsal prompts, anchored at the champion; otherwise the first release is unregularised."""
-    fresh = [s for s in strategies if hasattr(s, "estimate_importance") and s.tasks == 0]
-    n = params.train.general_importance_prompts
-    if not fresh or n == 0:
-        return
-    answers = SelfRehearsal(
-        buffer_size=n, max_new_tokens=48, generation_batch_size=16,
-        pad_token_id=tokenizer.pad_token_id, seed=params.train.seed,
-    )  # fmt: skip
-    answers.add_prompts(rehearsal_prompts(params, tokenizer), tokenizer)
-    answers.rehearse(model)
-    examples, size = answers.buffer.examples, params.train.batch_size
-    batches = [
-        collate(examples[i : i + size], tokenizer.pad_token_id)
-        for i in range(0, len(examples), size)
-    ]
-    for s in fresh:
-        s.estimate_importance(model, batches)
+def check_single_process() -> None:
+    """Refuse a distributed launch: every rank would train, save and register its own
+    candidate, and EWC's Fisher would not be reduced across ranks."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 or (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise RuntimeError(
+            f"the fine-tune step runs in one process, not {world}: multi-process training "
+            "(accelerate launch, torchrun) is not supported yet; run it without a launcher"
+        )
 
 
 def finetune(
     params: Params, champion: ChampionRef, release_dir: Path, run_dir: Path
 ) -> TrainResult:
+    check_single_process()
     cfg = params.train
     set_seed(cfg.seed)
     model, tokenizer = load_model(champion.model_dir, for_training=True)
@@ -108,10 +99,12 @@ def finetune(
         cf_strategies.load_strategies(strategies, state_dir)
     for s in strategies:  # the champion's adapter was merged: the fresh one starts where it ended
         s.reanchor(model)
-    prepare_strategies(strategies, params, tokenizer, release_dir)
+    context = task_context(params, tokenizer, release_dir)
+    for s in strategies:
+        s.prepare(context)
 
     gpu = torch.cuda.is_available()
-    model.to("cuda" if gpu else "cpu")  # before the strategies generate or estimate on it
+    model.to("cuda" if gpu else "cpu")
     args = TrainingArguments(
         output_dir=str(run_dir / "trainer"),
         max_steps=cfg.max_steps,
@@ -136,7 +129,6 @@ def finetune(
         strategies=strategies,
     )
     start = time.perf_counter()
-    protect_general_knowledge(strategies, model, tokenizer, params)
     trainer.train()
     seconds = time.perf_counter() - start
 

@@ -6,6 +6,7 @@ import torch
 from cf_strategies import train_task
 from cf_strategies.base import trainable_parameters
 from cf_strategies.hlr import HLR, layer_of
+from cf_strategies.importance import lora_sites
 from cf_strategies.si import SynapticIntelligence
 from tests.cf_strategies.tiny_models import (
     lm_loss,
@@ -34,7 +35,8 @@ def _load_state(strategy, model, seed=0):
     anchor = {n: p.detach() + torch.randn(p.shape, generator=g) for n, p in params.items()}
     strategy.load_state_dict(
         {
-            **{f"omega.{n}": o for n, o in omega.items()},
+            "coordinates": "weights",
+            **{f"importance.{n}": o for n, o in omega.items()},
             **{f"anchor.{n}": a for n, a in anchor.items()},
         }
     )
@@ -80,10 +82,15 @@ def test_estimate_importance_leaves_the_model_unchanged_and_anchors_to_it():
         assert torch.equal(p, before[n]), n
         assert p.grad is None
     state = hlr.state_dict()
-    omega = {k[6:]: v for k, v in state.items() if k.startswith("omega.")}
-    assert set(omega) == set(trainable_parameters(model))  # adapters only
+    omega = {k[11:]: v for k, v in state.items() if k.startswith("importance.")}
+    sites = lora_sites(model)  # the target matrices W = W0 + s·B·A, not the adapters
+    assert set(omega) == set(sites) and len(sites) == 4
+    assert all(o.shape == sites[n].shape() for n, o in omega.items())
     assert all((o >= 0).all() for o in omega.values()) and sum(o.sum() for o in omega.values()) > 0
-    assert all(torch.equal(state[f"anchor.{n}"], before[n]) for n in omega)
+    for n, site in sites.items():  # anchored at the pre-trained ΔW = s·B·A
+        torch.testing.assert_close(
+            state[f"anchor_lora_B.{n}"] @ state[f"anchor_lora_A.{n}"], site.value()
+        )
 
     # The next task is penalised toward the pre-trained weights from its first step on.
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -99,5 +106,5 @@ def test_first_task_without_general_data_records_importance_unpenalised():
     assert hlr.extra_loss(model, None, None) is None
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     train_task(model, mlp_batches(), [hlr], optimizer, mlp_loss, epochs=2)
-    omega = [v for k, v in hlr.state_dict().items() if k.startswith("omega.")]
+    omega = [v for k, v in hlr.state_dict().items() if k.startswith("importance.")]
     assert sum(float(o.sum()) for o in omega) > 0

@@ -38,20 +38,20 @@ def test_importance_on_a_quadratic_matches_the_closed_form():
     omega = ETA * a**2 * d0**2 * (1 - r ** (2 * STEPS)) / (1 - r**2)  # ω = Σ_t η g_t²
     delta = d0 * (r**STEPS - 1)  # θ_end − θ_start
     state = si.state_dict()
-    torch.testing.assert_close(state["omega.theta"], (omega / (delta**2 + XI)).float())
+    torch.testing.assert_close(state["importance.theta"], (omega / (delta**2 + XI)).float())
     assert torch.equal(state["anchor.theta"], q.theta.detach())
     # The path integral is the drop in loss (exactly so as η → 0): checked on the slow coordinate.
     loss_end = 0.5 * a * (q.theta.detach() - q.m) ** 2
     assert omega[0] == pytest.approx(float(loss_start[0] - loss_end[0]), rel=0.01)
     # No cap: the stiff coordinate (a = 1000) gets an importance far above 1e-3
-    assert state["omega.theta"][2] > 100
+    assert state["importance.theta"][2] > 100
 
 
 def test_second_task_uses_the_gradient_without_the_si_term():
     q = Quadratic(THETA0[:2], A[:2], [0.0, 0.0])
     si = SynapticIntelligence(c=2.0, xi=XI)
     train_task(q, [None] * STEPS, [si], torch.optim.SGD(q.parameters(), lr=ETA), q.loss)
-    omega1 = si.state_dict()["omega.theta"].double()
+    omega1 = si.state_dict()["importance.theta"].double()
     star = q.theta.detach().clone()
 
     q.m = torch.tensor([3.0, -2.0], dtype=torch.float64)  # task 2: another minimum
@@ -64,7 +64,7 @@ def test_second_task_uses_the_gradient_without_the_si_term():
     train_task(q, [None] * STEPS, [si], torch.optim.SGD(q.parameters(), lr=ETA), q.loss)
     torch.testing.assert_close(q.theta.detach(), theta)
     expected = omega1 + path.clamp_min(0) / ((theta - star) ** 2 + XI)
-    torch.testing.assert_close(si.state_dict()["omega.theta"].double(), expected, rtol=1e-5, atol=0)
+    torch.testing.assert_close(si.state_dict()["importance.theta"].double(), expected, rtol=1e-5, atol=0)
 
 
 def test_a_negative_path_integral_adds_no_importance():
@@ -72,7 +72,7 @@ def test_a_negative_path_integral_adds_no_importance():
     si = SynapticIntelligence()
     ascent = torch.optim.SGD(q.parameters(), lr=ETA, maximize=True)  # the loss goes *up*
     train_task(q, [None] * 10, [si], ascent, q.loss)
-    assert torch.equal(si.state_dict()["omega.theta"], torch.zeros(2))
+    assert torch.equal(si.state_dict()["importance.theta"], torch.zeros(2))
 
 
 def test_penalty_gradient_is_two_c_omega_times_distance():
@@ -84,7 +84,8 @@ def test_penalty_gradient_is_two_c_omega_times_distance():
     }
     si.load_state_dict(
         {
-            **{f"omega.{n}": o for n, o in omega.items()},
+            "coordinates": "weights",
+            **{f"importance.{n}": o for n, o in omega.items()},
             **{f"anchor.{n}": a for n, a in anchor.items()},
         }
     )
@@ -104,7 +105,7 @@ def test_importance_is_recorded_with_adam_on_cpu():
     model, si = tiny_mlp(), SynapticIntelligence(c=1.0)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     train_task(model, mlp_batches(), [si], optimizer, mlp_loss, epochs=3)
-    omega = [v for k, v in si.state_dict().items() if k.startswith("omega.")]
+    omega = [v for k, v in si.state_dict().items() if k.startswith("importance.")]
     assert all((o >= 0).all() for o in omega)
     assert sum(float(o.sum()) for o in omega) > 0
     assert si.extra_loss(model, None, None) is None  # between tasks: no working state
