@@ -11,10 +11,11 @@ the targets of new data, so the model's distribution over old answers is pushed 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from cf_strategies.base import Batch, Strategy
@@ -28,9 +29,7 @@ class LabelSmoothing(Strategy):
 
     name = "label_smoothing"
 
-    def __init__(self, epsilon: float = 0.1):
-        if not 0.0 <= epsilon <= 1.0:
-            raise ValueError(f"epsilon must be in [0, 1], got {epsilon}")
+    def __init__(self, epsilon: Annotated[float, Field(ge=0, le=1)] = 0.1):
         self.epsilon = epsilon
 
     def extra_loss(self, model: nn.Module, batch: Batch, outputs: Any) -> torch.Tensor | None:

@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from cf_strategies.base import Batch, Strategy
@@ -64,22 +65,18 @@ class LwF(Strategy):
 
     def __init__(
         self,
-        alpha: float = 1.0,
-        temperature: float = 2.0,
-        positions: str = "labels",
-        classes: str = "all",
+        alpha: Annotated[float, Field(ge=0)] = 1.0,
+        temperature: Annotated[float, Field(gt=0)] = 2.0,
+        positions: Literal["labels", "all"] = "labels",
+        classes: Literal["all", "seen"] = "all",
         multi_head: bool = False,
-        teacher: str = "auto",
+        teacher: Literal["auto", "adapter", "copy"] = "auto",
         skip_first_task: bool = False,
         non_target: bool = False,
     ):
-        if positions not in ("labels", "all") or classes not in ("all", "seen"):
-            raise ValueError("positions must be 'labels' or 'all'; classes 'all' or 'seen'")
         if non_target and (positions != "labels" or multi_head):
             raise ValueError("non_target needs positions='labels' and one head (every row a label)")
         self.non_target = non_target
-        if teacher not in ("auto", "adapter", "copy"):
-            raise ValueError("teacher must be 'auto', 'adapter' (LoRA) or 'copy'")
         self.alpha, self.temperature = alpha, temperature
         self.positions, self.classes, self.multi_head = positions, classes, multi_head
         self.teacher = teacher

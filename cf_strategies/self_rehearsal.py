@@ -19,7 +19,9 @@ greedy answers also sharpens the champion's habits (e.g. its answer format) on t
 LwF's: with LoRA the same model under ``disable_adapter()``, otherwise a frozen copy.
 
 SSR also synthesises the prompts by in-context learning with the base model; here they are given
-with ``add_prompts`` (strings, or token ids e.g. from a chat template), or, with
+by the pipeline (``TaskContext.rehearsal_prompts`` through ``prepare``, which also gives the
+tokenizer's pad and end-of-sequence ids unless those options are set), with ``add_prompts``
+(strings, or token ids e.g. from a chat template), or, with
 ``prompts_from_data``, kept from each task's data: prompt tokens only, never the answers. Nothing
 else of the task data is stored. At most ``buffer_size`` pending prompts (a uniform sample) are
 answered, left-padded, ``generation_batch_size`` at a time.
@@ -28,16 +30,17 @@ answered, left-padded, ``generation_batch_size`` at a time.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from pydantic import Field
 from torch import nn
 
-from cf_strategies.base import Batch
+from cf_strategies.base import Batch, TaskContext, greedy_answers
 from cf_strategies.buffer import IGNORE_INDEX, _pad_to, batch_size, logits_of, unbatch
 from cf_strategies.lwf import LwF
 from cf_strategies.registry import register
-from cf_strategies.replay import Replay
+from cf_strategies.replay import NonNegativeFloat, NonNegativeInt, Replay
 
 
 @register
@@ -45,32 +48,40 @@ class SelfRehearsal(Replay):
     """Replay of the champion's greedy answers to old-task prompts."""
 
     name = "self_rehearsal"
+    uses_rehearsal_prompts = True  # it answers TaskContext.rehearsal_prompts
 
     def __init__(
         self,
-        buffer_size: int = 500,
-        ratio: float = 1.0,
-        max_new_tokens: int = 64,
-        generation_batch_size: int = 8,
+        buffer_size: NonNegativeInt = 500,
+        ratio: NonNegativeFloat = 1.0,
+        max_new_tokens: Annotated[int, Field(ge=1)] = 64,
+        generation_batch_size: Annotated[int, Field(ge=1)] = 8,
         prompts_from_data: bool = False,
         per_task_quota: bool = False,
-        pad_token_id: int = 0,
-        eos_token_id: int | None = None,
+        pad_token_id: NonNegativeInt | None = None,
+        eos_token_id: NonNegativeInt | list[NonNegativeInt] | None = None,
         seed: int = 0,
-        distill_alpha: float = 0.0,
-        temperature: float = 1.0,
+        distill_alpha: NonNegativeFloat = 0.0,
+        temperature: Annotated[float, Field(gt=0)] = 1.0,
     ):
         super().__init__(buffer_size, ratio, per_task_quota, pad_token_id, seed)
-        if distill_alpha < 0 or temperature <= 0:
-            raise ValueError("self_rehearsal: need distill_alpha >= 0 and temperature > 0")
         self.distill_alpha, self.temperature = distill_alpha, temperature
         self.teacher = LwF(alpha=distill_alpha, temperature=temperature)
         self._rehearsed: tuple[slice, torch.Tensor] | None = None  # rows, their answer labels
         self.max_new_tokens = max_new_tokens
         self.generation_batch_size = generation_batch_size
         self.prompts_from_data = prompts_from_data
+        self.eos_option = eos_token_id  # the user's choice; None: the context's (or tokenizer's)
         self.eos_token_id = eos_token_id
         self.pending: list[tuple[list[int], int]] = []  # (prompt token ids, task) to answer
+
+    def prepare(self, context: TaskContext) -> None:
+        """Replay's (release, pad id), then the context's end-of-sequence id (unless the
+        ``eos_token_id`` option was given) and its rehearsal prompts, queued for ``before_task``."""
+        super().prepare(context)
+        if self.eos_option is None and context.eos_token_id is not None:
+            self.eos_token_id = context.eos_token_id
+        self.add_prompts(context.rehearsal_prompts)
 
     def add_prompts(
         self, prompts: Sequence[str | Sequence[int]], tokenizer: Any = None, task: int | None = None
@@ -111,41 +122,25 @@ class SelfRehearsal(Replay):
         rehearsed["labels"] = _pad_to(labels, width, IGNORE_INDEX)
         return self.teacher.extra_loss(model, rehearsed, logits_of(outputs)[rows])
 
-    @torch.no_grad()
     def rehearse(self, model: nn.Module) -> int:
-        """Answer the pending prompts with ``model``; returns how many examples were offered."""
+        """Answer the pending prompts with ``model`` (greedy, left-padded batches, each answer up to
+        its first end-of-sequence token); returns how many examples were offered to the buffer."""
         pending = self.pending
         if len(pending) > self.buffer.capacity:
             pending = self.buffer.rng.sample(pending, self.buffer.capacity)
-        was_training = model.training
-        model.eval()
-        device = next(model.parameters()).device
-        eos = {} if self.eos_token_id is None else {"eos_token_id": self.eos_token_id}
-        default_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        stop = _ids(default_eos if self.eos_token_id is None else self.eos_token_id)
+        answers = greedy_answers(
+            model,
+            [ids for ids, _ in pending],
+            self.max_new_tokens,
+            self.pad_token_id,
+            self.eos_token_id,
+            self.generation_batch_size,
+        )
         offered = 0
-        for start in range(0, len(pending), self.generation_batch_size):
-            chunk = pending[start : start + self.generation_batch_size]
-            width = max(len(ids) for ids, _ in chunk)
-            input_ids = torch.full((len(chunk), width), self.pad_token_id)
-            attention_mask = torch.zeros_like(input_ids)
-            for i, (ids, _) in enumerate(chunk):  # left padding for generation
-                input_ids[i, width - len(ids) :] = torch.tensor(ids)
-                attention_mask[i, width - len(ids) :] = 1
-            out = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                max_new_tokens=self.max_new_tokens,
-                do_sample=False,
-                pad_token_id=self.pad_token_id,
-                **eos,
-            )
-            for (ids, task), answer in zip(chunk, out[:, width:].cpu().tolist(), strict=True):
-                answer = _until(answer, stop)
-                if answer:
-                    self.buffer.add(_example(ids, answer), task)
-                    offered += 1
-        model.train(was_training)
+        for (ids, task), answer in zip(pending, answers, strict=True):
+            if answer:
+                self.buffer.add(_example(ids, answer), task)
+                offered += 1
         self.pending = []
         return offered
 
@@ -157,8 +152,7 @@ class SelfRehearsal(Replay):
                     supervised = (ex["labels"] != IGNORE_INDEX).nonzero().flatten()
                     if len(supervised):
                         self.pending.append((ex["input_ids"][: supervised[0]].tolist(), self.task))
-        self.buffer.versions[self.task] = self.data_version
-        self.task += 1
+        super().after_task(model, None)  # nothing of the data is buffered; the task is counted
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "pending": [[ids, t] for ids, t in self.pending]}
@@ -166,16 +160,6 @@ class SelfRehearsal(Replay):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
         self.pending = [(list(ids), int(t)) for ids, t in state["pending"]]
-
-
-def _ids(token: int | list[int] | None) -> set[int]:
-    return set() if token is None else {token} if isinstance(token, int) else set(token)
-
-
-def _until(answer: list[int], stop: set[int]) -> list[int]:
-    """The answer up to and including the first end-of-sequence token."""
-    ends = [i for i, t in enumerate(answer) if t in stop]
-    return answer[: ends[0] + 1] if ends else answer
 
 
 def _example(prompt: list[int], answer: list[int]) -> dict[str, torch.Tensor]:

@@ -15,8 +15,10 @@ make it a product of two interpolations). Composes with any other strategy: it a
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Annotated
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from cf_strategies.base import Batch, Strategy, trainable_parameters
@@ -31,10 +33,8 @@ class WiSE(Strategy):
 
     name = "wise"
 
-    def __init__(self, mix: float = 0.5) -> None:
-        if not 0 <= mix <= 1:
-            raise ValueError(f"wise: mix must be in [0, 1], got {mix}")
-        self.mix = float(mix)
+    def __init__(self, mix: Annotated[float, Field(ge=0, le=1)] = 0.5) -> None:
+        self.mix = mix
         self._start: dict[str, torch.Tensor] = {}
 
     def before_task(self, model: nn.Module, data: Iterable[Batch] | None = None) -> None:

@@ -73,20 +73,11 @@ def cmd_run(args) -> int:
 
 def cmd_validate(args) -> int:
     from flows.config import load_params
-    from flows.probes import collect_probe_items
     from flows.tracking import current_champion
-    from flows.validate import ValidationFailed, validate_release
+    from flows.validate import ValidationFailed, validate_step
 
     params = load_params(args.params)
-    prompts = [i["prompt"] for i in collect_probe_items(params, current_champion(params))]
-    cfg = params.data
-    report = validate_release(
-        Path(args.release),
-        prompts,
-        cfg.max_prompt_chars,
-        cfg.max_completion_chars,
-        {"train": cfg.min_train_records, "eval": cfg.min_eval_records},
-    )
+    report = validate_step(params, Path(args.release).resolve(), current_champion(params))
     if report.passed:
         console.print(f"[green]{args.release}: valid[/green] {report.checked}")
         return 0

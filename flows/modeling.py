@@ -1,43 +1,20 @@
-"""Loading a causal LM and turning examples into prompts and training tokens."""
+"""Turning examples into prompts and training tokens; loading a model (``load_model``) and
+formatting a prompt are the registered model's own code, ``flows/serving.py``, reused here."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from flows.data import Example
+from flows.serving import format_prompt
+from flows.serving import load as load_model
+
+__all__ = ["device", "format_prompt", "load_model", "tokenize_for_training"]
 
 
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def load_model(model_dir: str | Path, for_training: bool = False):
-    """Model and tokenizer from a folder; bf16 on a GPU that supports it, fp32 on the CPU."""
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    dtype = torch.float32
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not for_training:
-        dtype = torch.bfloat16
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
-    model.to(device())
-    if not for_training:
-        model.eval()
-    return model, tokenizer
-
-
-def format_prompt(
-    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], use_chat_template: bool
-) -> str:
-    """The text the model sees before its answer: the chat template when the tokenizer has
-    one (and it is enabled), else ``Question:``/``Answer:`` lines."""
-    if use_chat_template and tokenizer.chat_template:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    text = "\n".join(m["content"] for m in messages)
-    return f"Question: {text}\nAnswer:"
 
 
 def tokenize_for_training(

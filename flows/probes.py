@@ -27,13 +27,19 @@ def probe_sources(params: Params) -> list[Path]:
     return [demo / "probes" / "general_knowledge.jsonl"]
 
 
-def collect_probe_items(params: Params, champion: ChampionRef) -> list[dict]:
-    """All candidate probe items: the sources, then each learned release's eval items."""
-    items = [r for src in probe_sources(params) for _, r in read_jsonl(src)]
+def learned_probe_items(params: Params, champion: ChampionRef) -> list[dict]:
+    """The eval items of every release the champion has learned, as probe items."""
+    items = []
     for release in champion.releases:
         folder = params.workspace_dir / "releases" / release
         items += [as_probe_record(ex) for ex in load_release(folder, "eval")]
     return items
+
+
+def collect_probe_items(params: Params, champion: ChampionRef) -> list[dict]:
+    """All candidate probe items: the sources, then each learned release's eval items."""
+    items = [r for src in probe_sources(params) for _, r in read_jsonl(src)]
+    return items + learned_probe_items(params, champion)
 
 
 def stratified(items: list[dict], per_group: int, seed: int) -> list[dict]:

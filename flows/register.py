@@ -26,9 +26,10 @@ from flows.records import (
     TrainResult,
     VersionedRelease,
 )
-from flows.tracking import client
+from flows.tracking import client, experiment_id
 
-PIP_REQUIREMENTS = ["torch==2.13.0", "transformers==5.24.0", "peft==0.21.2", "mlflow==3.17.2"]
+# What flows/serving.py, the registered model's whole code, imports (pandas comes with mlflow).
+PIP_REQUIREMENTS = ["torch==2.13.0", "transformers==5.24.0", "mlflow==3.17.2"]
 
 
 def code_commit() -> str:
@@ -77,7 +78,7 @@ def register(
 
     c = client(params)
     name = params.model.registered_name
-    mlflow.set_experiment(params.tracking.experiment)
+    mlflow.set_experiment(experiment_id=experiment_id(params))
     verdict = "passed" if decision.passed else "failed"
     with mlflow.start_run(run_name=f"retrain-{release.name}") as run:
         mlflow.log_params(flat_params(params))
@@ -123,7 +124,13 @@ def register(
             name="model",
             python_model=serving.__file__,
             artifacts={"model_dir": str(train.model_dir)},
-            model_config={"use_chat_template": params.model.use_chat_template},
+            model_config={
+                "use_chat_template": params.model.use_chat_template,
+                "max_new_tokens": params.evaluate.max_new_tokens,
+                "batch_size": params.evaluate.batch_size,
+            },
+            signature=serving.signature(params.evaluate.max_new_tokens),
+            input_example=serving.INPUT_EXAMPLE,
             pip_requirements=PIP_REQUIREMENTS,
             registered_model_name=name,
         )

@@ -32,9 +32,8 @@ from flows.records import (
     TrainResult,
 )
 from flows.register import log_artifact, register
-from flows.stages import validate_step
 from flows.tracking import TrackingUnavailable, current_champion
-from flows.validate import ValidationFailed
+from flows.validate import ValidationFailed, validate_step
 from flows.version import version_release
 from flows.workspace import quiet_env
 

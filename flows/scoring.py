@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from flows.data import Example
-from flows.modeling import format_prompt
+from flows.serving import format_prompt, generate_texts
 
 Progress = Callable[[int], None]
 
@@ -51,30 +51,9 @@ def generate(
     batch_size: int,
     progress: Progress | None = None,
 ) -> list[str]:
-    """Greedy answers, batched with left padding."""
-    outputs: list[str] = []
-    for start in range(0, len(examples), batch_size):
-        batch = examples[start : start + batch_size]
-        prompts = [format_prompt(tokenizer, ex.messages, use_chat_template) for ex in batch]
-        enc = tokenizer(
-            prompts,
-            return_tensors="pt",
-            padding=True,
-            padding_side="left",
-            add_special_tokens=False,
-        )
-        enc = enc.to(model.device)
-        out = model.generate(
-            **enc,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        new_tokens = out[:, enc["input_ids"].shape[1] :]
-        outputs += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        if progress:
-            progress(len(batch))
-    return outputs
+    """Greedy answers, batched with left padding (the registered model's own generation)."""
+    texts = [format_prompt(tokenizer, ex.messages, use_chat_template) for ex in examples]
+    return generate_texts(model, tokenizer, texts, max_new_tokens, batch_size, progress)
 
 
 @torch.no_grad()

@@ -10,18 +10,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import cf_strategies
 from flows.config import Params
-from flows.data import read_jsonl
 from flows.evaluate import evaluate_candidate
-from flows.finetune import finetune, rehearsal_prompt_file
+from flows.finetune import finetune
 from flows.gate import gate
-from flows.probes import collect_probe_items, create_probe_set
+from flows.probes import create_probe_set
 from flows.promote import promote
 from flows.records import (
     FILES,
     STAGES,
-    ChampionRef,
     EvalReport,
     GateDecision,
     ProbeSet,
@@ -29,43 +26,11 @@ from flows.records import (
     TrainResult,
     ValidationReport,
     VersionedRelease,
-    Violation,
 )
 from flows.register import register
 from flows.tracking import current_champion
-from flows.validate import ValidationFailed, normalise_prompt, validate_release
+from flows.validate import ValidationFailed, validate_step
 from flows.version import version_release
-
-
-def validate_step(params: Params, release_dir: Path, champion: ChampionRef) -> ValidationReport:
-    """The release's suites, and for rehearsal strategies: no rehearsal prompt is a probe."""
-    cfg = params.data
-    probe_prompts = [item["prompt"] for item in collect_probe_items(params, champion)]
-    report = validate_release(
-        release_dir,
-        probe_prompts,
-        cfg.max_prompt_chars,
-        cfg.max_completion_chars,
-        {"train": cfg.min_train_records, "eval": cfg.min_eval_records},
-    )
-    strategies = cf_strategies.build_strategies(params.train.strategy, params.train.strategy_params)
-    if not any(hasattr(s, "add_prompts") for s in strategies):
-        return report
-    probes = {normalise_prompt(p) for p in probe_prompts}
-    path = rehearsal_prompt_file(params)
-    leaks = [
-        Violation(
-            file=str(path),
-            line=line,
-            record_id=str(r.get("id")),
-            rule="rehearsal prompt is a probe prompt (probe leaked into training)",
-        )
-        for line, r in read_jsonl(path)
-        if normalise_prompt(r.get("prompt", "")) in probes
-    ]
-    if not leaks:
-        return report
-    return report.model_copy(update={"passed": False, "violations": report.violations + leaks})
 
 
 def run_stage(name: str, params: Params, run_dir: Path, release_dir: Path | None = None) -> None:

@@ -1,4 +1,5 @@
-"""MLflow helpers shared by the steps: the client, the champion, and fetching a model version."""
+"""MLflow helpers shared by the steps: the client, the experiment, the champion, and fetching a
+model version."""
 
 from __future__ import annotations
 
@@ -55,6 +56,36 @@ def check_server(uri: str, timeout: float = 10.0) -> None:
     )
 
 
+def artifact_location(params: Params) -> str | None:
+    """Where a new experiment keeps its artifacts (a file URI): ``mlartifacts/`` beside a SQLite
+    store (the default store: ``<workspace>/mlartifacts``), in the workspace for another local
+    store; None for a tracking server, which keeps its own artifact root."""
+    uri = params.tracking_uri
+    if uri.startswith(("http://", "https://", "databricks")):
+        return None
+    db = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else ""
+    folder = Path(db).parent if db else params.workspace_dir
+    return (folder / "mlartifacts").resolve().as_uri()
+
+
+def experiment_id(params: Params) -> str:
+    """The id of ``tracking.experiment``, created on first use with its artifacts at
+    ``artifact_location`` (MLflow's own default is ``./mlruns`` of whatever folder runs it)."""
+    from mlflow.exceptions import MlflowException
+
+    c = client(params)
+    name = params.tracking.experiment
+    experiment = c.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return c.create_experiment(name, artifact_location=artifact_location(params))
+    except MlflowException as exc:  # another retrain created it meanwhile
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return c.get_experiment_by_name(name).experiment_id
+
+
 def champion_version(params: Params) -> str | None:
     """The version the ``champion`` alias points at, or None."""
     from mlflow.exceptions import MlflowException
@@ -79,7 +110,8 @@ def model_version_dir(params: Params, version: str) -> Path:
         tmp.mkdir(parents=True)
         uri = f"models:/{params.model.registered_name}/{version}"
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp)))
-        weights = next(local.rglob("config.json")).parent  # the model_dir artifact inside
+        flavor = mlflow.models.Model.load(str(local)).flavors["python_function"]
+        weights = local / flavor["artifacts"]["model_dir"]["path"]  # the weights folder
         shutil.rmtree(cache, ignore_errors=True)
         weights.rename(cache)
         shutil.rmtree(tmp, ignore_errors=True)

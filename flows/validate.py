@@ -6,8 +6,9 @@ when choices are given, no prompt that is also a probe prompt (training on the p
 fake retention), and no eval prompt that is also a training prompt. Probe sources: id, prompt,
 non-empty answers, a task, a known scoring, choices that contain the answers.
 
-A failure is a :class:`ValidationReport` naming file, line, record and rule; the flow stops
-before training on it.
+:func:`validate_step` applies every rule with the settings of ``params.yaml`` and is what the
+Prefect flow, the DVC stage and ``forgetless validate`` all run. A failure is a
+:class:`ValidationReport` naming file, line, record and rule; the run stops before training on it.
 """
 
 from __future__ import annotations
@@ -15,13 +16,16 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from flows.data import RELEASE_FILES, DataError, read_jsonl
-from flows.records import ValidationReport, Violation
+from flows.records import ChampionRef, ValidationReport, Violation
+
+if TYPE_CHECKING:  # flows.config imports torch (through cf_strategies); the CLI imports this
+    from flows.config import Params
 
 
 class ValidationFailed(ValueError):
@@ -252,18 +256,15 @@ def _gx_context():
     return gx, context
 
 
-def validate_release(
+def _release_violations(
+    gx,
+    context,
     release_dir: Path,
-    probe_prompts: Iterable[str],
-    max_prompt_chars: int = 2000,
-    max_completion_chars: int = 500,
-    min_records: dict[str, int] | None = None,
-) -> ValidationReport:
-    """Run the release suites; the report lists every violation (empty when it passed)."""
-    release_dir = Path(release_dir)
-    probes = {normalise_prompt(p) for p in probe_prompts}
-    min_records = min_records or {}
-    gx, context = _gx_context()
+    probes: set[str],
+    max_prompt_chars: int,
+    max_completion_chars: int,
+    min_records: dict[str, int],
+) -> tuple[list[Violation], dict[str, int]]:
     violations: list[Violation] = []
     checked: dict[str, int] = {}
     train_prompts: set[str] = set()
@@ -308,27 +309,124 @@ def validate_release(
             eval_file=fname != "train.jsonl",
         )
         violations += _run_suite(gx, context, file, df, suite)
+    return violations, checked
+
+
+def validate_release(
+    release_dir: Path,
+    probe_prompts: Iterable[str],
+    max_prompt_chars: int = 2000,
+    max_completion_chars: int = 500,
+    min_records: dict[str, int] | None = None,
+) -> ValidationReport:
+    """Run the release suites; the report lists every violation (empty when it passed)."""
+    release_dir = Path(release_dir)
+    gx, context = _gx_context()
+    violations, checked = _release_violations(
+        gx,
+        context,
+        release_dir,
+        {normalise_prompt(p) for p in probe_prompts},
+        max_prompt_chars,
+        max_completion_chars,
+        min_records or {},
+    )
     violations.sort(key=lambda v: (v.file, v.line or 0))
     return ValidationReport(
         release=release_dir.name, passed=not violations, violations=violations, checked=checked
     )
 
 
-def validate_probe_source(path: Path) -> ValidationReport:
-    gx, context = _gx_context()
-    path = Path(path)
+def _probe_source_violations(
+    gx, context, path: Path
+) -> tuple[list[Violation], list[tuple[int, dict]]]:
+    """The probe rules on one source file, and its records (none when it cannot be read)."""
+    if not path.is_file():
+        return [Violation(file=str(path), line=None, record_id=None, rule="file is missing")], []
     try:
         records = read_jsonl(path)
     except DataError as exc:
-        v = Violation(file=exc.file, line=exc.line, record_id=None, rule=exc.rule)
-        return ValidationReport(release=path.name, passed=False, violations=[v])
+        return [Violation(file=exc.file, line=exc.line, record_id=None, rule=exc.rule)], []
     if not records:
         v = Violation(file=str(path), line=None, record_id=None, rule="probe source is empty")
-        return ValidationReport(release=path.name, passed=False, violations=[v])
-    violations = _run_suite(gx, context, path, probe_rows(records), _probe_suite(gx, path.stem))
+        return [v], []
+    suite = _probe_suite(gx, f"probes-{len(context.suites.all())}-{path.stem}")
+    return _run_suite(gx, context, path, probe_rows(records), suite), records
+
+
+def validate_probe_source(path: Path) -> ValidationReport:
+    """Run the probe rules on one probe-source file."""
+    path = Path(path)
+    gx, context = _gx_context()
+    violations, records = _probe_source_violations(gx, context, path)
     return ValidationReport(
         release=path.name,
         passed=not violations,
         violations=violations,
-        checked={path.name: len(records)},
+        checked={path.name: len(records)} if records else {},
+    )
+
+
+def _rehearsal_leaks(path: Path, probes: set[str]) -> list[Violation]:
+    """Rehearsal prompts that are probe prompts: rehearsing them would fake retention."""
+    try:
+        records = read_jsonl(path)
+    except FileNotFoundError:
+        return [Violation(file=str(path), line=None, record_id=None, rule="file is missing")]
+    except DataError as exc:
+        return [Violation(file=exc.file, line=exc.line, record_id=None, rule=exc.rule)]
+    return [
+        Violation(
+            file=str(path),
+            line=line,
+            record_id=None if r.get("id") is None else str(r.get("id")),
+            rule="rehearsal prompt is a probe prompt (probe leaked into training)",
+        )
+        for line, r in records
+        if isinstance(r.get("prompt"), str) and normalise_prompt(r["prompt"]) in probes
+    ]
+
+
+def validate_step(params: Params, release_dir: Path, champion: ChampionRef) -> ValidationReport:
+    """Every rule, whichever driver asks (the flow, the DVC stage, ``forgetless validate``).
+
+    The release suites with the record minimums of ``params.data``; no release prompt that is a
+    probe prompt of ``champion`` (probe sources and the eval items of the releases it learned);
+    the probe rules on every file of ``probes.sources``; and, for a strategy that rehearses
+    prompts, no rehearsal prompt that is a probe prompt.
+    """
+    import cf_strategies
+    from flows.finetune import rehearsal_prompt_file
+    from flows.probes import learned_probe_items, probe_sources
+
+    release_dir = Path(release_dir)
+    cfg = params.data
+    gx, context = _gx_context()
+    violations: list[Violation] = []
+    checked: dict[str, int] = {}
+    prompts = [item["prompt"] for item in learned_probe_items(params, champion)]
+    for source in probe_sources(params):
+        found, records = _probe_source_violations(gx, context, source)
+        violations += found
+        if records:
+            checked[source.name] = len(records)
+        prompts += [r["prompt"] for _, r in records if isinstance(r.get("prompt"), str)]
+    probes = {normalise_prompt(p) for p in prompts}
+    found, release_checked = _release_violations(
+        gx,
+        context,
+        release_dir,
+        probes,
+        cfg.max_prompt_chars,
+        cfg.max_completion_chars,
+        {"train": cfg.min_train_records, "eval": cfg.min_eval_records},
+    )
+    violations += found
+    checked |= release_checked
+    names = cf_strategies.split_spec(params.train.strategy)
+    if any(cf_strategies.STRATEGIES[n].uses_rehearsal_prompts for n in names):
+        violations += _rehearsal_leaks(rehearsal_prompt_file(params), probes)
+    violations.sort(key=lambda v: (v.file, v.line or 0))
+    return ValidationReport(
+        release=release_dir.name, passed=not violations, violations=violations, checked=checked
     )

@@ -8,6 +8,7 @@ import torch
 from transformers import TrainingArguments
 
 from cf_strategies import (
+    STRATEGIES,
     ContinualTrainer,
     build_strategies,
     load_strategies,
@@ -16,8 +17,10 @@ from cf_strategies import (
     validate_spec,
 )
 from cf_strategies.base import Strategy, quadratic_terms, trainable_parameters
+from cf_strategies.der import DER
 from cf_strategies.ewc import EWC
 from cf_strategies.l2 import L2
+from cf_strategies.registry import StrategyOptionError
 from cf_strategies.trainer import total_loss
 from tests.cf_strategies.tiny_models import (
     lm_loss,
@@ -40,13 +43,13 @@ def test_misspelt_strategy_or_option_is_a_clear_error():
         validate_spec("ecw")
     with pytest.raises(
         ValueError,
-        match=r"unknown option 'c' for strategy 'hlr'; valid options: lambda_, layer_balance, xi",
+        match=r"strategy 'hlr': unknown option 'c'; valid options: lambda_, layer_balance, xi",
     ):
         validate_spec("hlr", {"hlr": {"c": 1.0}})
     with pytest.raises(ValueError, match="options given for unknown strategy 'sii'"):
         validate_spec("ewc", {"sii": {"c": 1.0}})
     assert validate_spec("ewc", {"si": {"c": 1.0}}) == ["ewc"]  # kept for when si is chosen
-    with pytest.raises(ValueError, match="unknown option 'lamda' for strategy 'si'"):
+    with pytest.raises(ValueError, match="strategy 'si': unknown option 'lamda'"):
         validate_spec("ewc", {"si": {"lamda": 1.0}})
     with pytest.raises(ValueError, match="twice"):
         validate_spec("ewc+EWC")
@@ -198,9 +201,14 @@ def test_lora_mode_touches_no_frozen_parameter(spec):
     for n, p in model.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n]) and p.grad is None, n
+    # EWC, SI and HLR keep state for the target matrices W = W0 + s·B·A (named like the frozen
+    # base weights), never for the adapter's own coordinates
+    targets = {n.removeprefix("base_model.model.").replace(".base_layer", "") for n in frozen}
+    targets = {n for n in targets if n.endswith(("q_proj.weight", "v_proj.weight"))}
     for s in strategies:
         state_names = {k.split(".", 1)[1] for k, v in s.state_dict().items() if torch.is_tensor(v)}
-        assert state_names <= adapters
+        if s.name != "l2":
+            assert {n for n in state_names if ".lora_" not in n} == targets
 
 
 # ---- ContinualTrainer -------------------------------------------------------------------------
@@ -253,7 +261,9 @@ def test_trainer_runs_the_hooks_and_evaluation_has_no_penalty(tmp_path):
     trainer.train()
     ewc, si = strategies
     assert ewc.tasks == 1 and si.tasks == 1
-    assert any(float(v.sum()) > 0 for k, v in si.state_dict().items() if k.startswith("omega."))
+    assert any(
+        float(v.sum()) > 0 for k, v in si.state_dict().items() if k.startswith("importance.")
+    )
     trainer.train()  # a second task: now both penalties are active while training
     for s in strategies:
         s.before_task(model)
@@ -298,3 +308,41 @@ def test_reanchor_after_a_merge_anchors_to_the_fresh_adapter(spec, tmp_path):
 
     assert penalty_at_start(reanchor=False) > 0
     assert penalty_at_start(reanchor=True) == 0.0
+
+
+# ---- typed options: the replay and distillation family ----------------------------------------
+@pytest.mark.parametrize(
+    "name, option, bad",
+    [
+        ("replay", "buffer_size", -1),
+        ("replay", "ratio", "abc"),
+        ("der", "alpha", "abc"),
+        ("der", "top_k", 0),
+        ("der", "logit_dtype", "float64"),
+        ("der", "logit_loss", "l1"),
+        ("der", "temperature", 0),
+        ("lwf", "alpha", -0.5),
+        ("self_rehearsal", "max_new_tokens", 0),
+        ("self_rehearsal", "distill_alpha", -1),
+        ("label_smoothing", "epsilon", -0.1),
+        ("wise", "mix", 2),
+    ],
+)
+def test_replay_family_options_are_checked_by_name_and_directly(name, option, bad):
+    pattern = rf"strategy '{name}': option '{option}'"
+    with pytest.raises(StrategyOptionError, match=pattern):
+        build_strategies(name, {name: {option: bad}})
+    with pytest.raises(StrategyOptionError, match=pattern):
+        STRATEGIES[name](**{option: bad})
+
+
+def test_der_options_convert_numeric_strings_and_refuse_the_rest():
+    with pytest.raises(StrategyOptionError, match=r"strategy 'der': option 'alpha': .*number"):
+        build_strategies("der", {"der": {"alpha": "abc"}})
+    with pytest.raises(
+        StrategyOptionError, match=r"strategy 'der': option 'alpha': .*greater than or equal to 0"
+    ):
+        DER(alpha=-1)
+    (der,) = build_strategies("der", {"der": {"alpha": "1e-3", "top_k": "8", "temperature": "2"}})
+    assert (der.alpha, der.top_k, der.temperature) == (0.001, 8, 2.0)
+    assert isinstance(der.alpha, float) and der.logit_dtype == torch.float16

@@ -6,6 +6,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
+from cf_strategies.base import TaskContext
 from cf_strategies.buffer import (
     ReservoirBuffer,
     collate,
@@ -82,7 +83,7 @@ def _mixed_examples():
 
 def test_buffer_round_trips_exactly_through_safetensors_and_json(tmp_path):
     strategy = Replay(buffer_size=3, seed=5)
-    strategy.data_version = "release-7"
+    strategy.prepare(TaskContext(release="release-7"))
     for task in range(2):
         strategy.buffer.extend(_mixed_examples(), task)
         strategy.after_task(None, [])

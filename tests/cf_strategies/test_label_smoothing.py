@@ -3,10 +3,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_lm import TinyClassifier, class_batches, tiny_lm, token_batch
 
 from cf_strategies import build_strategies
 from cf_strategies.buffer import target_positions
+from cf_strategies.registry import StrategyOptionError
+from tests.cf_strategies.tiny_models import TinyClassifier, class_batches, tiny_llm, token_batch
 
 
 def _smoothing(epsilon):
@@ -14,7 +15,7 @@ def _smoothing(epsilon):
 
 
 def test_causal_lm_loss_becomes_label_smoothed_cross_entropy():
-    model = tiny_lm()
+    model = tiny_llm()
     batch = token_batch(4, seed=1)
     outputs = model(**batch)
     total = outputs.loss + _smoothing(0.2).extra_loss(model, batch, outputs)
@@ -37,5 +38,5 @@ def test_zero_epsilon_adds_nothing_and_bad_epsilon_is_refused():
     batch = class_batches(1)[0]
     logits = TinyClassifier()(batch["x"])
     assert _smoothing(0.0).extra_loss(None, batch, logits) == 0
-    with pytest.raises(ValueError, match="epsilon"):
+    with pytest.raises(StrategyOptionError, match="option 'epsilon': .*less than or equal to 1"):
         _smoothing(1.5)

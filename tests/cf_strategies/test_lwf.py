@@ -6,10 +6,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
-from tiny_lm import TinyClassifier, ce_loss, class_batches, tiny_lm, token_batch
 
 from cf_strategies import build_strategies, train_task
 from cf_strategies.buffer import target_positions
+from cf_strategies.registry import StrategyOptionError
+from tests.cf_strategies.tiny_models import (
+    TinyClassifier,
+    ce_loss,
+    class_batches,
+    tiny_llm,
+    token_batch,
+)
 
 
 def _lwf(**options):
@@ -34,7 +41,7 @@ def _kd(student, teacher, t):
 
 
 def test_lora_teacher_under_disable_adapter_equals_the_base_model():
-    base = tiny_lm()
+    base = tiny_llm()
     reference = copy.deepcopy(base).eval()
     model = _lora(base)
     model.train()
@@ -57,7 +64,7 @@ def test_lora_teacher_under_disable_adapter_equals_the_base_model():
 
 
 def test_teacher_runs_the_lm_head_only_at_supervised_positions():
-    model = _lora(tiny_lm())
+    model = _lora(tiny_llm())
     lwf = _lwf()
     lwf.before_task(model)
     seen = []
@@ -70,7 +77,7 @@ def test_teacher_runs_the_lm_head_only_at_supervised_positions():
 
 
 def test_lwf_loss_is_t2_kl_on_supervised_or_all_positions():
-    model = _lora(tiny_lm())
+    model = _lora(tiny_llm())
     batch = token_batch(4, seed=3)
     outputs = model(**batch)
     with torch.no_grad(), model.disable_adapter():
@@ -90,7 +97,7 @@ def test_lwf_loss_is_t2_kl_on_supervised_or_all_positions():
 def test_non_target_distils_the_renormalised_distribution_without_the_label():
     """NCKD: the KL of the distributions over the other tokens; the label's logit gets no
     gradient from it, so the task loss alone decides how likely the label becomes."""
-    model = _lora(tiny_lm())
+    model = _lora(tiny_llm())
     batch = token_batch(4, seed=3)
     outputs = model(**batch)
     mask = target_positions(batch)
@@ -113,7 +120,7 @@ def test_non_target_distils_the_renormalised_distribution_without_the_label():
 
 
 def test_fresh_adapter_gives_zero_distillation_loss():
-    model = get_peft_model(tiny_lm(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(tiny_llm(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     lwf = _lwf()
     lwf.before_task(model)
     batch = token_batch(4)
@@ -180,7 +187,11 @@ def test_seen_classes_and_multi_head_distil_only_earlier_outputs():
 
 
 def test_bad_options_name_the_choices():
-    with pytest.raises(ValueError, match="positions"):
+    with pytest.raises(StrategyOptionError, match="option 'positions': .*'labels' or 'all'"):
         _lwf(positions="prompt")
-    with pytest.raises(ValueError, match="teacher"):
+    with pytest.raises(
+        StrategyOptionError, match="option 'teacher': .*'auto', 'adapter' or 'copy'"
+    ):
         _lwf(teacher="ema")
+    with pytest.raises(StrategyOptionError, match="option 'temperature': .*greater than 0"):
+        _lwf(temperature=0)

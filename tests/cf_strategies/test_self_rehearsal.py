@@ -4,9 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
-from tiny_lm import PAD, lm_loss, tiny_lm, token_batch
 
 from cf_strategies import build_strategies, train_task
+from cf_strategies.base import TaskContext, greedy_answers
+from cf_strategies.self_rehearsal import SelfRehearsal
+from tests.cf_strategies.tiny_models import EOS, PAD, lm_loss, tiny_llm, token_batch
 
 PROMPTS = [[5, 9, 12], [7, 8, 30, 31, 40, 41], [50, 3]]
 
@@ -25,7 +27,7 @@ def _greedy(model, prompt, n):
 
 
 def test_champion_answers_become_replay_examples_with_prompt_labels_masked():
-    model = tiny_lm()
+    model = tiny_llm()
     ssr = _ssr(max_new_tokens=4, generation_batch_size=2, eos_token_id=63)
     ssr.add_prompts(PROMPTS)
     ssr.before_task(model)
@@ -48,7 +50,7 @@ def test_champion_answers_become_replay_examples_with_prompt_labels_masked():
 
 
 def test_answers_stop_after_end_of_sequence():
-    model = tiny_lm()
+    model = tiny_llm()
     model.eval()
     first = _greedy(model, PROMPTS[0], 6)
     eos = first[2]
@@ -73,7 +75,7 @@ def test_string_prompts_are_tokenized_and_the_tokenizer_gives_eos():
 
 
 def test_task_data_is_never_stored_only_prompts_when_asked(tmp_path):
-    model = tiny_lm()
+    model = tiny_llm()
     data = [token_batch(4, seed=s) for s in range(2)]
     private = _ssr()
     private.after_task(model, data)
@@ -100,7 +102,7 @@ def test_task_data_is_never_stored_only_prompts_when_asked(tmp_path):
 
 
 def test_self_rehearsal_mixes_its_answers_into_training():
-    model = tiny_lm()
+    model = tiny_llm()
     ssr = _ssr(max_new_tokens=3, ratio=0.5, pad_token_id=PAD)
     ssr.add_prompts(PROMPTS)
     seen = []
@@ -118,7 +120,7 @@ def test_distillation_matches_the_champions_distribution_on_rehearsed_answers():
     """With ``distill_alpha`` the rehearsed rows carry no labels into the task loss; the extra
     term is α·T²·KL(champion ‖ model) at their answer positions: zero while the fresh LoRA
     adapter leaves the model as the champion, the hand-computed KL once it does not."""
-    model = get_peft_model(tiny_lm(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(tiny_llm(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     ssr = _ssr(max_new_tokens=3, ratio=0.5, pad_token_id=PAD, distill_alpha=2.0, temperature=2.0)
     ssr.add_prompts(PROMPTS)
     ssr.before_task(model)
@@ -153,7 +155,7 @@ def test_distillation_matches_the_champions_distribution_on_rehearsed_answers():
 def test_distilled_rehearsal_composes_with_replay_of_longer_rows():
     """Replay after self-rehearsal appends longer rows, widening the batch the rehearsed rows
     are then read from; the distillation term must follow (it raised an IndexError)."""
-    model = get_peft_model(tiny_lm(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(tiny_llm(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     lwf, ssr, replay = build_strategies(
         "lwf+self_rehearsal+replay",
         {
@@ -165,6 +167,39 @@ def test_distilled_rehearsal_composes_with_replay_of_longer_rows():
     replay.after_task(model, [token_batch(4, prompt=(20, 24), answer=(8, 10), seed=7)])
     ssr.add_prompts(PROMPTS)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 1e-2)
-    losses = train_task(model, [token_batch(4, seed=s) for s in range(3)], [lwf, ssr, replay],
-                        opt, lm_loss)  # fmt: skip
-    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    shapes = []
+
+    def loss_fn(m, batch):
+        shapes.append(tuple(batch["input_ids"].shape))
+        return lm_loss(m, batch)
+
+    train_task(model, [token_batch(4, seed=s) for s in range(3)], [lwf, ssr, replay], opt, loss_fn)
+    # 4 new rows + 2 rehearsed + 3 replayed (half of the 6 replay sees), as wide as the
+    # replayed rows (>= 28 tokens)
+    assert [n for n, _ in shapes] == [9, 9, 9] and min(w for _, w in shapes) >= 28
+
+
+def test_prepare_queues_the_contexts_prompts_and_takes_its_token_ids():
+    context = TaskContext(
+        release="r2", pad_token_id=PAD, eos_token_id=EOS, rehearsal_prompts=PROMPTS[:2]
+    )
+    auto, fixed = _ssr(), _ssr(eos_token_id=63, pad_token_id=5)
+    assert SelfRehearsal.uses_rehearsal_prompts and auto.uses_rehearsal_prompts
+    for ssr in (auto, fixed):
+        ssr.prepare(context)
+        assert ssr.pending == [(PROMPTS[0], -1), (PROMPTS[1], -1)] and ssr.data_version == "r2"
+    assert (auto.eos_token_id, auto.pad_token_id) == (EOS, PAD)
+    assert (fixed.eos_token_id, fixed.pad_token_id) == (63, 5)
+
+
+def test_rehearse_gives_the_greedy_answers_of_base():
+    """Self-rehearsal's answers are ``base.greedy_answers`` (left padding, greedy, up to eos)."""
+    model = tiny_llm()
+    eos = _greedy(model.eval(), PROMPTS[1], 4)[1]  # an end-of-sequence the second answer meets
+    ssr = _ssr(max_new_tokens=4, generation_batch_size=2, eos_token_id=eos)
+    ssr.add_prompts(PROMPTS, task=0)
+    assert ssr.rehearse(model) == 3
+    answers = greedy_answers(model, PROMPTS, 4, PAD, eos, batch_size=2)
+    assert len(answers[1]) == 2
+    stored = {tuple(ex["input_ids"].tolist()) for ex in ssr.buffer.examples}
+    assert stored == {tuple(p + a) for p, a in zip(PROMPTS, answers, strict=True)}

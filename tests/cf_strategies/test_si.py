@@ -64,7 +64,9 @@ def test_second_task_uses_the_gradient_without_the_si_term():
     train_task(q, [None] * STEPS, [si], torch.optim.SGD(q.parameters(), lr=ETA), q.loss)
     torch.testing.assert_close(q.theta.detach(), theta)
     expected = omega1 + path.clamp_min(0) / ((theta - star) ** 2 + XI)
-    torch.testing.assert_close(si.state_dict()["importance.theta"].double(), expected, rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        si.state_dict()["importance.theta"].double(), expected, rtol=1e-5, atol=0
+    )
 
 
 def test_a_negative_path_integral_adds_no_importance():

@@ -3,10 +3,17 @@
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from tiny_lm import lm_loss, tiny_lm, token_batches
-from tiny_models import mlp_batches, mlp_loss, tiny_mlp
 
 from cf_strategies import build_strategies, train_task
+from cf_strategies.registry import StrategyOptionError
+from tests.cf_strategies.tiny_models import (
+    lm_loss,
+    mlp_batches,
+    mlp_loss,
+    tiny_llm,
+    tiny_mlp,
+    token_batches,
+)
 
 
 def _train(model, spec, data, loss):
@@ -26,7 +33,7 @@ def test_full_fine_tuning_ends_between_the_start_and_the_trained_weights():
 
 def test_lora_update_is_scaled_by_mix():
     def merged_delta(spec):
-        base = tiny_lm()
+        base = tiny_llm()
         before = {n: p.detach().clone() for n, p in base.named_parameters()}
         model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
         model = _train(model, spec, token_batches(), lm_loss).merge_and_unload()
@@ -40,5 +47,6 @@ def test_lora_update_is_scaled_by_mix():
 
 
 def test_mix_outside_zero_one_is_an_error():
-    with pytest.raises(ValueError, match="mix must be in"):
+    with pytest.raises(StrategyOptionError, match=r"strategy 'wise': option 'mix': .* less than"):
         build_strategies("wise", {"wise": {"mix": 1.5}})
+    assert build_strategies("wise", {"wise": {"mix": "1"}})[0].mix == 1.0

@@ -37,7 +37,13 @@ def test_options_must_name_a_real_strategy_and_real_options(tmp_path):
     with pytest.raises(ParamsError, match="unknown strategy 'other'"):
         load_params(write(tmp_path, text))
     text = "train:\n  strategy: naive\n  strategy_params: {ewc: {lamda: 1}}\n"
-    with pytest.raises(ParamsError, match="unknown option 'lamda' for strategy 'ewc'.*lambda_"):
+    with pytest.raises(ParamsError, match="strategy 'ewc': unknown option 'lamda'.*lambda_"):
+        load_params(write(tmp_path, text))
+    text = "train:\n  strategy: ewc\n  strategy_params: {ewc: {lambda_: abc}}\n"
+    with pytest.raises(
+        ParamsError,
+        match="(?s)params.yaml: .*'ewc': option 'lambda_': Input should be a valid number",
+    ):
         load_params(write(tmp_path, text))
     text = "train:\n  strategy: naive\n  strategy_params: {ewc: {lambda_: 1}}\n"
     assert load_params(write(tmp_path, text)).train.strategy == "naive"  # kept for later

@@ -60,3 +60,11 @@ def test_dvc_repro_runs_the_gated_retrain(tmp_path, tiny_model_dir, demo_dir):
     ]
     again = run(sys.executable, "-m", "dvc", "repro")  # nothing changed: only `version` re-checks
     assert "Running stage 'version'" in again and "Running stage 'validate'" not in again
+
+    # A change to a module a stage imports (not its own file) makes that stage, and only the
+    # stages that run it, out of date.
+    with open(repo / "flows" / "modeling.py", "a") as f:
+        f.write("\n# changed\n")
+    status = json.loads(run(sys.executable, "-m", "dvc", "status", "--json"))
+    stale = {name for name, changes in status.items() if "flows/modeling.py" in str(changes)}
+    assert stale == {"validate", "probes", "finetune", "evaluate"}, status

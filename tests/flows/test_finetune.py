@@ -72,3 +72,16 @@ def test_ewc_protects_general_knowledge_from_the_first_release_and_reanchors_on_
     plain2 = finetune(naive, after, releases / "wiki-topics-2", tmp_path / "naive2")
     second = finetune(ewc, after, releases / "wiki-topics-2", tmp_path / "ewc2")
     assert losses(second)[0] == pytest.approx(losses(plain2)[0], abs=1e-4)
+
+
+def test_a_multi_process_launch_is_refused_before_anything_is_trained(
+    params_file, tiny_model_dir, demo_dir, tmp_path, monkeypatch
+):
+    """Under torchrun / accelerate launch every rank would save and register its own candidate:
+    until multi-process training exists, the step refuses it."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    params = load_params(params_file, {"train.max_steps": 1})
+    run_dir = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="runs in one process, not 2"):
+        finetune(params, champion(tiny_model_dir), demo_dir / "releases" / "wiki-topics-1", run_dir)
+    assert not run_dir.exists()

@@ -1,4 +1,5 @@
-"""Tracking over HTTP against a real ``mlflow server``, and a clear error when none answers."""
+"""Tracking over HTTP against a real ``mlflow server``, a clear error when none answers, and
+artifacts that stay in their workspace with the default (SQLite) store."""
 
 import socket
 import subprocess
@@ -11,7 +12,17 @@ import pytest
 from flows.config import load_params
 from flows.promote import promote
 from flows.records import GateCheck, GateDecision, Registration
-from flows.tracking import TrackingUnavailable, champion_version, client, current_champion
+from flows.tracking import (
+    TrackingUnavailable,
+    artifact_location,
+    champion_version,
+    client,
+    current_champion,
+    experiment_id,
+    model_version_dir,
+)
+from tests.conftest import write_params
+from tests.flows.conftest import register_candidate
 
 
 def free_port() -> int:
@@ -78,7 +89,10 @@ def test_registry_and_promotion_over_http(params_file, mlflow_server):
     c = client(params)
     assert champion_version(params) is None
     c.create_registered_model("forgetless-lm")
-    run = c.create_run(c.create_experiment("http-test"))
+    assert artifact_location(params) is None
+    experiment = c.get_experiment(experiment_id(params))
+    assert experiment.artifact_location.startswith("mlflow-artifacts:")  # the server's root
+    run = c.create_run(experiment.experiment_id)
     mv = c.create_model_version(
         "forgetless-lm", source=f"runs:/{run.info.run_id}/model", run_id=run.info.run_id
     )
@@ -87,3 +101,32 @@ def test_registry_and_promotion_over_http(params_file, mlflow_server):
     ok = GateDecision(passed=True, checks=[GateCheck(name="x", value=1, threshold=0, passed=True)])
     assert promote(params, reg, ok, None).promoted
     assert champion_version(params) == str(mv.version)
+
+
+def test_artifacts_stay_in_their_workspace(tmp_path, tiny_model_dir, demo_dir, monkeypatch):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # MLflow's default artifact root would be ./mlruns here
+    found = {}
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        params = load_params(write_params(tmp_path / name, tiny_model_dir, demo_dir))
+        reg = register_candidate(params, tiny_model_dir, demo_dir)
+        root = params.workspace_dir / "mlartifacts"
+        assert artifact_location(params) == root.as_uri()
+        c = client(params)
+        assert c.get_run(reg.run_id).info.artifact_uri.startswith(root.as_uri() + "/")
+        assert (root / reg.run_id / "artifacts" / "gate_report.json").exists()
+        stored = c.get_model_version_download_uri(reg.name, reg.version)  # the logged model
+        assert stored.startswith(root.as_uri() + "/models/")
+        found[name] = {p.relative_to(root) for p in root.rglob("*")}
+        # The weights come back from the registry as the folder that was registered.
+        weights = model_version_dir(params, reg.version)
+        assert weights.parent.parent == params.workspace_dir / "cache"
+        assert {p.name for p in weights.iterdir()} == {p.name for p in tiny_model_dir.iterdir()}
+        assert (weights / "model.safetensors").read_bytes() == (
+            tiny_model_dir / "model.safetensors"
+        ).read_bytes()
+    assert list(elsewhere.iterdir()) == []  # no mlruns/, nothing at all
+    runs = [{p.name for p in found[n] if len(p.parts) == 1} - {"models"} for n in "ab"]
+    assert runs[0] and runs[1] and not runs[0] & runs[1]  # each workspace has its own run

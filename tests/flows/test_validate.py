@@ -2,8 +2,21 @@ import json
 import shutil
 
 import pytest
+from mlflow import MlflowClient
 
-from flows.validate import ValidationFailed, validate_probe_source, validate_release
+from flows import retrain as retrain_flow
+from flows.cli import main
+from flows.config import load_params
+from flows.records import FILES, VersionedRelease
+from flows.stages import run_stage
+from flows.tracking import current_champion
+from flows.validate import (
+    ValidationFailed,
+    validate_probe_source,
+    validate_release,
+    validate_step,
+)
+from tests.conftest import write_params
 
 PROBES = ["What is the capital of Ghana?"]
 
@@ -130,3 +143,187 @@ def test_probe_source_rules(tmp_path, demo_dir):
         (2, "choice probes need 2+ choices that contain every answer"),
         (3, "scoring must be 'generate' or 'choice'"),
     }
+
+
+# One validation, three entry points: ``forgetless validate DIR``, the flow's validate task and
+# the DVC stage all run ``validate_step`` with the settings of params.yaml.
+
+
+def first_record(folder, fname="train.jsonl"):
+    return json.loads((folder / fname).read_text().splitlines()[0])
+
+
+def first_probe(demo_dir):
+    return json.loads((demo_dir / "probes" / "general_knowledge.jsonl").open().readline())
+
+
+def missing_completion(release, tmp, demo_dir):
+    append(release, "train.jsonl", {"id": "broken", "prompt": "Which topic?"})
+    return "a completion (or final assistant message) is required", {}
+
+
+def duplicated_id(release, tmp, demo_dir):
+    append(release, "train.jsonl", {**first_record(release), "prompt": "another prompt"})
+    return "ids must be unique", {}
+
+
+def probe_leaked_into_train(release, tmp, demo_dir):
+    prompt = first_probe(demo_dir)["prompt"]
+    append(release, "train.jsonl", {"id": "leak", "prompt": prompt, "completion": "x"})
+    return "probe leaked into the release", {}
+
+
+def eval_prompt_in_train(release, tmp, demo_dir):
+    append(release, "eval.jsonl", {**first_record(release), "id": "copy"})
+    return "eval leaked into training", {}
+
+
+def too_few_records(release, tmp, demo_dir):
+    lines = (release / "eval.jsonl").read_text().splitlines()
+    (release / "eval.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    return "needs at least 4 records, has 2", {}
+
+
+def answer_not_among_choices(release, tmp, demo_dir):
+    record = {"id": "c", "prompt": "Pick one.", "completion": "c", "choices": ["a", "b"]}
+    append(release, "train.jsonl", record)
+    return "the completion must be one of the record's choices", {}
+
+
+def malformed_messages(release, tmp, demo_dir):
+    append(release, "train.jsonl", {"id": "m", "messages": [{"role": "user", "content": "hi"}]})
+    return "messages must be a list of {role, content} ending with the assistant", {}
+
+
+def bad_probe_source(release, tmp, demo_dir):
+    source = tmp / "my_probes.jsonl"
+    source.write_text(
+        json.dumps(
+            {
+                "id": "p1",
+                "prompt": "Is the sky green?",
+                "answers": ["maybe"],
+                "task": "colours",
+                "scoring": "choice",
+                "choices": ["yes", "no"],
+            }
+        )
+        + "\n"
+    )
+    general = demo_dir / "probes" / "general_knowledge.jsonl"
+    rule = "choice probes need 2+ choices that contain every answer"
+    return rule, {"probes": {"per_category": 8, "sources": [str(general), str(source)]}}
+
+
+def probe_source_without_answers(release, tmp, demo_dir):
+    source = tmp / "my_probes.jsonl"
+    source.write_text(json.dumps({"id": "p1", "prompt": "Sky?", "task": "colours"}) + "\n")
+    rule = "answers must be a non-empty list of non-empty strings"
+    return rule, {"probes": {"per_category": 8, "sources": [str(source)]}}
+
+
+def rehearsal_prompt_is_a_probe(release, tmp, demo_dir):
+    prompts = tmp / "rehearsal.jsonl"
+    prompts.write_text(json.dumps({"id": "r1", "prompt": first_probe(demo_dir)["prompt"]}) + "\n")
+    train = {"strategy": "self_rehearsal", "rehearsal_prompts": str(prompts)}
+    return "rehearsal prompt is a probe prompt", {"train": train}
+
+
+BAD = [
+    missing_completion,
+    duplicated_id,
+    probe_leaked_into_train,
+    eval_prompt_in_train,
+    too_few_records,
+    answer_not_among_choices,
+    malformed_messages,
+    bad_probe_source,
+    probe_source_without_answers,
+    rehearsal_prompt_is_a_probe,
+]
+
+
+@pytest.fixture(scope="module")
+def shared_workspace(tmp_path_factory):
+    """One workspace (and MLflow store) for the entry-point cases: no champion in it."""
+    return tmp_path_factory.mktemp("validate-ws") / "workspace"
+
+
+def test_the_flow_and_the_dvc_stage_run_the_shared_step():
+    assert retrain_flow.validate_task.fn is validate_step
+
+
+@pytest.mark.parametrize("make_bad", BAD, ids=[f.__name__ for f in BAD])
+def test_every_entry_point_rejects_with_the_same_rules(
+    make_bad, tmp_path, tiny_model_dir, demo_dir, shared_workspace, capsys
+):
+    release = (tmp_path / "rel").resolve()
+    shutil.copytree(demo_dir / "releases" / "wiki-topics-1", release)
+    rule, sections = make_bad(release, tmp_path, demo_dir)
+    params_file = write_params(
+        tmp_path, tiny_model_dir, demo_dir, workspace=str(shared_workspace), **sections
+    )
+
+    assert main(["--params", str(params_file), "validate", str(release)]) == 1
+    printed = "".join(capsys.readouterr().out.split())  # the console wraps long lines
+
+    params = load_params(params_file)
+    report = validate_step(params, release, current_champion(params))  # the flow's task
+    assert not report.passed
+    hits = [v for v in report.violations if rule in v.rule]
+    assert hits, [str(v) for v in report.violations]
+    if "records, has" not in rule:  # a count names the file only
+        assert hits[0].file.endswith(".jsonl") and hits[0].line and hits[0].record_id, hits[0]
+    for v in report.violations:
+        assert "".join(str(v).split()) in printed, (str(v), printed)
+
+    run_dir = tmp_path / "dvc-run"
+    VersionedRelease(
+        name=release.name, path=release, dvc_hash="-", git_commit="-", remote="-"
+    ).write(run_dir / FILES["version"])
+    with pytest.raises(ValidationFailed) as err:
+        run_stage("validate", params, run_dir)
+    assert err.value.report == report
+
+
+def test_a_valid_release_passes_every_entry_point(
+    tmp_path, tiny_model_dir, demo_dir, shared_workspace, capsys
+):
+    release = demo_dir / "releases" / "wiki-topics-1"
+    params_file = write_params(tmp_path, tiny_model_dir, demo_dir, workspace=str(shared_workspace))
+    assert main(["--params", str(params_file), "validate", str(release)]) == 0
+    assert "valid" in capsys.readouterr().out
+    params = load_params(params_file)
+    report = validate_step(params, release, current_champion(params))
+    assert report.passed
+    assert report.checked == {
+        "general_knowledge.jsonl": len(read_lines(demo_dir / "probes" / "general_knowledge.jsonl")),
+        "train.jsonl": 240,
+        "eval.jsonl": 60,
+    }
+
+
+def read_lines(path):
+    return [line for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_bad_probe_source_stops_the_run_before_training(tmp_path, tiny_model_dir, demo_dir):
+    source = tmp_path / "my_probes.jsonl"
+    good = first_probe(demo_dir)
+    bad = {**good, "id": "no-answer", "prompt": "Name a prime number.", "answers": []}
+    source.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    params_file = write_params(
+        tmp_path, tiny_model_dir, demo_dir, probes={"per_category": 8, "sources": [str(source)]}
+    )
+    with pytest.raises(ValidationFailed) as err:
+        retrain_flow.retrain(params_file=str(params_file))
+    message = str(err.value)
+    assert f"{source}:2 (record 'no-answer')" in message
+    assert "answers must be a non-empty list of non-empty strings" in message
+    uri = load_params(params_file).tracking_uri
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    assert client.search_model_versions("name='forgetless-lm'") == []
+    runs = list((tmp_path / "workspace" / "runs").iterdir())
+    assert not any((r / "trainer").exists() for r in runs), "training started on bad probes"
+    assert not any((r / FILES["probes"]).exists() for r in runs)

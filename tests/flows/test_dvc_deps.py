@@ -1,0 +1,150 @@
+"""Every DVC stage lists as deps every project module its step runs, so that ``dvc repro`` reruns
+a stage whenever code that can change its output changes.
+
+A stage ``X`` runs ``forgetless step X``: the branch ``name == "X"`` of ``flows.stages.run_stage``
+and what it calls. Its modules are ``flows/stages.py``, the modules of the names that branch (and
+the code of ``run_stage`` around the branches) uses, and every project module those import,
+at the top or inside a function, read from the source with ``ast``.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.records import STAGES
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("flows", "cf_strategies")
+
+
+def module_file(name: str) -> Path | None:
+    """``flows.data`` → ``flows/data.py`` (or a package's ``__init__.py``); None outside."""
+    if name.split(".")[0] not in PACKAGES:
+        return None
+    base = ROOT.joinpath(*name.split("."))
+    for file in (base.with_suffix(".py"), base / "__init__.py"):
+        if file.is_file():
+            return file
+    return None
+
+
+def module_name(file: Path) -> str:
+    parts = file.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def with_parents(name: str) -> set[str]:
+    """Importing ``a.b.c`` runs ``a`` and ``a.b`` first."""
+    parts = name.split(".")
+    return {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+
+
+def imports_of(file: Path) -> set[str]:
+    """The project modules ``file`` imports, anywhere in it."""
+    package = module_name(file) if file.name == "__init__.py" else module_name(file.parent)
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(file.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1])
+            module = node.module if not node.level else ".".join(filter(None, [base, node.module]))
+            names.add(module)
+            names |= {f"{module}.{alias.name}" for alias in node.names}  # submodules
+    found = set().union(*(with_parents(n) for n in names)) if names else set()
+    return {n for n in found if module_file(n)}
+
+
+def closure(modules: set[str]) -> set[str]:
+    seen: set[str] = set()
+    todo = set().union(*(with_parents(m) for m in modules))
+    while todo:
+        name = todo.pop()
+        if name in seen or not module_file(name):
+            continue
+        seen.add(name)
+        todo |= imports_of(module_file(name)) - seen
+    return seen
+
+
+def stage_roots() -> dict[str, set[str]]:
+    """Per stage: ``flows.stages`` and the modules of the names its branch of ``run_stage`` uses."""
+    tree = ast.parse((ROOT / "flows" / "stages.py").read_text())
+    origin = {
+        alias.asname or alias.name: node.module
+        for node in tree.body
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+    } | {
+        alias.asname or alias.name: alias.name
+        for node in tree.body
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    }
+    run_stage = next(
+        n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "run_stage"
+    )
+
+    def modules(nodes) -> set[str]:
+        used = {n.id for node in nodes for n in ast.walk(node) if isinstance(n, ast.Name)}
+        return {origin[n] for n in used if n in origin and module_file(origin[n])}
+
+    branches: dict[str, list[ast.stmt]] = {}
+    around: list[ast.stmt] = []
+    for stmt in run_stage.body:
+        node = stmt
+        while isinstance(node, ast.If) and isinstance(node.test, ast.Compare):
+            stage = node.test.comparators[0]
+            assert isinstance(stage, ast.Constant) and isinstance(node.test.left, ast.Name)
+            branches[stage.value] = node.body
+            node = node.orelse[0] if len(node.orelse) == 1 else ast.Module(node.orelse, [])
+        if node is stmt:
+            around.append(stmt)
+        elif isinstance(node, ast.Module):
+            around += node.body
+    common = modules(around)
+    return {stage: {"flows.stages"} | common | modules(body) for stage, body in branches.items()}
+
+
+def stage_modules(roots: set[str]) -> set[Path]:
+    """The files a stage runs: its roots and what they import, but not everything
+    ``flows.stages`` imports for the other stages."""
+    names = closure(roots - {"flows.stages"}) | with_parents("flows.stages")
+    return {module_file(n).relative_to(ROOT) for n in names}
+
+
+@pytest.fixture(scope="module")
+def dvc_stages() -> dict[str, dict]:
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def test_every_pipeline_step_is_a_stage_with_its_branch(dvc_stages):
+    assert list(dvc_stages) == STAGES
+    assert set(stage_roots()) == set(STAGES)
+    for name, stage in dvc_stages.items():
+        assert stage["cmd"].startswith(f"forgetless step {name} "), stage["cmd"]
+
+
+@pytest.mark.parametrize("name", STAGES)
+def test_each_stage_depends_on_every_module_it_runs(name, dvc_stages):
+    deps = [Path(d) for d in dvc_stages[name]["deps"] if d.split("/")[0] in PACKAGES]
+    needed = stage_modules(stage_roots()[name])
+
+    def covered(file: Path) -> bool:
+        return any(file == d or d in file.parents for d in deps)
+
+    missing = sorted(str(f) for f in needed if not covered(f))
+    assert not missing, f"stage {name!r} runs these modules but does not list them: {missing}"
+    unused = sorted(str(d) for d in deps if not any(f == d or d in f.parents for f in needed))
+    assert not unused, f"stage {name!r} lists deps it does not run: {unused}"
+
+
+def test_imports_are_found_at_any_depth():
+    """The walk sees imports inside functions (the validate step's are) and submodules."""
+    validate = closure({"flows.validate"})
+    assert {"flows.probes", "flows.finetune", "flows.evaluate", "cf_strategies.ewc"} <= validate
+    assert "flows.register" not in validate and "flows.stages" not in validate

@@ -1,0 +1,167 @@
+"""The registered model is self-contained: it loads and answers in a fresh process outside the
+repository, where ``flows`` cannot be imported, and over ``mlflow models serve``'s REST API,
+with the same answers as the pipeline's own scoring."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from flows import serving
+from flows.config import load_params
+from flows.data import Example, read_jsonl
+from flows.modeling import load_model
+from flows.scoring import generate
+from tests.conftest import write_params
+from tests.flows.conftest import ROOT, register_candidate
+from tests.flows.test_tracking import free_port
+
+# The flows package is importable anywhere through the editable install's import hook (it is
+# not on sys.path, so PYTHONPATH and cwd alone cannot hide it): the script blocks it, and the
+# repository's other packages, with ``sys.modules[name] = None``, so any import of them fails.
+LOAD_OUTSIDE = """
+import sys
+for name in ("flows", "cf_strategies", "tests", "benchmarks"):
+    sys.modules[name] = None
+sys.path[:] = [p for p in sys.path if p.rstrip("/") != {root!r}]
+import json
+import mlflow
+import pandas as pd
+
+model = mlflow.pyfunc.load_model("models:/forgetless-lm@champion")
+prompts = json.loads(open("prompts.json").read())
+out = {{
+    "list": model.predict(prompts),
+    "string": model.predict(prompts[0]),
+    "frame": model.predict(pd.DataFrame({{"prompt": prompts}})),
+    "longer": model.predict(prompts[:1], params={{"max_new_tokens": 12}}),
+    "repo_modules": sorted(m for m in sys.modules if m.split(".")[0] in ("flows", "tests")
+                           and sys.modules[m] is not None),
+}}
+open("answers.json", "w").write(json.dumps(out))
+"""
+
+
+def prompts_of(demo_dir: Path, n: int = 5) -> list[str]:
+    """Release prompts of different lengths (so that left padding matters)."""
+    records = [r for _, r in read_jsonl(demo_dir / "releases" / "wiki-topics-1" / "eval.jsonl")]
+    return [r["prompt"][: 60 + 40 * i] for i, r in enumerate(records[:n])]
+
+
+def pipeline_answers(
+    model_dir: Path, prompts: list[str], chat: bool, max_new_tokens: int, batch_size: int
+) -> list[str]:
+    """What the pipeline's evaluation generates for these prompts."""
+    model, tokenizer = load_model(model_dir)
+    examples = [
+        Example(
+            id=str(i), messages=[{"role": "user", "content": p}], completion="", answers=[], task=""
+        )
+        for i, p in enumerate(prompts)
+    ]
+    return generate(model, tokenizer, examples, chat, max_new_tokens, batch_size)
+
+
+@pytest.fixture(scope="module")
+def champion(tmp_path_factory, tiny_model_dir, demo_dir):
+    """A workspace whose champion (v1) is the tiny model, registered by the real step."""
+    tmp = tmp_path_factory.mktemp("serving")
+    params = load_params(write_params(tmp, tiny_model_dir, demo_dir))
+    register_candidate(params, tiny_model_dir, demo_dir)
+    return params
+
+
+def test_champion_loads_outside_the_repository(champion, tiny_model_dir, demo_dir, tmp_path):
+    prompts = prompts_of(demo_dir)
+    ev = champion.evaluate
+    expected = pipeline_answers(tiny_model_dir, prompts, False, ev.max_new_tokens, ev.batch_size)
+    longer = pipeline_answers(tiny_model_dir, prompts[:1], False, 12, ev.batch_size)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "prompts.json").write_text(json.dumps(prompts))
+    (elsewhere / "load.py").write_text(LOAD_OUTSIDE.format(root=str(ROOT)))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["MLFLOW_TRACKING_URI"] = champion.tracking_uri
+    done = subprocess.run(
+        [sys.executable, "load.py"], cwd=elsewhere, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads((elsewhere / "answers.json").read_text())
+    assert len(set(expected)) > 1 and all(expected)  # real, distinct answers
+    assert out["list"] == expected
+    assert out["string"] == expected[:1]
+    assert out["frame"] == expected
+    assert out["longer"] == longer and len(longer[0]) > len(expected[0])
+    assert out["repo_modules"] == []
+
+
+def test_champion_serves_over_rest(champion, tiny_model_dir, demo_dir, tmp_path):
+    prompts = prompts_of(demo_dir, 3)
+    ev = champion.evaluate
+    expected = pipeline_answers(tiny_model_dir, prompts, False, ev.max_new_tokens, ev.batch_size)
+    port = free_port()
+    bin_dir = str(Path(sys.executable).parent)  # serve runs `uvicorn` from PATH
+    path = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
+    env = {**os.environ, "MLFLOW_TRACKING_URI": champion.tracking_uri, "PATH": path}
+    mlflow_cli = [sys.executable, "-m", "mlflow", "models", "serve", "--env-manager", "local"]
+    server = subprocess.Popen(
+        [*mlflow_cli, "-m", "models:/forgetless-lm@champion", "-p", str(port), "-w", "1"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/ping", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, "mlflow models serve exited"
+                assert time.time() < deadline, "mlflow models serve did not start in 180 s"
+                time.sleep(0.5)
+        bodies = [
+            {"inputs": prompts},
+            {"dataframe_split": {"columns": ["prompt"], "data": [[p] for p in prompts]}},
+            {"dataframe_records": [{"prompt": p} for p in prompts]},
+        ]
+        for body in bodies:
+            request = urllib.request.Request(
+                f"{url}/invocations",
+                data=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(request, timeout=120) as response:
+                assert json.loads(response.read()) == {"predictions": expected}, body
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_chat_template_answers_match_the_pipeline(tiny_model_dir, demo_dir, tmp_path):
+    model_dir = tmp_path / "chat-model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer.chat_template = (
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    tokenizer.save_pretrained(model_dir)
+    prompts = prompts_of(demo_dir)
+    expected = pipeline_answers(model_dir, prompts, True, 8, 2)
+    plain = pipeline_answers(model_dir, prompts, False, 8, 2)
+    assert expected != plain  # the template changes what the model sees
+    model, tok = serving.load(model_dir)
+    assert serving.generate(model, tok, prompts, True, 8, 2) == expected
+    assert serving.generate(model, tok, prompts, False, 8, 2) == plain
