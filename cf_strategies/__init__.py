@@ -1,6 +1,6 @@
 """cf_strategies: forgetting-prevention strategies for continual fine-tuning.
 
-Depends on torch, transformers and peft only. Build strategies by name::
+Depends on torch, transformers, peft and pydantic (typed options) only. Build strategies by name::
 
     from cf_strategies import build_strategies, ContinualTrainer
     strategies = build_strategies("ewc+replay", {"ewc": {"lambda_": 100.0}})

@@ -6,11 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
+
+from tests.cf_strategies.tiny_models import tiny_llm
 
 
 def build_tiny_llm(out: Path, corpus: list[str], vocab_size: int = 384, seed: int = 0) -> Path:
-    import torch
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -22,21 +23,16 @@ def build_tiny_llm(out: Path, corpus: list[str], vocab_size: int = 384, seed: in
     )
     tok.train_from_iterator(corpus, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(fast),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+    tiny_llm(
+        seed,
+        hidden=64,
+        vocab=len(fast),
         max_position_embeddings=512,
         eos_token_id=fast.eos_token_id,
         pad_token_id=fast.pad_token_id,
         bos_token_id=None,
         tie_word_embeddings=True,
         initializer_range=0.25,  # large enough that a frozen tied head can express a confident answer
-    )
-    LlamaForCausalLM(config).save_pretrained(out)
+    ).save_pretrained(out)
     fast.save_pretrained(out)
     return out

@@ -36,11 +36,15 @@ def mlp_loss(model: nn.Module, batch: tuple) -> tuple[torch.Tensor, torch.Tensor
     return nn.functional.cross_entropy(logits, batch[1]), logits
 
 
-def tiny_llm(seed: int = 0, layers: int = 2, hidden: int = 32) -> LlamaForCausalLM:
-    """A 2-layer LlamaForCausalLM (hidden 32, vocab 64) with random weights, from a config."""
+def tiny_llm(
+    seed: int = 0, layers: int = 2, hidden: int = 32, vocab: int = VOCAB, **config
+) -> LlamaForCausalLM:
+    """A LlamaForCausalLM (by default 2 layers, hidden 32, vocab 64, pad 0 / bos 1 / eos 2) with
+    random weights, from a config; ``config`` overrides LlamaConfig fields. The one tiny-LM
+    factory of the tests (``tests/tiny_llm.py`` saves one with a trained tokenizer)."""
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
+    fields = dict(
+        vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,
@@ -51,7 +55,7 @@ def tiny_llm(seed: int = 0, layers: int = 2, hidden: int = 32) -> LlamaForCausal
         bos_token_id=BOS,
         eos_token_id=EOS,
     )
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(LlamaConfig(**{**fields, **config}))
 
 
 def tiny_lora(seed: int = 0, targets: tuple[str, ...] = ("q_proj", "v_proj")):
