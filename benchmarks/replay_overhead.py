@@ -137,8 +137,9 @@ def main() -> None:
                     4 * args.batch
                 )
                 ex = s.buffer.examples[0]
-                one_off["der_logit_bytes_per_supervised_token"] = (
-                    ex["_der_logits"].nbytes + ex["_der_index"].nbytes
+                stored = ("_der_logits", "_der_index", "_der_rest")  # values, ids, rest mass
+                one_off["der_logit_bytes_per_supervised_token"] = sum(
+                    ex[k].nbytes for k in stored if k in ex
                 ) / len(ex["_der_logits"])
             s.before_task(model, new)
     ssr = build_strategies(

@@ -5,7 +5,7 @@ A strategy sees one training task (one data release) at a time:
     before_task(model, data)          snapshot old weights, open buffers, build a teacher
     augment_batch(model, batch)       mix replayed examples into the batch (replay, DER)
     extra_loss(model, batch, outputs) penalties and distillation terms added to the task loss
-    after_backward(model)             gradients of the total loss are in .grad (SI reads them)
+    after_backward(model)             gradients of the total loss are in .grad (after clipping)
     after_step(model)                 parameters were just updated (SI path integral, masks)
     after_task(model, data)           Fisher, importances, buffer updates for the next release
     reanchor(model)                   the old weights were merged: anchor penalties to the new ones

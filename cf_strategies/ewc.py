@@ -27,7 +27,7 @@ release (W* = the merged weights). Per-example gradients of W come from layer ho
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Annotated, Any, Literal
 
 import torch
@@ -110,54 +110,32 @@ def diagonal_fisher(
     (transformers models); else a loop over examples (a model vmap cannot run)."""
     names, plist = list(params), list(params.values())
     sums = [torch.zeros_like(p, dtype=torch.float32) for p in plist]
-    causal, device, seen = is_causal_lm(model), plist[0].device, 0
+    causal = is_causal_lm(model)
     linear = _linear_owners(model, params)
     method = "linear" if linear else "vmap"
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in data:
-            args, kwargs, labels = split_batch(move_batch(batch, device))
-            if labels is None:
-                raise ValueError("ewc: the Fisher needs batches with labels")
-            n = labels.shape[0]
-            step = n if method == "linear" else chunk
-            for start in range(0, n, step):
-                take = min(step, n - start, max_samples - seen)
-                part = slice(start, start + take)
-                a = tuple(x[part] for x in args)
-                kw = {k: v[part] if _batched(v, n) else v for k, v in kwargs.items()}
-                y = labels[part]
-                if kind == "true":
-                    y = _sample_labels(model, a, kw, y, causal)
-                squares = None
-                if method == "linear":
-                    try:
-                        squares = _linear_squared_grads(model, linear, a, kw, y, causal)
-                    except NotImplementedError:  # e.g. a sequence per example: vmap instead
-                        method = "vmap"
-                if squares is None and method == "vmap":
-                    try:
-                        squares = _vmap_squared_grads(model, params, a, kw, y, causal)
-                    except (RuntimeError, NotImplementedError) as err:
-                        warnings.warn(
-                            f"ewc: per-example gradients with vmap failed ({str(err)[:120]}...); "
-                            "using a per-example loop (slower, same result)",
-                            stacklevel=2,
-                        )
-                        method = "loop"
-                if squares is None:
-                    squares = _loop_squared_grads(model, plist, a, kw, y, causal)
-                torch._foreach_add_(sums, squares)
-                seen += take
-                if seen >= max_samples:
-                    break
-            if seen >= max_samples:
-                break
-    finally:
-        model.train(was_training)
-    if seen == 0:
-        raise ValueError("ewc: no examples to estimate the Fisher from")
+    chunks = _examples(model, data, plist[0].device, kind, max_samples, causal)
+    seen = 0
+    for a, kw, y in chunks(lambda n: n if method == "linear" else chunk):  # noqa: B023 (follows the method)
+        squares = None
+        if method == "linear":
+            try:
+                squares = _linear_squared_grads(model, linear, a, kw, y, causal)
+            except NotImplementedError:  # e.g. a sequence per example: vmap instead
+                method = "vmap"
+        if squares is None and method == "vmap":
+            try:
+                squares = _vmap_squared_grads(model, params, a, kw, y, causal)
+            except (RuntimeError, NotImplementedError) as err:
+                warnings.warn(
+                    f"ewc: per-example gradients with vmap failed ({str(err)[:120]}...); "
+                    "using a per-example loop (slower, same result)",
+                    stacklevel=2,
+                )
+                method = "loop"
+        if squares is None:
+            squares = _loop_squared_grads(model, plist, a, kw, y, causal)
+        torch._foreach_add_(sums, squares)
+        seen += len(y)
     torch._foreach_div_(sums, float(seen))
     return dict(zip(names, sums, strict=True))
 
@@ -175,40 +153,52 @@ def lora_fisher(
     = Σ_t δ_{n,t} x_{n,t}ᵀ from the layer's input and output gradient (exact for any padding:
     padded positions get no gradient). Model in eval mode, ``chunk`` examples per backward."""
     causal, seen = is_causal_lm(model), 0
-    some = next(iter(sites.values()))
-    device = some.A.device
     factors = [p for s in sites.values() for p in (s.A, s.B)]
+    chunks = _examples(model, data, factors[0].device, kind, max_samples, causal)
     recorder = WeightGradients(sites, per_example=True).attach()
-    was_training = model.training
-    model.eval()
     try:
-        for batch in data:
-            args, kwargs, labels = split_batch(move_batch(batch, device))
-            if labels is None:
-                raise ValueError("ewc: the Fisher needs batches with labels")
-            n = labels.shape[0]
-            for start in range(0, n, chunk):
-                take = min(chunk, n - start, max_samples - seen)
-                part = slice(start, start + take)
-                a = tuple(x[part] for x in args)
-                kw = {k: v[part] if _batched(v, n) else v for k, v in kwargs.items()}
-                y = labels[part]
-                if kind == "true":
-                    y = _sample_labels(model, a, kw, y, causal)
-                with torch.enable_grad():
-                    nll = example_nll(logits_of(model(*a, **kw)), y, causal).sum()
-                    torch.autograd.grad(nll, factors, allow_unused=True)  # runs the hooks
-                seen += take
-                if seen >= max_samples:
-                    break
-            if seen >= max_samples:
-                break
+        for a, kw, y in chunks(lambda n: chunk):
+            with torch.enable_grad():
+                nll = example_nll(logits_of(model(*a, **kw)), y, causal).sum()
+                torch.autograd.grad(nll, factors, allow_unused=True)  # runs the hooks
+            seen += len(y)
     finally:
         recorder.detach()
-        model.train(was_training)
-    if seen == 0:
-        raise ValueError("ewc: no examples to estimate the Fisher from")
     return {n: s / seen for n, s in recorder.sums.items()}
+
+
+def _examples(model, data, device, kind: str, max_samples: int, causal: bool):
+    """``chunks(size_of)`` yields ``(args, kwargs, labels)`` of at most ``size_of(batch size)``
+    examples at a time, ``max_samples`` in all, with the model in eval mode; labels are drawn
+    from the model for the true Fisher. Raises when there is nothing to estimate from."""
+
+    def chunks(size_of: Callable[[int], int]) -> Iterator[tuple]:
+        seen, was_training = 0, model.training
+        model.eval()
+        try:
+            for batch in data:
+                args, kwargs, labels = split_batch(move_batch(batch, device))
+                if labels is None:
+                    raise ValueError("ewc: the Fisher needs batches with labels")
+                n, start = labels.shape[0], 0
+                while start < n and seen < max_samples:
+                    take = min(size_of(n), n - start, max_samples - seen)
+                    part = slice(start, start + take)
+                    a = tuple(x[part] for x in args)
+                    kw = {k: v[part] if _batched(v, n) else v for k, v in kwargs.items()}
+                    y = labels[part]
+                    if kind == "true":
+                        y = _sample_labels(model, a, kw, y, causal)
+                    yield a, kw, y
+                    start, seen = start + take, seen + take
+                if seen >= max_samples:
+                    break
+        finally:
+            model.train(was_training)
+        if seen == 0:
+            raise ValueError("ewc: no examples to estimate the Fisher from")
+
+    return chunks
 
 
 def _batched(v: Any, n: int) -> bool:

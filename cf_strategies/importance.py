@@ -26,6 +26,7 @@ the target matrices in float32 (SmolLM2-135M, all seven projections: 106 M value
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -203,7 +204,8 @@ class ImportanceRegulariser(Strategy):
             for n in names:
                 f = self.anchor_factors.get(n)
                 dev = self._lora[n].A.device
-                out.append(None if f is None else f[0].to(dev) @ f[1].to(dev))
+                zero = f is None or not bool(f[0].any())  # B* = 0: a fresh adapter, ΔW* = 0
+                out.append(None if zero else f[0].to(dev) @ f[1].to(dev))
             return out
         params = self._params
         return align_to(params, self.anchor, f"{self.name} anchor", missing=torch.clone)
@@ -292,11 +294,13 @@ class ImportanceRegulariser(Strategy):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("coordinates") != self.coordinates:
-            raise ValueError(
-                f"{self.name}: the saved state has no importance in weight coordinates (it was "
-                "saved by an earlier version, in adapter coordinates that do not carry across "
-                "releases); retrain once without it"
+            warnings.warn(
+                f"{self.name}: the saved state is in the coordinates of an earlier version's "
+                "adapter, which do not carry across releases; it is not loaded, and the "
+                "importance starts afresh (from general knowledge when the context asks for it)",
+                stacklevel=2,
             )
+            return
         self.tasks = int(state.get("tasks", 0))
 
         def strip(prefix: str) -> dict[str, torch.Tensor]:

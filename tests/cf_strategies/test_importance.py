@@ -185,3 +185,17 @@ def test_importance_under_gradient_clipping_is_the_unclipped_reference(spec, lor
     for n, path in reference.paths.items():
         gain = path.clamp_min(0) / ((end[n] - si_start[n]).square() + si.xi)
         torch.testing.assert_close(si.importance[n] - omega_before[n], gain, rtol=1e-3, atol=1e-6)
+
+
+def test_state_saved_in_adapter_coordinates_is_not_loaded(tmp_path):
+    """A champion saved by the earlier adapter-coordinate EWC: its Fisher of A and B means
+    nothing on the next release's fresh adapter, so it is dropped (with a warning), not applied."""
+    model = tiny_lora()
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    old = {"tasks": 1, **{f"fisher.{n}": torch.ones_like(p) for n, p in params.items()}}
+    (ewc,) = build_strategies("ewc")
+    with pytest.warns(UserWarning, match="earlier version's adapter"):
+        ewc.load_state_dict(old)
+    ewc.before_task(model)
+    assert ewc.tasks == 0 and ewc.importance == {}
+    assert ewc.extra_loss(model, None, None) is None
