@@ -148,6 +148,13 @@ def unbatch(batch: Any) -> list[Example]:
     return examples
 
 
+def answer_example(prompt: Sequence[int], answer: Sequence[int]) -> Example:
+    """A training example of a prompt and its answer: the loss on the answer tokens only."""
+    ids = torch.tensor(list(prompt) + list(answer))
+    labels = torch.tensor([IGNORE_INDEX] * len(prompt) + list(answer))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
 def collate(examples: Sequence[Example], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
     """Stack examples into a batch, right-padding the first dimension where lengths differ."""
     batch = {}

@@ -179,9 +179,13 @@ class ImportanceRegulariser(Strategy):
         return list(self._params.values())
 
     def shapes(self) -> dict[str, torch.Tensor]:
-        """A zero-size stand-in per site with its shape, for ``align_to``."""
+        """A stand-in per site with its shape and device (a broadcast view: no memory), for
+        ``align_to``."""
         if self._lora:
-            return {n: torch.empty(s.shape(), device=s.A.device) for n, s in self._lora.items()}
+            return {
+                n: torch.zeros((), device=s.A.device).expand(s.shape())
+                for n, s in self._lora.items()
+            }
         return {n: p.detach() for n, p in self._params.items()}
 
     def snapshot_anchor(self) -> None:
@@ -253,20 +257,13 @@ class ImportanceRegulariser(Strategy):
     def general_batches(self, model: nn.Module, batch_size: int = 8) -> list[Batch]:
         """The champion's greedy answers to the first ``general_importance_prompts`` rehearsal
         prompts, as training batches (labels on the answer only)."""
-        from cf_strategies.buffer import IGNORE_INDEX, collate
+        from cf_strategies.buffer import answer_example, collate
 
         ctx = self.context
         prompts = ctx.rehearsal_prompts[: ctx.general_importance_prompts]
         pad = 0 if ctx.pad_token_id is None else ctx.pad_token_id
         answers = greedy_answers(model, prompts, 48, pad, ctx.eos_token_id, 16)
-        examples = []
-        for prompt, answer in zip(prompts, answers, strict=True):
-            if answer:
-                ids = torch.tensor(list(prompt) + answer)
-                labels = torch.tensor([IGNORE_INDEX] * len(prompt) + answer)
-                examples.append(
-                    {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-                )
+        examples = [answer_example(p, a) for p, a in zip(prompts, answers, strict=True) if a]
         return [
             collate(examples[i : i + batch_size], pad) for i in range(0, len(examples), batch_size)
         ]

@@ -37,7 +37,14 @@ from pydantic import Field
 from torch import nn
 
 from cf_strategies.base import Batch, TaskContext, greedy_answers
-from cf_strategies.buffer import IGNORE_INDEX, _pad_to, batch_size, logits_of, unbatch
+from cf_strategies.buffer import (
+    IGNORE_INDEX,
+    _pad_to,
+    answer_example,
+    batch_size,
+    logits_of,
+    unbatch,
+)
 from cf_strategies.lwf import LwF
 from cf_strategies.registry import register
 from cf_strategies.replay import NonNegativeFloat, NonNegativeInt, Replay
@@ -139,7 +146,7 @@ class SelfRehearsal(Replay):
         offered = 0
         for (ids, task), answer in zip(pending, answers, strict=True):
             if answer:
-                self.buffer.add(_example(ids, answer), task)
+                self.buffer.add(answer_example(ids, answer), task)
                 offered += 1
         self.pending = []
         return offered
@@ -160,12 +167,3 @@ class SelfRehearsal(Replay):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
         self.pending = [(list(ids), int(t)) for ids, t in state["pending"]]
-
-
-def _example(prompt: list[int], answer: list[int]) -> dict[str, torch.Tensor]:
-    ids = torch.tensor(prompt + answer)
-    return {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "labels": torch.tensor([IGNORE_INDEX] * len(prompt) + answer),
-    }
