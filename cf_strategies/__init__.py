@@ -14,7 +14,7 @@ from cf_strategies import ewc, hlr, l2, naive, si  # noqa: F401  (regularisation
 from cf_strategies import der, label_smoothing, lwf, replay, self_rehearsal  # noqa: F401  (replay and distillation family)
 
 # isort: split
-from cf_strategies import wise  # noqa: F401  (weight-space interpolation)
+from cf_strategies import ilora, wise  # noqa: F401  (fast/slow learners, weight-space interpolation)
 from cf_strategies.base import Strategy, TaskContext, snapshot, trainable_parameters
 from cf_strategies.registry import (
     STRATEGIES,
