@@ -1,4 +1,5 @@
-"""The ``forgetless`` command: ``run``, ``validate``, ``demo-data``, ``status``."""
+"""The ``forgetless`` command: ``run``, ``validate``, ``step``, ``demo-data``, ``status``, and the
+registry commands ``history``, ``rollback`` and ``promote``."""
 
 from __future__ import annotations
 
@@ -116,6 +117,7 @@ def cmd_status(args) -> int:
     console.print(
         f"champion: {champ.version or 'base model'} ({champ.model_dir}); learned {champ.releases}"
     )
+    print_lineage(params)
     matrix = accuracy_matrix.load(params.workspace_dir / "accuracy_matrix.json")
     cols = accuracy_matrix.tasks(matrix)
     table = Table(title="accuracy matrix R[i][j]")
@@ -126,6 +128,102 @@ def cmd_status(args) -> int:
         cells = [f"{row['scores'][c]:.3f}" if c in row["scores"] else "" for c in cols]
         table.add_row(row["label"] + (" *" if row.get("promoted") else ""), *cells)
     console.print(table)
+    return 0
+
+
+def print_lineage(params) -> None:
+    """The champion and the champions before it, back to the base model."""
+    from flows.history import lineage
+
+    entries = lineage(params)
+    chain = " ← ".join(
+        e.version if e.version in ("base", "?") else f"v{e.version}" for e in entries
+    )
+    table = Table(title=f"champion lineage: {escape(chain)}")
+    table.add_column("version")
+    table.add_column("release")
+    table.add_column("strategy")
+    table.add_column("became champion")
+    for e in entries:
+        table.add_row(e.version, escape(e.release), escape(e.strategy), escape(e.how))
+    console.print(table)
+
+
+def _score(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
+def cmd_history(args) -> int:
+    from flows.config import load_params
+    from flows.history import history
+
+    params = load_params(args.params)
+    rows = history(params)
+    if not rows:
+        console.print(f"no versions of {params.model.registered_name} registered yet")
+        return 0
+    table = Table(title=f"{params.model.registered_name}: every registered version, oldest first")
+    for col, justify in [
+        ("version", "right"),
+        ("release", "left"),
+        ("strategy", "left"),
+        ("gate", "left"),
+        ("new task", "right"),
+        ("min retention", "right"),
+        ("promoted", "left"),
+        ("champion", "left"),
+    ]:
+        table.add_column(col, justify=justify)
+    for r in rows:
+        gate = r.gate + (f": {r.gate_reasons}" if r.gate == "failed" and r.gate_reasons else "")
+        promoted = ("yes" if r.promoted else "no") + (f": {r.promotion}" if r.promotion else "")
+        promoted = "\n".join([promoted, *r.notes])
+        table.add_row(
+            r.version,
+            escape(r.release),
+            escape(r.strategy),
+            escape(gate),
+            _score(r.new_task_score),
+            _score(r.min_retention),
+            escape(promoted),
+            "[bold]champion[/bold]" if r.champion else "",
+        )
+    console.print(table)
+    return 0
+
+
+def _describe(version: str | None) -> str:
+    return f"v{version}" if version else "the base model"
+
+
+def cmd_rollback(args) -> int:
+    from flows.config import load_params
+    from flows.promote import rollback
+
+    params = load_params(args.params)
+    move = rollback(params, args.version, args.reason)
+    console.print(
+        f"champion of {move.name}: {_describe(move.from_version)} → {_describe(move.to_version)} "
+        f"(rollback by {escape(move.by)} at {move.at}: {escape(move.reason)})"
+    )
+    if move.to_version is None:
+        console.print(
+            f"the {move.name}@champion alias is removed: the base model ({escape(params.model.base)})"
+            " stands in, and the next retrain is measured against it"
+        )
+    return 0
+
+
+def cmd_promote(args) -> int:
+    from flows.config import load_params
+    from flows.promote import force_promote
+
+    params = load_params(args.params)
+    move = force_promote(params, args.version, args.force, args.reason)
+    console.print(
+        f"champion of {move.name}: {_describe(move.from_version)} → {_describe(move.to_version)} "
+        f"(forced promotion by {escape(move.by)} at {move.at}: {escape(move.reason)})"
+    )
     return 0
 
 
@@ -160,18 +258,44 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo-data", help="write the embedded demo releases and probe source")
     demo.add_argument("--out", default=".cache/demo-data")
     demo.set_defaults(fn=cmd_demo_data)
-    st = sub.add_parser("status", help="the champion and the accuracy matrix")
+    st = sub.add_parser("status", help="the champion, its lineage and the accuracy matrix")
     st.set_defaults(fn=cmd_status)
+    hist = sub.add_parser(
+        "history", help="every registered version: release, strategy, gate, scores, promotion"
+    )
+    hist.set_defaults(fn=cmd_history)
+    rb = sub.add_parser(
+        "rollback",
+        help="move the champion back: to the previous champion, or to VERSION (one that was "
+        "champion before or passed the gate); 'base' removes the alias",
+    )
+    rb.add_argument("version", nargs="?", help="version number or 'base' (default: previous)")
+    rb.add_argument("--reason", help="why (required; recorded on both versions)")
+    rb.set_defaults(fn=cmd_rollback)
+    pr = sub.add_parser(
+        "promote", help="audited override: make VERSION champion whatever its gate said"
+    )
+    pr.add_argument("version")
+    pr.add_argument("--force", action="store_true", help="required: this overrides the gate")
+    pr.add_argument("--reason", help="why (required; recorded on the version)")
+    pr.set_defaults(fn=cmd_promote)
     args = parser.parse_args(argv)
     from flows.config import ParamsError
     from flows.data import DataError
+    from flows.promote import RegistryActionError
     from flows.tracking import TrackingUnavailable
     from flows.validate import ValidationFailed
 
     try:
         return args.fn(args)
-    except (ParamsError, DataError, ValidationFailed, TrackingUnavailable) as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}")
+    except (
+        ParamsError,
+        DataError,
+        ValidationFailed,
+        TrackingUnavailable,
+        RegistryActionError,
+    ) as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         return 2
 
 
