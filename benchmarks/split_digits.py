@@ -1,4 +1,5 @@
-"""Split-digits: class- and task-incremental replay and distillation on scikit-learn's digits.
+"""Split-digits: class- and task-incremental replay, distillation and (task-incremental only)
+parameter isolation on scikit-learn's digits.
 
 Protocol: ``load_digits()`` (1797 8x8 images, 10 classes), stratified 70/30 train/test split,
 5 experiences of 2 classes (class order shuffled by the seed), MLP 64-256-256 with one 10-way
@@ -12,12 +13,14 @@ setting is then trained on the whole training split and tested once per seed.
 
 Reported: final average accuracy over all experiences' test sets, backward transfer
 BWT = mean_{i<T} (R[T, i] − R[i, i]) (R[j, i]: accuracy on experience i after training on j),
-and training time per run. The same machinery runs Permuted-digits
-(``replay_permuted_digits.py``).
+and training time per run. Parameter-isolation methods (PackNet, progressive columns; task-
+incremental only) answer each learnt experience with its own parameters (``using_task``). The
+same machinery runs Permuted-digits (``replay_permuted_digits.py``).
 
-    python benchmarks/split_digits.py                       # both scenarios, ~5 min on 1 core
+    python benchmarks/split_digits.py                       # both scenarios, ~6 min on 1 core
     python benchmarks/split_digits.py --scenario class --quick
     python benchmarks/split_digits.py --methods "replay (buffer 100)"   # rerun one row, merged
+    python benchmarks/split_digits.py --scenario task --methods "PackNet,PNN (progressive)"
     python benchmarks/split_digits.py --dropout 0.5        # a variant: separate results file
 """
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import platform
 import statistics
 import sys
@@ -45,6 +49,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cf_strategies  # noqa: E402
 from cf_strategies import build_strategies, strategy_options, train_task  # noqa: E402
+from cf_strategies import packnet as _packnet  # noqa: E402, F401  (registers "packnet")
+from cf_strategies.base import using_task  # noqa: E402
+from cf_strategies.progressive import Progressive  # noqa: E402  (registers "progressive")
 
 RESULTS = Path(__file__).parent / "results"
 SEEDS = (0, 1, 2)
@@ -183,15 +190,28 @@ def run_stream(
     for name in cf_strategies.split_spec(method.spec):
         if "seed" in strategy_options(name):
             params.setdefault(name, {}).setdefault("seed", seed)
+    if "post_prune_epochs" in params.get("packnet", {}):  # PackNet prunes, then retrains
+        dense = epochs - params["packnet"].pop("post_prune_epochs")
+        if dense > 0:  # (else it prunes at the end of the experience: --quick)
+            steps = min(math.ceil(len(e.train["labels"]) / 32) for e in experiences)
+            params["packnet"]["prune_at"] = dense * steps
     strategies = build_strategies(method.spec, params)
+    isolating = [s for s in strategies if s.isolates_tasks]
     generator = torch.Generator().manual_seed(seed)
     matrix, seconds = [], 0.0
-    for exp in experiences:
+    for j, exp in enumerate(experiences):
+        for s in strategies:
+            if isinstance(s, Progressive):  # the new column, before the optimizer is built
+                s.add_column(model)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         start = time.perf_counter()
         train_task(model, Loader(exp.train, 32, generator), strategies, optimizer, ce_loss, epochs)
         seconds += time.perf_counter() - start
-        matrix.append([accuracy(model, e.test) for e in experiences])
+        row = []
+        for i, e in enumerate(experiences):  # a learnt experience answered with its parameters
+            with using_task(isolating if i <= j else [], model, i):
+                row.append(accuracy(model, e.test))
+        matrix.append(row)
     final = matrix[-1]
     bwt = statistics.mean(final[i] - matrix[i][i] for i in range(len(experiences) - 1))
     return {"final_acc": statistics.mean(final), "bwt": bwt, "train_s": seconds, "matrix": matrix}
@@ -313,6 +333,13 @@ REPLAY_GRID = {  # replayed examples per new one; one reservoir, or one per task
     "replay.per_task_quota": [False, True],
 }
 LWF_GRID = {"lwf.alpha": [0.1, 0.25, 0.5, 1.0, 2.0], "lwf.temperature": [1.0, 2.0]}
+# PackNet: the share of the free weights each experience releases, and the epochs (of 10) that
+# retrain the kept weights after pruning (post_prune_epochs, translated into prune_at)
+PACKNET_GRID = {"packnet.prune_ratio": [0.5, 0.65, 0.8, 0.9], "packnet.post_prune_epochs": [1, 2]}
+PNN_GRID = {
+    "progressive.rank": [8, 32],
+    "progressive.alpha": [16, 64, 256, 1024],
+}  # columns on every Linear
 
 
 def split_methods(task_incremental: bool) -> list[Method]:
@@ -331,12 +358,20 @@ def split_methods(task_incremental: bool) -> list[Method]:
             {"der": BUFFER},
             {"der.alpha": ALPHAS, "der.beta": BETAS},
         ),
+    ] + (isolation_methods() if task_incremental else [])
+
+
+def isolation_methods() -> list[Method]:
+    """Parameter isolation needs the experience id at test time: task-incremental only."""
+    return [
+        Method("PackNet", "packnet", grid=PACKNET_GRID),
+        Method("PNN (progressive)", "progressive", {"progressive": {"streams": "own"}}, PNN_GRID),
     ]
 
 
 SPLIT_REFERENCE = {
     "class": {"naive": 19.4, "replay (buffer 100)": 88.5, "DER (buffer 100)": 91.2},
-    "task": {"naive": 98.5, "LwF": 99.5},
+    "task": {"naive": 98.5, "LwF": 99.5, "PackNet": 96.8, "PNN (progressive)": 99.9},
 }
 
 

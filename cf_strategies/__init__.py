@@ -15,7 +15,16 @@ from cf_strategies import der, label_smoothing, lwf, replay, self_rehearsal  # n
 
 # isort: split
 from cf_strategies import ilora, wise  # noqa: F401  (fast/slow learners, weight-space interpolation)
-from cf_strategies.base import Strategy, TaskContext, snapshot, trainable_parameters
+
+# isort: split
+from cf_strategies import packnet, progressive  # noqa: F401  (parameter isolation)
+from cf_strategies.base import (
+    Strategy,
+    TaskContext,
+    snapshot,
+    trainable_parameters,
+    using_task,
+)
 from cf_strategies.registry import (
     STRATEGIES,
     build_strategies,
@@ -54,5 +63,6 @@ __all__ = [
     "strategy_options",
     "train_task",
     "trainable_parameters",
+    "using_task",
     "validate_spec",
 ]

@@ -18,6 +18,11 @@ State that must survive to the next release (Fisher diagonals, importances, buff
 returned by ``state_dict()`` and saved with ``save(folder)`` as safetensors + JSON, never pickle.
 Every hook is a no-op here, so a strategy overrides only what it needs.
 
+Parameter-isolation strategies (packnet, progressive) keep parameters of each task apart and
+answer for one task at a time: ``use_task(model, task)`` selects it (a no-op for every other
+strategy, whose parameters are shared by all tasks) and ``using_task(strategies, model, task)``
+does so for a block and restores the latest task after it.
+
 Helpers shared by strategies: ``trainable_parameters`` / ``snapshot`` / ``align_to`` (per-parameter
 state by name), ``quadratic_terms`` (a vectorised Σ w·(θ − θ*)² with an exact, cheap backward) and
 ``split_batch`` / ``move_batch`` / ``logits_of`` / ``is_causal_lm`` / ``example_nll`` (the log-likelihood of a batch,
@@ -28,7 +33,8 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -269,6 +275,10 @@ class Strategy:
     #: True when the strategy may train on ``TaskContext.rehearsal_prompts`` (validation then
     #: checks that no rehearsal prompt is a probe prompt).
     uses_rehearsal_prompts: ClassVar[bool] = False
+    #: True for parameter isolation (packnet, progressive): every task keeps parameters of its own
+    #: and is answered through ``use_task``. A merged model cannot hold several tasks, so such a
+    #: model is kept unmerged: each task's model is rebuilt from the base weights and ``save``'s state.
+    isolates_tasks: ClassVar[bool] = False
 
     def prepare(self, context: TaskContext) -> None:
         """Called before ``before_task`` by a pipeline, with what it knows about the task."""
@@ -293,6 +303,12 @@ class Strategy:
 
     def after_task(self, model: nn.Module, data: Iterable[Batch] | None = None) -> None:
         """Called once after training on a task; ``data`` iterates over that task's batches."""
+
+    def use_task(self, model: nn.Module, task: int | str | None) -> None:
+        """Make ``model`` answer with the parameters of ``task``: its index in the order the tasks
+        were learned (negative from the end), the release name it was learned under
+        (``TaskContext.release``), or None for the latest, i.e. the model as trained. Call it
+        between tasks. A no-op here: without parameter isolation every task shares the weights."""
 
     def reanchor(self, model: nn.Module) -> None:
         """The model's trainable weights now stand where the last task ended, under other values:
@@ -340,3 +356,38 @@ class Strategy:
         names = list(inspect.signature(type(self).__init__).parameters)[1:]
         options = ", ".join(f"{k}={getattr(self, k)!r}" for k in names if hasattr(self, k))
         return f"{type(self).__name__}({options})"
+
+
+@contextmanager
+def using_task(
+    strategies: Iterable[Strategy], model: nn.Module, task: int | str | None
+) -> Iterator[nn.Module]:
+    """``with using_task(strategies, model, task): ...`` answers with ``task``'s parameters inside
+    the block (``use_task``) and with the latest task's after it."""
+    strategies = list(strategies)
+    for s in strategies:
+        s.use_task(model, task)
+    try:
+        yield model
+    finally:
+        for s in strategies:
+            s.use_task(model, None)
+
+
+def task_index(task: int | str | None, names: Sequence[str], strategy: str) -> int:
+    """The index of ``task`` among the tasks learned, ``names`` in learning order: an index
+    (negative from the end), a name (its latest use), or None for the latest task."""
+    if not names:
+        raise ValueError(f"{strategy}: no task learned yet, so there is no task to answer with")
+    if task is None:
+        return len(names) - 1
+    if isinstance(task, str):
+        if task not in names:
+            raise ValueError(f"{strategy}: unknown task {task!r}; tasks learned: {list(names)}")
+        return len(names) - 1 - list(reversed(names)).index(task)
+    index = int(task)
+    if not -len(names) <= index < len(names):
+        raise ValueError(
+            f"{strategy}: task {index} is out of range: {len(names)} task(s) learned, {list(names)}"
+        )
+    return index % len(names)
