@@ -3,8 +3,10 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT    := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get
 
-.PHONY: install demo test test-fast lint mlflow-ui clean-workspace
+.PHONY: install browser demo test test-fast lint mlflow-ui clean-workspace
 
 $(STAMP): pyproject.toml requirements-offline-assets.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,10 +17,14 @@ $(STAMP): pyproject.toml requirements-offline-assets.txt
 
 install: $(STAMP)
 
+browser:   ## headless Chromium (Debian's package) for the MLflow UI test
+	@command -v chromium >/dev/null || $(APT) install -y --no-install-recommends chromium \
+	  || { $(APT) update && $(APT) install -y --no-install-recommends chromium; }
+
 demo: install   ## retrain on the next embedded demo release (SmolLM2 + Wikipedia summaries)
 	$(BIN)/forgetless run
 
-test: install   ## everything, the slow SmolLM2 smoke run included (CI runs this)
+test: install browser   ## everything, the slow SmolLM2 smoke run included (CI runs this)
 	$(BIN)/pytest
 
 test-fast: install

@@ -3,22 +3,53 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 import cf_strategies
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """A section of params.yaml: unknown keys are errors, numbers are finite, and YAML's
+    ``true``/``false`` are booleans only (never the number 1 or 0, nor from 1 or "yes")."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _booleans_are_not_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        kind = _plain(cls.model_fields[info.field_name].annotation)
+        if kind is bool and not isinstance(value, bool):
+            raise ValueError("Input should be a valid boolean: true or false")
+        values = [value]
+        if get_origin(kind) is dict and isinstance(value, dict):
+            kind, values = _plain(get_args(kind)[1]), list(value.values())
+        if kind in (int, float) and any(isinstance(v, bool) for v in values):
+            raise ValueError("Input should be a number, not true/false")
+        return value
+
+
+def _plain(annotation: Any) -> Any:
+    """The type under ``Annotated[...]`` constraints."""
+    return get_args(annotation)[0] if get_origin(annotation) is Annotated else annotation
+
+
+NonEmptyStr = Annotated[str, Field(min_length=1)]
 
 
 class ModelConfig(Section):
-    base: str = "embedded:smollm2-135m-instruct"
+    base: NonEmptyStr = "embedded:smollm2-135m-instruct"
     cache_dir: Path = Path(".cache/models")
-    registered_name: str = "forgetless-lm"
+    registered_name: NonEmptyStr = "forgetless-lm"
     use_chat_template: bool = True
 
 
@@ -34,6 +65,8 @@ class DataConfig(Section):
 class ProbesConfig(Section):
     sources: list[Path] = []
     per_category: int = Field(40, ge=1)
+    min_known: int = Field(30, ge=0)
+    dev_fraction: float = Field(0.5, ge=0.0, lt=1.0)
     seed: int = 0
 
 
@@ -41,7 +74,22 @@ class LoraConfig(Section):
     r: int = Field(16, ge=1)
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    target_modules: list[NonEmptyStr] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1
+    )
+
+
+def pipeline_strategy(spec: str) -> None:
+    """A valid spec the pipeline can run: it merges each release's adapter into one model, so
+    strategies that keep per-task parameters (packnet, progressive) are refused until it serves
+    a model per task; use them from ``cf_strategies`` directly."""
+    for name in cf_strategies.validate_spec(spec):
+        if cf_strategies.STRATEGIES[name].isolates_tasks:
+            raise ValueError(
+                f"strategy {name!r} keeps parameters per task and needs a task id at inference; "
+                "the pipeline merges every release into one model and cannot serve it yet "
+                "(use it from cf_strategies directly)"
+            )
 
 
 class TrainConfig(Section):
@@ -57,6 +105,8 @@ class TrainConfig(Section):
     warmup_steps: int = Field(0, ge=0)
     seed: int = 0
     logging_steps: int = Field(1, ge=1)
+    candidates: dict[str, dict[str, Any]] = {}
+    parallel_candidates: int = Field(1, ge=1)
 
     @field_validator("strategy_params")
     @classmethod
@@ -67,7 +117,21 @@ class TrainConfig(Section):
     @field_validator("strategy")
     @classmethod
     def _valid_spec(cls, v):
-        cf_strategies.validate_spec(v)
+        pipeline_strategy(v)
+        return v
+
+    @field_validator("candidates")
+    @classmethod
+    def _valid_candidates(cls, v, info):
+        from flows.tournament import grid
+
+        for spec, options in v.items():
+            pipeline_strategy(spec)
+            for chosen in grid(spec, options or {}):
+                merged = dict(info.data.get("strategy_params") or {})
+                for name, opts in chosen.items():
+                    merged[name] = {**merged.get(name, {}), **opts}
+                cf_strategies.validate_spec(spec, merged)
         return v
 
 
@@ -77,21 +141,30 @@ class EvaluateConfig(Section):
     new_task_max_new_tokens: int = Field(8, ge=1)
 
 
+class UncertainPolicy(Section):
+    """What a check decides when its interval straddles the threshold."""
+
+    retention: Literal["fail", "point_estimate"] = "fail"
+    new_task: Literal["fail", "point_estimate"] = "point_estimate"
+
+
 class GateConfig(Section):
     min_retention: float = Field(0.9, ge=0)
-    min_retention_per_task: dict[str, float] = {}
+    min_retention_per_task: dict[str, Annotated[float, Field(ge=0)]] = {}
     min_new_task_score: float = Field(0.5, ge=0)
-    min_new_task_gain: float = 0.0
+    min_new_task_gain: float = Field(0.0, ge=-1)  # a difference of two scores in [0, 1]
     beat_champion: bool = True
+    confidence: float = Field(0.9, gt=0.0, lt=1.0)
+    when_uncertain: UncertainPolicy = UncertainPolicy()
 
 
 class TrackingConfig(Section):
     uri: str | None = None
-    experiment: str = "forgetless"
+    experiment: NonEmptyStr = "forgetless"
 
 
 class VersioningConfig(Section):
-    remote: str = "dvc-remote"
+    remote: NonEmptyStr = "dvc-remote"
 
 
 class Params(Section):

@@ -1,22 +1,38 @@
-"""Step 3, probes: build the frozen old-task probe set and score it on the current champion.
+"""Step 3, probes: build the frozen old-task probe set, split it into dev and test, and score it
+on the current champion.
 
-The probe set is every probe source (by default the embedded general-knowledge probes) plus the
-held-out eval items of every release the champion has learned, sampled stratified by
-(task, category), written as JSONL, tracked by DVC, and scored on the champion: that score is
-the baseline retention is measured against.
+The candidates for probe items are every probe source (by default the embedded general-knowledge
+probes) plus the held-out eval items of every release the champion has learned. Per probe task:
+
+1. a stratified sample of ``probes.per_category`` items per (task, category), in a reproducible
+   order (``probes.seed``);
+2. scored on the champion; while the task holds fewer items the champion answers right than it
+   needs for ``probes.min_known`` of them to land in the test part, more items are drawn from
+   the rest of its sources (round robin over categories) and scored. A task whose sources run out
+   first is listed in ``too_small``: the gate reports it as too small to decide;
+3. split stratified by (task, category, champion right or wrong) into ``probes/dev.jsonl``
+   (share ``probes.dev_fraction``: for choosing strategies and strengths) and ``probes/test.jsonl``
+   (the only items the gate reads). Both are tracked by DVC.
+
+The champion's per-item results are the baseline retention is measured against, item by item.
 """
 
 from __future__ import annotations
 
+import math
 import random
+import time
 from collections import defaultdict
+from itertools import zip_longest
 from pathlib import Path
 
 from flows.config import Params
-from flows.data import as_probe_record, load_release, read_jsonl, write_jsonl
+from flows.data import as_probe_record, load_release, probe_example, read_jsonl, write_jsonl
 from flows.demo_data import build_demo
-from flows.evaluate import score_model
+from flows.evaluate import Scorer, accuracy, read_results, write_results
 from flows.records import ChampionRef, ProbeSet
+from flows.scoring import accuracy_by_task
+from flows.splits import stratified_split
 from flows.version import track_file
 
 
@@ -39,7 +55,12 @@ def learned_probe_items(params: Params, champion: ChampionRef) -> list[dict]:
 def collect_probe_items(params: Params, champion: ChampionRef) -> list[dict]:
     """All candidate probe items: the sources, then each learned release's eval items."""
     items = [r for src in probe_sources(params) for _, r in read_jsonl(src)]
-    return items + learned_probe_items(params, champion)
+    items += learned_probe_items(params, champion)
+    ids = [(r["task"], r["id"]) for r in items]
+    dupes = {i for i in ids if ids.count(i) > 1}
+    if dupes:
+        raise ValueError(f"probe ids repeat within a task: {sorted(dupes)[:5]}")
+    return items
 
 
 def stratified(items: list[dict], per_group: int, seed: int) -> list[dict]:
@@ -55,33 +76,112 @@ def stratified(items: list[dict], per_group: int, seed: int) -> list[dict]:
     return chosen
 
 
+def sampling_order(
+    items: list[dict], per_group: int, seed: int
+) -> dict[str, tuple[list[dict], int]]:
+    """Per task, its items in the order they are drawn, and how many form the first sample: the
+    stratified sample first, then the other items round robin over categories, each category
+    in a seeded shuffle."""
+    first = stratified(items, per_group, seed)
+    chosen = {(r["task"], r["id"]) for r in first}
+    rest: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in sorted(items, key=lambda r: r["id"]):
+        if (r["task"], r["id"]) not in chosen:
+            rest[r["task"]][r.get("category", "")].append(r)
+    order = {}
+    for task in sorted({r["task"] for r in items}):
+        cats = [rest[task][c] for c in sorted(rest[task])]
+        for c, group in zip(sorted(rest[task]), cats, strict=True):
+            random.Random(f"{seed}:{task}:{c}").shuffle(group)
+        head = [r for r in first if r["task"] == task]
+        tail = [r for row in zip_longest(*cats) for r in row if r is not None]
+        order[task] = (head + tail, len(head))
+    return order
+
+
 def build_probe_set(params: Params, champion: ChampionRef, out: Path) -> tuple[Path, list[str]]:
+    """The first stratified sample alone, unsplit (the benchmarks' fixed probe set)."""
     items = stratified(
         collect_probe_items(params, champion), params.probes.per_category, params.probes.seed
     )
-    ids = [(r["task"], r["id"]) for r in items]
-    dupes = {i for i in ids if ids.count(i) > 1}
-    if dupes:
-        raise ValueError(f"probe ids repeat within a task: {sorted(dupes)[:5]}")
     write_jsonl(out, items)
     return out, sorted({r["task"] for r in items})
+
+
+def split_dev_test(
+    items: list[dict], correct: dict[tuple[str, str], bool], dev_fraction: float, seed: int
+) -> tuple[list[dict], list[dict]]:
+    """Probe items into (dev, test), stratified by (task, category, champion right)."""
+    return stratified_split(
+        items,
+        lambda r: (r["task"], r.get("category", ""), correct[(r["task"], r["id"])]),
+        lambda r: r["id"],
+        dev_fraction,
+        seed,
+    )
+
+
+def known_needed(min_known: int, dev_fraction: float) -> int:
+    """Known items a task needs in all so that about ``min_known`` land in the test part."""
+    return math.ceil(min_known / (1.0 - dev_fraction))
+
+
+def sample_with_known(
+    order: dict[str, tuple[list[dict], int]], needed: int, scorer: Scorer
+) -> tuple[list[dict], list[dict]]:
+    """Draw each task's first sample, then more items in order until the champion answers
+    ``needed`` of them right or the task runs out. Returns (items, the champion's results)."""
+    items, results = [], []
+    for queue, take in order.values():
+        drawn, got = queue[:take], scorer.score([probe_example(r) for r in queue[:take]])
+        while sum(r["correct"] for r in got) < needed and take < len(queue):
+            known = sum(r["correct"] for r in got)
+            rate = max(known / max(1, len(got)), 0.1)  # expected share right among new draws
+            more = min(len(queue) - take, max(16, math.ceil((needed - known) / rate)))
+            batch = queue[take : take + more]
+            drawn, got = drawn + batch, got + scorer.score([probe_example(r) for r in batch])
+            take += more
+        items += drawn
+        results += got
+    return items, results
 
 
 def create_probe_set(
     params: Params, release_dir: Path, champion: ChampionRef, run_dir: Path
 ) -> ProbeSet:
-    """Build, version and score the probe set; the champion's scores are the baseline."""
-    ws = params.workspace_dir
-    path, tasks = build_probe_set(params, champion, ws / "probes" / "probe_set.jsonl")
-    dvc_hash = track_file(path, ws, f"Probe set for {release_dir.name}")
-    scores = score_model(params, champion.model_dir, path, release_dir, run_dir / "baseline")
+    """Build, score, split and version the probe set; the champion's results are the baseline."""
+    start = time.perf_counter()
+    cfg, ws = params.probes, params.workspace_dir
+    order = sampling_order(collect_probe_items(params, champion), cfg.per_category, cfg.seed)
+    scorer = Scorer(params, champion.model_dir)
+    needed = known_needed(cfg.min_known, cfg.dev_fraction)
+    items, results = sample_with_known(order, needed, scorer)
+    correct = {(r["task"], r["id"]): bool(r["correct"]) for r in results}
+    dev, test = split_dev_test(items, correct, cfg.dev_fraction, cfg.seed)
+    test_keys = {(r["task"], r["id"]) for r in test}
+    split = {k: ("test" if k in test_keys else "dev") for k in correct}
+    results = [r | {"split": split[(r["task"], r["id"])]} for r in results]
+    out = run_dir / "baseline"
+    write_results(out / "probes.jsonl", results)
+    new_task = write_results(out / "new_task.jsonl", scorer.score_new_task(release_dir))
+    test_path = write_jsonl(ws / "probes" / "test.jsonl", test)
+    dev_path = write_jsonl(ws / "probes" / "dev.jsonl", dev)
+    dvc_hash = track_file(test_path, ws, f"Probe set (test) for {release_dir.name}")
+    track_file(dev_path, ws, f"Probe set (dev) for {release_dir.name}")
+    test_results = [r for r in results if r["split"] == "test"]
+    known = {t: sum(r["correct"] for r in test_results if r["task"] == t) for t in sorted(order)}
     return ProbeSet(
-        path=path,
+        path=test_path,
+        dev_path=dev_path,
         dvc_hash=dvc_hash,
-        n_items=len(read_jsonl(path)),
-        tasks=tasks,
-        baseline=scores.probe_scores,
-        new_task_baseline=scores.new_task_score,
+        n_items=len(test),
+        n_dev=len(dev),
+        tasks=sorted(order),
+        baseline=accuracy_by_task(test_results),
+        known=known,
+        too_small=[t for t, k in known.items() if k < cfg.min_known],
+        champion_results=out,
+        new_task_baseline=accuracy(read_results(new_task)),
         champion=champion,
-        baseline_seconds=scores.seconds,
+        baseline_seconds=time.perf_counter() - start,
     )

@@ -76,16 +76,22 @@ class ChampionRef(Record):
 
 
 class ProbeSet(Record):
-    """Step 3: the frozen probe set and its baseline scores on the champion."""
+    """Step 3: the frozen probe set, split into a dev part (for selection) and a test part (for
+    the gate), and the champion's scores on it: the baseline retention is measured against."""
 
-    path: Path
-    dvc_hash: str
-    n_items: int
+    path: Path  # the test part: the only probes the gate reads
+    dvc_hash: str  # of the test part
+    n_items: int  # in the test part
     tasks: list[str]
-    baseline: dict[str, float]  # task -> score of the champion
+    baseline: dict[str, float]  # task -> the champion's score on the test part
+    known: dict[str, int] = {}  # task -> test items the champion answers right
+    too_small: list[str] = []  # tasks with fewer known test items than probes.min_known
     new_task_baseline: float  # the champion's score on the new release's eval set
     champion: ChampionRef
     baseline_seconds: float = 0.0
+    dev_path: Path | None = None  # the dev part: for choosing strategies, never for the gate
+    n_dev: int = 0
+    champion_results: Path | None = None  # the champion's per-item results, both parts
 
 
 class TrainResult(Record):
@@ -98,8 +104,26 @@ class TrainResult(Record):
     log_history: list[dict] = []
 
 
+class TaskRetention(Record):
+    """One probe task on the test probes: the paired results of champion and candidate."""
+
+    n: int  # test items
+    known: int  # items the champion answers right
+    lost: int  # known items the candidate answers wrong
+    gained: int  # items only the candidate answers right
+    champion_score: float
+    candidate_score: float
+    retention: float  # candidate score / champion score
+    retention_low: float  # its confidence interval (paired bootstrap over items)
+    retention_high: float
+    known_retained: float  # share of the known items still right: 1 - lost / known
+    known_retained_low: float  # its exact (Clopper-Pearson) interval
+    known_retained_high: float
+    too_small: bool  # fewer known items than probes.min_known: too small to decide
+
+
 class EvalReport(Record):
-    """Step 5: candidate scores, and retention against the probe baseline."""
+    """Step 5: candidate scores, and retention against the probe baseline, with intervals."""
 
     scores: dict[str, float]  # probe task -> candidate score
     baseline: dict[str, float]
@@ -108,6 +132,11 @@ class EvalReport(Record):
     new_task_score: float
     new_task_baseline: float
     eval_seconds: float
+    confidence: float = 0.0  # the level of every interval below (0: none computed)
+    tasks: dict[str, TaskRetention] = {}
+    new_task_n: int = 0
+    new_task_interval: tuple[float, float] | None = None  # exact interval of the score
+    new_task_gain_interval: tuple[float, float] | None = None  # paired bootstrap, vs champion
 
 
 class GateCheck(Record):
@@ -115,11 +144,21 @@ class GateCheck(Record):
     value: float
     threshold: float
     passed: bool
+    interval: tuple[float, float] | None = None  # the value's confidence interval
+    note: str = ""  # e.g. "interval straddles the threshold", "too small to decide"
+    strict: bool = False  # the value must be above the threshold, not merely reach it
+
+    @property
+    def meets(self) -> bool:
+        """Whether the value itself is on the passing side of the threshold."""
+        return self.value > self.threshold if self.strict else self.value >= self.threshold
 
     def __str__(self) -> str:
-        op = ">=" if self.passed else "<"
+        op = (">" if self.strict else ">=") if self.meets else ("<=" if self.strict else "<")
+        ci = f" [{self.interval[0]:.3f}, {self.interval[1]:.3f}]" if self.interval else ""
         verdict = "ok" if self.passed else "FAILED"
-        return f"{self.name} = {self.value:.3f} {op} {self.threshold:.3f}: {verdict}"
+        note = f" ({self.note})" if self.note else ""
+        return f"{self.name} = {self.value:.3f}{ci} {op} {self.threshold:.3f}: {verdict}{note}"
 
 
 class GateDecision(Record):

@@ -41,12 +41,16 @@ def code_commit() -> str:
     return done.stdout.strip() or "unknown"
 
 
+# Kept whole, as JSON: their keys are strategy specs ("lwf+replay"), not valid param names.
+AS_JSON = {"train.candidates"}
+
+
 def flat_params(params: Params) -> dict[str, str]:
     data = params.model_dump(mode="json", exclude={"root"})
     out: dict[str, str] = {}
 
     def walk(prefix: str, node) -> None:
-        if isinstance(node, dict) and node:
+        if isinstance(node, dict) and node and prefix not in AS_JSON:
             for k, v in node.items():
                 walk(f"{prefix}.{k}" if prefix else k, v)
         else:
@@ -87,6 +91,16 @@ def register(
         metrics = {f"probe_score.{t}": s for t, s in report.scores.items()}
         metrics |= {f"baseline.{t}": s for t, s in report.baseline.items()}
         metrics |= {f"retention.{t}": r for t, r in report.retention.items()}
+        for t, stats in report.tasks.items():
+            metrics |= {
+                f"retention_low.{t}": stats.retention_low,
+                f"retention_high.{t}": stats.retention_high,
+                f"known_retained.{t}": stats.known_retained,
+                f"known_items.{t}": stats.known,
+                f"lost_items.{t}": stats.lost,
+            }
+        if report.new_task_interval:
+            metrics["new_task_score_low"], metrics["new_task_score_high"] = report.new_task_interval
         metrics |= {
             "new_task_score": report.new_task_score,
             "new_task_baseline": report.new_task_baseline,
@@ -108,8 +122,10 @@ def register(
             }
         )
         mlflow.log_input(
-            _dataset(probe_set.path, "probe_set", probe_set.dvc_hash[:8]), context="probe"
+            _dataset(probe_set.path, "probe_test", probe_set.dvc_hash[:8]), context="probe-test"
         )
+        if probe_set.dev_path:
+            mlflow.log_input(_dataset(probe_set.dev_path, "probe_dev"), context="probe-dev")
         mlflow.log_input(
             _dataset(release.path / "eval.jsonl", f"{release.name}-eval"), context="eval"
         )
@@ -151,3 +167,35 @@ def register(
 def log_artifact(params: Params, run_id: str, path: Path, folder: str = "plots") -> None:
     """Attach a file made after registration (the accuracy heatmap) to the retrain's run."""
     client(params).log_artifact(run_id, str(path), folder)
+
+
+def log_candidates(params: Params, parent_run_id: str, results: list) -> None:
+    """One child run per tournament candidate under the retrain's run: its strategy and
+    options, dev scores and whether it won (``flows/tournament.CandidateResult``)."""
+    c = client(params)
+    for r in results:
+        run = c.create_run(
+            experiment_id(params),
+            run_name=r.candidate.label,
+            tags={
+                "mlflow.parentRunId": parent_run_id,
+                "strategy": r.candidate.strategy,
+                "winner": str(r.winner).lower(),
+                "eligible_on_dev": str(r.eligible).lower(),
+                "note": r.note,
+            },
+        )
+        rid = run.info.run_id
+        c.log_param(rid, "train.strategy", r.candidate.strategy)
+        for name, options in r.candidate.strategy_params.items():
+            for key, value in options.items():
+                c.log_param(rid, f"train.strategy_params.{name}.{key}", json.dumps(value))
+        metrics = {f"dev.retention.{t}": v for t, v in r.dev.retention.items()}
+        metrics |= {
+            "dev.new_task_score": r.dev.new_task_score,
+            "dev.min_retention": r.min_retention,
+            "train_seconds": r.trained.train_seconds,
+        }
+        for key, value in metrics.items():
+            c.log_metric(rid, key, value)
+        c.set_terminated(rid)

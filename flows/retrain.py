@@ -7,12 +7,14 @@ to a Prefect server with a schedule; ``finetune`` is the step to send to a GPU w
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 
 from flows import accuracy_matrix, demo_data
 from flows.config import Params, load_params
@@ -26,12 +28,22 @@ from flows.records import (
     ChampionRef,
     EvalReport,
     GateDecision,
+    ProbeSet,
     Promotion,
     Record,
     Registration,
-    TrainResult,
 )
-from flows.register import log_artifact, register
+from flows.register import log_artifact, log_candidates, register
+from flows.report import write_report
+from flows.tournament import (
+    CandidateResult,
+    candidate_dir,
+    candidate_params,
+    choose,
+    expand_candidates,
+    judge,
+    summary_rows,
+)
 from flows.tracking import TrackingUnavailable, current_champion
 from flows.validate import ValidationFailed, validate_step
 from flows.version import version_release
@@ -94,6 +106,43 @@ register_task = task(register, name="register", **io)
 promote_task = task(promote, name="promote")
 
 
+def run_tournament(
+    params: Params, champion: ChampionRef, release_dir: Path, probe_set: ProbeSet, run_dir: Path
+) -> list[CandidateResult]:
+    """Train every candidate of ``train.candidates`` (``parallel_candidates`` at a time), score
+    each on the dev parts only, and mark the winner (``flows/tournament.py``)."""
+    candidates = expand_candidates(params)
+    results = []
+    at_once = params.train.parallel_candidates
+    for batch in (candidates[i : i + at_once] for i in range(0, len(candidates), at_once)):
+        running = [
+            (
+                c,
+                finetune_task.with_options(name=f"finetune[{c.label}]").submit(
+                    candidate_params(params, c), champion, release_dir, candidate_dir(run_dir, c)
+                ),
+            )
+            for c in batch
+        ]
+        for c, future in running:
+            trained = future.result()
+            dev = evaluate_task.with_options(name=f"evaluate-dev[{c.label}]")(
+                candidate_params(params, c),
+                trained.model_dir,
+                probe_set,
+                release_dir,
+                run_dir,
+                "dev",
+                candidate_dir(run_dir, c) / "dev",
+            )
+            results.append(judge(c, trained, dev, params))
+    results = choose(results)
+    (run_dir / "tournament.json").write_text(
+        json.dumps([r.model_dump(mode="json") for r in results], indent=1)
+    )
+    return results
+
+
 @flow(name="forgetless-retrain", log_prints=True)
 def retrain(
     params_file: str = "params.yaml",
@@ -134,11 +183,26 @@ def retrain(
 
     probe_set = timed("probes", probes_task, params, versioned.path, champion, run_dir)
     probe_set.write(run_dir / FILES["probes"])
-    log.info(f"probe set: {probe_set.n_items} items, baseline {probe_set.baseline}")
-
-    trained: TrainResult = timed(
-        "finetune", finetune_task, params, champion, versioned.path, run_dir
+    log.info(
+        f"probe set: {probe_set.n_items} test + {probe_set.n_dev} dev items, baseline "
+        f"{probe_set.baseline}, known items {probe_set.known}"
     )
+    if probe_set.too_small:
+        log.warning(
+            f"too small to decide at probes.min_known={params.probes.min_known}: "
+            f"{probe_set.too_small} (their sources hold too few items the champion knows)"
+        )
+
+    tournament: list[CandidateResult] = []
+    if params.train.candidates:
+        t = time.perf_counter()
+        tournament = run_tournament(params, champion, versioned.path, probe_set, run_dir)
+        steps["tournament"] = round(time.perf_counter() - t, 2)
+        winner = next(r for r in tournament if r.winner)
+        log.info(f"tournament winner: {winner.candidate.label} {winner.note}".strip())
+        params, trained = candidate_params(params, winner.candidate), winner.trained
+    else:
+        trained = timed("finetune", finetune_task, params, champion, versioned.path, run_dir)
     trained.write(run_dir / FILES["finetune"])
     evaluation = timed(
         "evaluate", evaluate_task, params, trained.model_dir, probe_set, versioned.path, run_dir
@@ -172,6 +236,8 @@ def retrain(
         release=versioned.name,
     )
     registration.write(run_dir / FILES["register"])
+    if tournament:
+        log_candidates(params, registration.run_id, tournament)
     promotion = timed("promote", promote_task, params, registration, decision, champion.version)
     promotion.write(run_dir / FILES["promote"])
     matrix = accuracy_matrix.record_scores(
@@ -179,6 +245,14 @@ def retrain(
     )
     log_artifact(
         params, registration.run_id, accuracy_matrix.plot(matrix, run_dir / "accuracy_matrix.png")
+    )
+    html_report, md_report = write_report(params, run_dir, matrix, summary_rows(tournament))
+    for path in (html_report, md_report, *sorted((run_dir / "plots").glob("*.png"))):
+        log_artifact(params, registration.run_id, path, "report")
+    create_markdown_artifact(
+        markdown=md_report.read_text(),
+        key="forgetting-report",
+        description=f"Forgetting report of {versioned.name}",
     )
     summary = RetrainSummary(
         release=versioned.name,

@@ -58,6 +58,11 @@ def run_stage(name: str, params: Params, run_dir: Path, release_dir: Path | None
             raise ValidationFailed(read(ValidationReport, "validate"))
         record = create_probe_set(params, versioned.path, current_champion(params), run_dir)
     elif name == "finetune":
+        if params.train.candidates:
+            raise ValueError(
+                "train.candidates is set: a strategy tournament runs in the Prefect flow "
+                "(forgetless run); the DVC stages train train.strategy alone"
+            )
         probe_set = read(ProbeSet, "probes")
         versioned = read(VersionedRelease, "version")
         record = finetune(params, probe_set.champion, versioned.path, run_dir)

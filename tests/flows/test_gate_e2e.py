@@ -61,7 +61,8 @@ def product_gate_params(tmp_path: Path, old_task: dict[str, Path]) -> Path:
         tmp_path,
         old_task["model"],
         tmp_path / "demo",  # never built: the probes, rehearsal prompts and release are given
-        probes={"sources": [str(old_task["probes"])], "per_category": 64},
+        # Half the 32 probes are dev, half test; the champion knows all 16 test items.
+        probes={"sources": [str(old_task["probes"])], "per_category": 64, "min_known": 12},
         train={
             "strategy": "naive",
             "learning_rate": 0.005,  # the same for both strategies; only the strategy differs
@@ -101,8 +102,15 @@ def test_the_product_gate_rejects_forgetting_and_promotes_a_strategy_that_preven
     # (a) naive: the new task is learned, the capitals are forgotten, the gate says no.
     naive = retrain(params_file=str(params_file), release=release)
     assert naive.strategy == "naive" and naive.champion_at_start is None
-    probe_items = [json.loads(line) for line in (ws / "probes" / "probe_set.jsonl").open()]
+    probe_items = [
+        json.loads(line)
+        for part in ("test", "dev")
+        for line in (ws / "probes" / f"{part}.jsonl").open()
+    ]
     assert sum(p["task"] == OLD_TASK for p in probe_items) == N_PROBES
+    stats = naive.eval.tasks[OLD_TASK]
+    assert stats.n == N_PROBES // 2 and not stats.too_small
+    assert stats.retention_high < threshold  # forgetting shown, not only estimated
     ev = naive.eval
     assert set(ev.baseline) == {OLD_TASK}
     assert ev.baseline[OLD_TASK] >= 0.9  # the champion knows its probes: retention means something
@@ -140,6 +148,7 @@ def test_the_product_gate_rejects_forgetting_and_promotes_a_strategy_that_preven
     ev2 = kept.eval
     assert ev2.baseline == ev.baseline  # the same champion, the same probes: the same yardstick
     assert ev2.retention[OLD_TASK] >= threshold
+    assert ev2.tasks[OLD_TASK].retention_low >= threshold  # retention shown at the confidence
     assert ev2.new_task_score >= gate.min_new_task_score
     assert ev2.new_task_score > ev2.new_task_baseline
     assert kept.gate.passed, kept.gate.reasons
@@ -154,3 +163,58 @@ def test_the_product_gate_rejects_forgetting_and_promotes_a_strategy_that_preven
         ("v2", True),
     ]
     assert matrix["rows"][2]["scores"][OLD_TASK] == ev2.scores[OLD_TASK]
+
+
+def jsonl_keys(path: Path) -> set[tuple[str, str]]:
+    return {(r["task"], r["id"]) for r in map(json.loads, path.open())}
+
+
+def test_a_tournament_chooses_on_dev_and_only_the_winner_is_gated_on_test(tmp_path, old_task):
+    """Two candidates with the same settings: naive forgets on the dev probes, the protecting
+    strategy keeps them; the latter wins, is gated on the test probes and promoted. Nothing that
+    chose it scored a test item."""
+    params_file = product_gate_params(tmp_path, old_task)
+    summary = retrain(
+        params_file=str(params_file),
+        release=str(old_task["release"]),
+        overrides={"train.candidates": {"naive": {}, PROTECTING: {}}},
+    )
+    params = load_params(params_file)
+    ws, run_dir = params.workspace_dir, summary.run_dir
+    results = json.loads((run_dir / "tournament.json").read_text())
+    by_label = {r["candidate"]["label"]: r for r in results}
+    assert list(by_label) == ["naive", PROTECTING]
+    assert not by_label["naive"]["eligible"] and by_label["naive"]["note"] == "forgets on dev"
+    assert by_label["naive"]["dev"]["retention"][OLD_TASK] < PRODUCT_GATE.min_retention
+    assert by_label[PROTECTING]["eligible"] and by_label[PROTECTING]["winner"]
+    assert summary.strategy == PROTECTING
+    assert summary.gate.passed and summary.promotion.promoted, summary.gate.reasons
+
+    # Selection never read a test item: every item a candidate was scored on is dev.
+    test_probes = jsonl_keys(ws / "probes" / "test.jsonl")
+    dev_probes = jsonl_keys(ws / "probes" / "dev.jsonl")
+    test_new_task = jsonl_keys(run_dir / "candidate" / "new_task.jsonl")
+    scored_in_selection = [p for p in (run_dir / "candidates").rglob("*.jsonl")]
+    assert len(scored_in_selection) == 4  # probes + new task, per candidate
+    for path in scored_in_selection:
+        keys = jsonl_keys(path)
+        assert keys and not keys & test_probes and not keys & test_new_task, path
+    assert jsonl_keys(run_dir / "candidate" / "probes.jsonl") == test_probes  # the gate: test
+    assert all(
+        jsonl_keys(run_dir / "candidates" / name / "dev" / "probes.jsonl") == dev_probes
+        for name in ("naive", PROTECTING)
+    )
+    assert summary.eval.new_task_n == len(test_new_task) == 8  # the test half of 16
+
+    # MLflow: the registered run is the winner's; each candidate is a child run.
+    client = MlflowClient(tracking_uri=params.tracking_uri, registry_uri=params.tracking_uri)
+    parent = client.get_run(summary.registration.run_id)
+    assert parent.data.params["train.strategy"] == PROTECTING
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+    )
+    winners = {r.info.run_name: r.data.tags["winner"] for r in children}
+    assert winners == {"naive": "false", PROTECTING: "true"}
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert "report/tournament.png" in artifacts

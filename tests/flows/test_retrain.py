@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -49,9 +50,30 @@ def test_pass_then_fail_then_next_release(tmp_path, tiny_model_dir, demo_dir):
     losses = client.get_metric_history(run.info.run_id, "train_loss")
     assert [m.step for m in losses] == list(range(1, 41))
     contexts = {i.tags[0].value for i in run.inputs.dataset_inputs}
-    assert contexts == {"probe", "eval", "training"}
+    assert contexts == {"probe-test", "probe-dev", "eval", "training"}
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"gate_report.json", "eval_report.json", "plots"} <= artifacts
+    assert {"gate_report.json", "eval_report.json", "plots", "report"} <= artifacts
+    report_files = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
+    assert {
+        "report/forgetting_report.html",
+        "report/forgetting_report.md",
+        "report/gate_checks.png",
+        "report/accuracy_matrix.png",
+    } <= report_files
+    page = Path(
+        mlflow.artifacts.download_artifacts(
+            run_id=run.info.run_id,
+            artifact_path="report/forgetting_report.html",
+            tracking_uri=load_params(params_file).tracking_uri,
+            dst_path=str(tmp_path / "downloaded"),
+        )
+    ).read_text()
+    assert "gate PASSED; promoted: v1 is champion" in page
+    assert dvc_file["outs"][0]["md5"] in page  # the lineage names the release's content hash
+    stats = first.eval.tasks["general-knowledge"]
+    assert f"{stats.known} known, {stats.lost} lost, {stats.gained} gained" in page
+    assert page.count("<tr><td>lost</td>") == stats.lost  # every lost item, side by side
+    assert page.count("<tr><td>gained</td>") == stats.gained
 
     # The release is in the workspace's git history and in the DVC remote.
     log = subprocess.run(
@@ -82,8 +104,14 @@ def test_pass_then_fail_then_next_release(tmp_path, tiny_model_dir, demo_dir):
     assert second.eval.baseline["wiki-topics-1"] == pytest.approx(
         first.eval.new_task_score, abs=0.2
     )
-    probe_tasks = {json.loads(line)["task"] for line in (ws / "probes" / "probe_set.jsonl").open()}
-    assert probe_tasks == {"general-knowledge", "wiki-topics-1"}
+    test_items, dev_items = (
+        [json.loads(line) for line in (ws / "probes" / f"{part}.jsonl").open()]
+        for part in ("test", "dev")
+    )
+    assert {r["task"] for r in test_items} == {"general-knowledge", "wiki-topics-1"}
+    assert {r["task"] for r in dev_items} == {"general-knowledge", "wiki-topics-1"}
+    keys = lambda items: {(r["task"], r["id"]) for r in items}  # noqa: E731
+    assert not keys(test_items) & keys(dev_items)
 
     matrix = json.loads((ws / "accuracy_matrix.json").read_text())
     labels = [r["label"] for r in matrix["rows"]]
