@@ -279,6 +279,9 @@ class Strategy:
     #: and is answered through ``use_task``. A merged model cannot hold several tasks, so such a
     #: model is kept unmerged: each task's model is rebuilt from the base weights and ``save``'s state.
     isolates_tasks: ClassVar[bool] = False
+    #: What the strategy keeps from one release to the next (its saved state), in a few words:
+    #: each strategy declares it, ``forgetless strategies`` lists it.
+    stores: ClassVar[str] = "nothing"
 
     def prepare(self, context: TaskContext) -> None:
         """Called before ``before_task`` by a pipeline, with what it knows about the task."""

@@ -101,6 +101,7 @@ class DER(BufferStrategy):
     """DER (β = 0) and DER++ (β > 0): logit matching on replayed examples, plus their labels."""
 
     name = "der"
+    stores = "raw examples and their logits (top-k per supervised token)"
 
     def __init__(
         self,

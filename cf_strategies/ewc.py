@@ -52,6 +52,7 @@ class EWC(ImportanceRegulariser):
     """Online EWC: ``λ/2·Σ F (θ − θ*)²`` with a per-example diagonal Fisher, decayed by γ."""
 
     name = "ewc"
+    stores = "per-weight importances (Fisher diagonal) and anchor weights θ*"
 
     def __init__(
         self,

@@ -47,6 +47,7 @@ class HLR(SynapticIntelligence):
     """SI's element-wise importance with layer-wise coefficients: ``λ·Σ_l α_l R_l``."""
 
     name = "hlr"
+    stores = "per-weight importances (SI's path integral Ω) and anchor weights θ*"
 
     def __init__(
         self,

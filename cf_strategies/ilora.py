@@ -88,6 +88,7 @@ class ILoRA(BufferStrategy):
     """Fast LoRA trained, slow LoRA its moving average, replay + consistency; the slow one kept."""
 
     name = "ilora"
+    stores = "raw examples (a reservoir buffer); the slow learner is the saved model itself"
 
     def __init__(
         self,

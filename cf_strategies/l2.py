@@ -26,6 +26,7 @@ class L2(Strategy):
     """L2-SP: ``λ/2·‖θ − θ⁰‖²`` toward the weights at the start of the task."""
 
     name = "l2"
+    stores = "nothing (its anchor is the weights at the task's start, held only while training)"
 
     def __init__(self, lambda_: float = 1.0) -> None:
         self.lambda_ = float(lambda_)

@@ -28,6 +28,7 @@ class LabelSmoothing(Strategy):
     """Turns the task's cross-entropy into label-smoothed cross-entropy with weight ``epsilon``."""
 
     name = "label_smoothing"
+    stores = "nothing"
 
     def __init__(self, epsilon: Annotated[float, Field(ge=0, le=1)] = 0.1):
         self.epsilon = epsilon

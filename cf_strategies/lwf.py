@@ -62,6 +62,7 @@ class LwF(Strategy):
     """Distil the frozen start-of-task model into the student on the new task's inputs."""
 
     name = "lwf"
+    stores = "nothing (a task count; for classifiers, the seen class and head ids)"
 
     def __init__(
         self,

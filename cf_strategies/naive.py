@@ -9,3 +9,4 @@ class Naive(Strategy):
     """Plain fine-tuning: loss = task loss."""
 
     name = "naive"
+    stores = "nothing"

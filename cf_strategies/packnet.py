@@ -78,6 +78,7 @@ class PackNet(Strategy):
 
     name = "packnet"
     isolates_tasks = True
+    stores = "masks (an int16 owner map per weight) and a copy of the packed weights"
 
     def __init__(
         self,

@@ -121,6 +121,7 @@ class Progressive(Strategy):
 
     name = "progressive"
     isolates_tasks = True
+    stores = "columns: low-rank A, B and laterals U per task and target layer"
 
     def __init__(
         self,

@@ -93,6 +93,7 @@ class Replay(BufferStrategy):
     """Experience replay with a reservoir buffer; ``ratio`` replayed examples per new one."""
 
     name = "replay"
+    stores = "raw examples (a reservoir buffer of earlier releases' training rows)"
 
     def augment_batch(self, model: nn.Module, batch: Batch) -> Batch:
         replayed = self.draw(batch)

@@ -47,6 +47,7 @@ class SynapticIntelligence(ImportanceRegulariser):
     """SI: ``c·Σ Ω (θ − θ*)²`` with Ω the path integral of the loss, accumulated over tasks."""
 
     name = "si"
+    stores = "per-weight importances (path integral Ω) and anchor weights θ*"
 
     def __init__(
         self, c: Annotated[float, Field(ge=0)] = 1.0, xi: Annotated[float, Field(gt=0)] = 1e-3

@@ -32,6 +32,7 @@ class WiSE(Strategy):
     """Interpolate the trained weights back toward the task's start: ``θ⁰ + mix·(θ − θ⁰)``."""
 
     name = "wise"
+    stores = "nothing (the task's starting weights, held only while training)"
 
     def __init__(self, mix: Annotated[float, Field(ge=0, le=1)] = 0.5) -> None:
         self.mix = mix

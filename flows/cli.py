@@ -1,5 +1,5 @@
-"""The ``forgetless`` command: ``run``, ``validate``, ``step``, ``demo-data``, ``status``, and the
-registry commands ``history``, ``rollback`` and ``promote``."""
+"""The ``forgetless`` command: ``run``, ``validate``, ``step``, ``demo-data``, ``status``,
+``strategies``, and the registry commands ``history``, ``rollback`` and ``promote``."""
 
 from __future__ import annotations
 
@@ -227,6 +227,50 @@ def cmd_promote(args) -> int:
     return 0
 
 
+def cmd_strategies(args) -> int:
+    from flows import strategy_guide as guide
+
+    results = Path(args.results) if args.results else None
+    if guide.results_available(results):
+        console.print(f"measured costs from {guide.results_dir(results)}")
+    else:
+        console.print(f"[yellow]{escape(guide.missing_results(results))}[/yellow]")
+    table = Table(title="Registered strategies", show_lines=True)
+    table.add_column("strategy")
+    table.add_column("stores between releases")
+    table.add_column("extra cost per training step")
+    table.add_column("measured in", overflow="fold")
+    table.add_column("task id at inference")
+    table.add_column("pipeline")
+    for f in guide.strategy_facts(results):
+        cost, source = f.step_cost.text, f.step_cost.source
+        if f.once_cost is not None:
+            cost += f"\nonce per release: {f.once_cost.text}"
+            source = "\n".join(x for x in (source, f.once_cost.source) if x)
+        table.add_row(
+            f.name,
+            escape(f.stores),
+            escape(cost),
+            escape(source or "—"),
+            "yes" if f.needs_task_id else "no",
+            escape(f.pipeline),
+        )
+    console.print(table)
+    table = Table(title="Which strategy when (each backed by measured rows)", show_lines=True)
+    table.add_column("scenario")
+    table.add_column("choose")
+    table.add_column("measured rows", overflow="fold")
+    table.add_column("mind")
+    for scenario, cited, pipeline in guide.advice(results):
+        rows = "\n".join(f"• {c}" for c in cited) or (
+            "not measured yet" if not scenario.rows else "no results to read"
+        )
+        mind = " ".join(x for x in (scenario.mind, pipeline) if x)
+        table.add_row(scenario.when, scenario.choose, escape(rows), escape(mind))
+    console.print(table)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="forgetless", description=__doc__)
     parser.add_argument(
@@ -260,6 +304,13 @@ def main(argv: list[str] | None = None) -> int:
     demo.set_defaults(fn=cmd_demo_data)
     st = sub.add_parser("status", help="the champion, its lineage and the accuracy matrix")
     st.set_defaults(fn=cmd_status)
+    strat = sub.add_parser(
+        "strategies",
+        help="every strategy: what it stores, its measured cost per step, task id, pipeline; "
+        "which to choose when",
+    )
+    strat.add_argument("--results", help="benchmark results folder (default: benchmarks/results)")
+    strat.set_defaults(fn=cmd_strategies)
     hist = sub.add_parser(
         "history", help="every registered version: release, strategy, gate, scores, promotion"
     )
