@@ -1,5 +1,5 @@
-"""The ``forgetless`` command: ``run``, ``validate``, ``step``, ``demo-data``, ``status``,
-``strategies``, and the registry commands ``history``, ``rollback`` and ``promote``."""
+"""The ``forgetless`` command: ``run``, ``validate``, ``step``, ``resume``, ``demo-data``,
+``status``, ``strategies``, and the registry commands ``history``, ``rollback`` and ``promote``."""
 
 from __future__ import annotations
 
@@ -63,11 +63,15 @@ def print_summary(summary) -> None:
 
 
 def cmd_run(args) -> int:
-    from flows.retrain import retrain
+    from flows.retrain import PrefectUnavailable, retrain
 
-    summary = retrain(
-        params_file=args.params, release=args.release, overrides=parse_overrides(args.set)
-    )
+    try:
+        summary = retrain(
+            params_file=args.params, release=args.release, overrides=parse_overrides(args.set)
+        )
+    except PrefectUnavailable as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+        return 2
     print_summary(summary)
     return 0
 
@@ -96,6 +100,29 @@ def cmd_step(args) -> int:
     if release is None:  # the DVC driver's default: the first demo release
         release = demo_releases(build_demo(params.path(params.data.demo_dir)))[0]
     run_stage(args.stage, params, Path(args.run_dir), release)
+    return 0
+
+
+def cmd_resume(args) -> int:
+    from flows.config import load_params
+    from flows.records import FILES, Promotion, Registration
+    from flows.stages import ResumeError, resume
+    from flows.version import RemoteUnavailable
+
+    run_dir = Path(args.run_dir).resolve()
+    try:
+        ran = resume(load_params(args.params), run_dir)
+    except (ResumeError, RemoteUnavailable) as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+        return 2
+    if not ran:
+        console.print(f"nothing to resume: every step of {run_dir} has its record")
+        return 0
+    console.print(f"resumed {run_dir}: ran {', '.join(ran)}")
+    reg = Registration.read(run_dir / FILES["register"])
+    promo = Promotion.read(run_dir / FILES["promote"])
+    status = "is now champion" if promo.promoted else f"not promoted: {promo.reason}"
+    console.print(f"Model {reg.name} v{reg.version} {escape(status)}")
     return 0
 
 
@@ -299,6 +326,13 @@ def main(argv: list[str] | None = None) -> int:
     step.add_argument("stage", choices=STAGES)
     step.add_argument("--run-dir", default="artifacts/dvc-run")
     step.set_defaults(fn=cmd_step)
+    res = sub.add_parser(
+        "resume",
+        help="finish a run that stopped (e.g. tracking server down): run the steps whose "
+        "records RUN_DIR lacks; a version registered before is reused, never duplicated",
+    )
+    res.add_argument("run_dir", metavar="RUN_DIR")
+    res.set_defaults(fn=cmd_resume)
     demo = sub.add_parser("demo-data", help="write the embedded demo releases and probe source")
     demo.add_argument("--out", default=".cache/demo-data")
     demo.set_defaults(fn=cmd_demo_data)
@@ -336,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     from flows.promote import RegistryActionError
     from flows.tracking import TrackingUnavailable
     from flows.validate import ValidationFailed
+    from flows.version import RemoteUnavailable
 
     try:
         return args.fn(args)
@@ -344,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         DataError,
         ValidationFailed,
         TrackingUnavailable,
+        RemoteUnavailable,
         RegistryActionError,
     ) as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)

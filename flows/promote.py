@@ -21,7 +21,7 @@ from filelock import FileLock
 
 from flows.config import Params
 from flows.records import GateDecision, Promotion, Registration
-from flows.tracking import CHAMPION, champion_version, client
+from flows.tracking import CHAMPION, PENDING, champion_version, client, tracking_errors
 
 
 def promotion_lock(params: Params) -> FileLock:
@@ -40,14 +40,41 @@ def promote(
     decision: GateDecision,
     champion_at_start: str | None,
 ) -> Promotion:
+    """Replace the version's ``promotion=pending`` tag with the decision, moving the alias on a
+    pass. Safe to repeat: a version that is champion already (a retry after the alias moved) is
+    reported promoted, and its missing tags are completed."""
     c = client(params)
     name, version = registration.name, registration.version
+    with tracking_errors(
+        params,
+        f"promoting {name} v{version}",
+        f"{name} v{version} keeps promotion=pending unless the alias moved",
+    ):
+        return _promote(c, params, name, version, decision, champion_at_start)
+
+
+def _promote(
+    c, params: Params, name: str, version: str, decision: GateDecision, champion_at_start
+) -> Promotion:
     if not decision.passed:
         reason = "gate failed: " + "; ".join(decision.reasons)
         c.set_model_version_tag(name, version, "promotion", "not promoted (gate failed)")
         return Promotion(promoted=False, champion_version=champion_version(params), reason=reason)
     with promotion_lock(params):
         current = champion_version(params)
+        if current == version:  # this step ran before, and stopped after moving the alias
+            tags = c.get_model_version(name, version).tags
+            if tags.get("promotion", PENDING) == PENDING:
+                c.set_model_version_tag(
+                    name, version, "promotion", f"promoted {datetime.now(UTC).isoformat()}"
+                )
+            if "previous_champion" not in tags:
+                c.set_model_version_tag(
+                    name, version, "previous_champion", champion_at_start or "base"
+                )
+            return Promotion(
+                promoted=True, champion_version=version, reason="gate passed; champion moved"
+            )
         if current != champion_at_start:
             reason = (
                 f"champion changed from {champion_at_start or 'base'} to {current} while this "

@@ -18,6 +18,8 @@ FILES = {
     "register": "registration.json",
     "promote": "promotion.json",
 }
+# The params a run trained with (after overrides and the tournament's choice), beside its records.
+PARAMS_FILE = "params.json"
 
 
 class Record(BaseModel):

@@ -4,10 +4,21 @@ The run holds the params, the per-step training loss, the release's DVC hash and
 probe, eval and training sets as dataset inputs, the scores, retention and the gate report. The
 model version (a pyfunc whose artifact is the candidate folder) is tagged with the gate decision
 and the releases it has learned; it is registered whether or not the gate passed.
+
+Registering is idempotent: the run and the version carry an ``idempotency_key`` (a hash of the
+release's DVC hash, the champion it started from, the strategy and its options, the training
+seed, the candidate's weights and the gate decision on it), and ``register`` first looks for a
+version with that key and returns it. A retried task, a ``forgetless resume`` or a re-run that
+trained the same candidate from the same champion never registers it twice; the same weights
+judged by other gate thresholds are another registration (the version carries its verdict).
+A new version is created with all its tags at once, ``promotion=pending`` among them, which the
+promote step replaces: a retrain that stops between the two leaves a version tagged ``pending``
+and the champion as it was.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import warnings
@@ -15,6 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
+import cf_strategies
 from flows import serving
 from flows.config import Params
 from flows.data import read_jsonl
@@ -26,7 +38,7 @@ from flows.records import (
     TrainResult,
     VersionedRelease,
 )
-from flows.tracking import client, experiment_id
+from flows.tracking import PENDING, client, experiment_id, tracking_errors
 
 # What flows/serving.py, the registered model's whole code, imports (pandas comes with mlflow).
 PIP_REQUIREMENTS = ["torch==2.13.0", "transformers==5.24.0", "mlflow==3.17.2"]
@@ -69,6 +81,54 @@ def _dataset(path: Path, name: str, digest: str | None = None):
         return mlflow.data.from_pandas(df, source=str(path), name=name, digest=digest)
 
 
+IDEMPOTENCY_TAG = "idempotency_key"
+
+
+def weights_hash(model_dir: Path) -> str:
+    """sha256 of a model folder's weights (``*.safetensors``; every file when there are none):
+    relative paths and contents, in path order."""
+    model_dir = Path(model_dir)
+    files = sorted(model_dir.rglob("*.safetensors")) or sorted(
+        f for f in model_dir.rglob("*") if f.is_file()
+    )
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.relative_to(model_dir).as_posix().encode() + b"\0")
+        with f.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def idempotency_key(
+    params: Params,
+    release: VersionedRelease,
+    probe_set: ProbeSet,
+    train: TrainResult,
+    decision: GateDecision,
+) -> str:
+    """What makes a registration the same one: the release's content, the champion it started
+    from, the strategy with its options, the training seed, the weights it ended with, and the
+    gate decision the version is tagged with (each check: value, threshold, verdict)."""
+    strategies = cf_strategies.validate_spec(train.strategy)
+    payload = {
+        "release_dvc_hash": release.dvc_hash,
+        "champion": probe_set.champion.version or "base",
+        "strategy": train.strategy,
+        "strategy_params": {n: params.train.strategy_params.get(n, {}) for n in strategies},
+        "train_seed": params.train.seed,
+        "weights": weights_hash(train.model_dir),
+        "gate": decision.model_dump(mode="json"),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def registered_version(c, name: str, key: str):
+    """The oldest version of ``name`` tagged with idempotency key ``key``, or None."""
+    found = c.search_model_versions(f"name = '{name}' and tags.{IDEMPOTENCY_TAG} = '{key}'")
+    return min(found, key=lambda mv: int(mv.version), default=None)
+
+
 def register(
     params: Params,
     release: VersionedRelease,
@@ -78,13 +138,39 @@ def register(
     decision: GateDecision,
     run_dir: Path,
 ) -> Registration:
+    c = client(params)
+    name = params.model.registered_name
+    key = idempotency_key(params, release, probe_set, train, decision)
+    with tracking_errors(
+        params,
+        f"registering {name} (idempotency key {key[:12]})",
+        "nothing was promoted; a version already created is found again by its key",
+    ):
+        existing = registered_version(c, name, key)
+        if existing is not None:
+            return Registration(
+                name=name, version=str(existing.version), run_id=existing.run_id or ""
+            )
+        return _register_new(params, release, probe_set, train, report, decision, run_dir, key)
+
+
+def _register_new(
+    params: Params,
+    release: VersionedRelease,
+    probe_set: ProbeSet,
+    train: TrainResult,
+    report: EvalReport,
+    decision: GateDecision,
+    run_dir: Path,
+    key: str,
+) -> Registration:
+    """One MLflow run and one model version, created with every tag at once."""
     import mlflow
 
-    c = client(params)
     name = params.model.registered_name
     mlflow.set_experiment(experiment_id=experiment_id(params))
     verdict = "passed" if decision.passed else "failed"
-    with mlflow.start_run(run_name=f"retrain-{release.name}") as run:
+    with mlflow.start_run(run_name=f"retrain-{release.name}", tags={IDEMPOTENCY_TAG: key}) as run:
         mlflow.log_params(flat_params(params))
         for h in train.log_history:
             mlflow.log_metric("train_loss", h["loss"], step=int(h["step"]))
@@ -148,20 +234,23 @@ def register(
             signature=serving.signature(params.evaluate.max_new_tokens),
             input_example=serving.INPUT_EXAMPLE,
             pip_requirements=PIP_REQUIREMENTS,
-            registered_model_name=name,
         )
-    version = str(info.registered_model_version)
     learned = probe_set.champion.releases + [release.name]
-    for key, value in {
-        "gate": verdict,
-        "gate_reasons": "; ".join(decision.reasons),
-        "release": release.name,
-        "releases_learned": json.dumps(learned),
-        "release_dvc_hash": release.dvc_hash,
-        "champion_at_start": probe_set.champion.version or "base",
-    }.items():
-        c.set_model_version_tag(name, version, key, value)
-    return Registration(name=name, version=version, run_id=run.info.run_id)
+    mv = mlflow.register_model(
+        info.model_uri,
+        name,
+        tags={
+            IDEMPOTENCY_TAG: key,
+            "promotion": PENDING,
+            "gate": verdict,
+            "gate_reasons": "; ".join(decision.reasons),
+            "release": release.name,
+            "releases_learned": json.dumps(learned),
+            "release_dvc_hash": release.dvc_hash,
+            "champion_at_start": probe_set.champion.version or "base",
+        },
+    )
+    return Registration(name=name, version=str(mv.version), run_id=run.info.run_id)
 
 
 def log_artifact(params: Params, run_id: str, path: Path, folder: str = "plots") -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from cf_strategies import metrics, split_spec
+from cf_strategies import STRATEGIES, metrics, split_spec
 from flows import accuracy_matrix
 from flows.config import Params
 from flows.evaluate import read_results
@@ -68,9 +68,11 @@ def transfer_metrics(matrix: dict, releases: list[str], candidate: str) -> dict[
     R = lineage_matrix(matrix, releases, candidate)
     base = next((r for r in matrix["rows"] if r["label"] == "base"), {"scores": {}})
     first = [base["scores"].get(rel, math.nan) for rel in releases]
-    out = {"acc": metrics.average_accuracy(R), "bwt": metrics.backward_transfer(R)}
-    if not any(math.isnan(b) for b in first):
-        out["fwt"] = metrics.forward_transfer(R, first)
+    out = {"acc": metrics.average_accuracy(R)}
+    if len(releases) > 1:  # both need an earlier release: with one they are 0 by definition
+        out["bwt"] = metrics.backward_transfer(R)
+        if not any(math.isnan(b) for b in first):
+            out["fwt"] = metrics.forward_transfer(R, first)
     return out
 
 
@@ -155,12 +157,15 @@ def _img(path: Path) -> str:
     return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+def _table(header: list[str] | None, rows: list[list[Any]]) -> str:
+    head = ""
+    if header:
+        cells = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+        head = f"<thead><tr>{cells}</tr></thead>"
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows
     )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f"<table>{head}<tbody>{body}</tbody></table>"
 
 
 def _md_table(header: list[str], rows: list[list[Any]]) -> str:
@@ -210,8 +215,11 @@ def write_report(
     releases = probe_set.champion.releases + [release.name]
     transfer = transfer_metrics(matrix, releases, f"v{registration.version}")
     flips = flipped_items(probe_set, run_dir)
-    strategy_options = {
-        n: params.train.strategy_params.get(n, {}) for n in split_spec(trained.strategy)
+    strategy_options = {  # with every default filled in: what actually ran
+        n: STRATEGIES[n]
+        .options_model.model_validate(params.train.strategy_params.get(n, {}))
+        .model_dump(mode="json")
+        for n in split_spec(trained.strategy)
     }
     from flows.register import code_commit
 
@@ -251,7 +259,7 @@ def write_report(
         "threshold",
         "items",
         "known retained",
-        "",
+        "note",
     ]
     interval = report.new_task_interval
     new_rows = [
@@ -276,14 +284,17 @@ def write_report(
         if promotion.promoted
         else f"not promoted: {promotion.reason}"
     )
-    transfer_row = [[_fmt(transfer.get(k)) for k in ("acc", "bwt", "fwt")]]
+    transfer_row = [
+        [_fmt(transfer.get(k)) if k in transfer else "n/a (one release)" for k in ("acc", "bwt")]
+        + [_fmt(transfer["fwt"]) if "fwt" in transfer else "n/a"]
+    ]
     title = f"Forgetting report: {registration.name} v{registration.version} on {release.name}"
 
     sections = [
         f"<h1>{html.escape(title)}</h1>",
         f'<p class="verdict {verdict}">gate {verdict.upper()}; {html.escape(outcome)}</p>',
         "<h2>Decision</h2>",
-        _table(["", "check"], check_rows),
+        _table(["", "check: value [interval] against threshold"], check_rows),
         "<h2>Retention on the test probes</h2>",
         _table(task_header, task_rows),
         _table(new_header, new_rows),
@@ -309,7 +320,7 @@ def write_report(
         ]
     sections += [
         "<h2>Lineage</h2>",
-        _table(["", ""], lineage),
+        _table(None, lineage),
         f"<h2>Probe items that flipped ({len(flips)})</h2>",
         _table(flip_header, flip_rows) if flips else "<p>None: the same answers right.</p>",
     ]

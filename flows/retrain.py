@@ -3,18 +3,29 @@
 
 Run it with ``forgetless run`` (no server needed: Prefect starts a temporary one) or deploy it
 to a Prefect server with a schedule; ``finetune`` is the step to send to a GPU work pool.
+
+When a service fails: a Prefect API set in ``PREFECT_API_URL`` is waited for before the flow
+starts (``check_prefect_api``: after 2, 4 and 8 s), and Prefect's client retries its own calls
+once connected; the version, register and promote tasks are retried twice more (after 5 and
+10 s) on an I/O error, an unreachable DVC remote or tracking server, on top of the retries
+inside each step (``flows/tracking.py``, ``flows/version.py``). The run folder keeps the params
+and a record per finished step: ``forgetless resume RUN_DIR`` finishes it later.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import urllib.error
+import urllib.request
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import Flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.tasks import exponential_backoff
 
 from flows import accuracy_matrix, demo_data
 from flows.config import Params, load_params
@@ -35,6 +46,7 @@ from flows.records import (
 )
 from flows.register import log_artifact, log_candidates, register
 from flows.report import write_report
+from flows.stages import save_params
 from flows.tournament import (
     CandidateResult,
     candidate_dir,
@@ -94,7 +106,11 @@ def transient(task, task_run, state) -> bool:
     return False
 
 
-io = {"retries": 2, "retry_delay_seconds": 3, "retry_condition_fn": transient}
+io = {
+    "retries": 2,
+    "retry_delay_seconds": exponential_backoff(backoff_factor=5),  # 5 s, then 10 s
+    "retry_condition_fn": transient,
+}
 version_task = task(version_release, name="version", **io)
 champion_task = task(current_champion, name="champion", **io)
 validate_task = task(validate_step, name="validate")
@@ -103,7 +119,51 @@ finetune_task = task(finetune, name="finetune")
 evaluate_task = task(evaluate_candidate, name="evaluate")
 gate_task = task(gate, name="gate")
 register_task = task(register, name="register", **io)
-promote_task = task(promote, name="promote")
+promote_task = task(promote, name="promote", **io)  # a repeat is safe: flows/promote.py
+
+API_RETRY_DELAYS = (2.0, 4.0, 8.0)  # seconds before each further health check of the Prefect API
+
+
+class PrefectUnavailable(RuntimeError):
+    """The Prefect API in ``PREFECT_API_URL`` does not answer; the retrain did not start."""
+
+
+def check_prefect_api() -> None:
+    """Wait for the Prefect API the flow reports to (``PREFECT_API_URL``), trying again after each
+    of ``API_RETRY_DELAYS``, then fail naming it (Prefect itself fails at once, before it has
+    connected). Without a URL Prefect starts a temporary server: nothing to wait for."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        return
+    start = time.monotonic()
+    for delay in (*API_RETRY_DELAYS, None):
+        try:
+            with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=10):
+                return
+        except urllib.error.HTTPError as exc:  # it answers; auth or routing is Prefect's concern
+            if exc.code < 500:
+                return
+            problem = f"HTTP {exc.code}"
+        except (OSError, urllib.error.URLError) as exc:
+            problem = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
+        if delay is not None:
+            time.sleep(delay)
+    raise PrefectUnavailable(
+        f"Prefect API {url} is unreachable ({problem}; {len(API_RETRY_DELAYS) + 1} attempts over "
+        f"{time.monotonic() - start:.0f} s); the retrain did not start — start the server "
+        "(`prefect server start`) or fix PREFECT_API_URL (unset, Prefect runs the flow with a "
+        "temporary server), then run again"
+    )
+
+
+class RetrainFlow(Flow):
+    """The retrain flow; called in this process, it first waits for the Prefect API."""
+
+    def __call__(self, *args, **kwargs):
+        check_prefect_api()
+        return super().__call__(*args, **kwargs)
 
 
 def run_tournament(
@@ -143,7 +203,7 @@ def run_tournament(
     return results
 
 
-@flow(name="forgetless-retrain", log_prints=True)
+@partial(RetrainFlow, name="forgetless-retrain", log_prints=True)
 def retrain(
     params_file: str = "params.yaml",
     release: str | None = None,
@@ -171,6 +231,7 @@ def retrain(
 
     versioned = timed("version", version_task, release_dir, ws, params.dvc_remote)
     versioned.write(run_dir / FILES["version"])
+    save_params(run_dir, params)
     log.info(
         f"versioned {versioned.name}: {versioned.dvc_hash} (commit {versioned.git_commit[:8]})"
     )
@@ -201,6 +262,7 @@ def retrain(
         winner = next(r for r in tournament if r.winner)
         log.info(f"tournament winner: {winner.candidate.label} {winner.note}".strip())
         params, trained = candidate_params(params, winner.candidate), winner.trained
+        save_params(run_dir, params)
     else:
         trained = timed("finetune", finetune_task, params, champion, versioned.path, run_dir)
     trained.write(run_dir / FILES["finetune"])

@@ -2,7 +2,9 @@
 steps before it from the run folder and writing its own (``dvc.yaml`` chains them).
 
 The Prefect flow (``flows/retrain.py``) calls the same step functions and writes the same
-record files, so a run folder looks alike whichever driver made it.
+record files, so a run folder looks alike whichever driver made it. ``resume`` (``forgetless
+resume RUN_DIR``) finishes a run that stopped, e.g. on a tracking outage, by running the steps
+whose records are missing.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from flows.probes import create_probe_set
 from flows.promote import promote
 from flows.records import (
     FILES,
+    PARAMS_FILE,
     STAGES,
     EvalReport,
     GateDecision,
@@ -100,3 +103,51 @@ def run_stage(name: str, params: Params, run_dir: Path, release_dir: Path | None
     else:
         raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
     record.write(out)
+
+
+class ResumeError(ValueError):
+    """A run folder that ``resume`` cannot finish; nothing was run."""
+
+
+def save_params(run_dir: Path, params: Params) -> Path:
+    """Keep the params a run uses beside its records, for ``resume``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / PARAMS_FILE
+    path.write_text(params.model_dump_json(indent=1))
+    return path
+
+
+def run_params(run_dir: Path, params: Params) -> Params:
+    """The params ``run_dir`` ran with (overrides and tournament choice included) when it kept
+    them, else ``params``. Where the services are (``tracking``, ``versioning``) always comes
+    from ``params``, so a run can finish against a server that moved."""
+    path = run_dir / PARAMS_FILE
+    if not path.exists():
+        return params
+    kept = Params.model_validate_json(path.read_text())
+    return kept.model_copy(update={"tracking": params.tracking, "versioning": params.versioning})
+
+
+def missing_stages(run_dir: Path) -> list[str]:
+    """The steps of ``run_dir`` without a record file, in pipeline order."""
+    return [s for s in STAGES if not (run_dir / FILES[s]).exists()]
+
+
+def resume(params: Params, run_dir: Path) -> list[str]:
+    """Finish a run from its records: run, in order, each step whose record file is missing
+    (through ``run_stage``, which reads the earlier ones). Register finds a version it made
+    before by its idempotency key; promote still needs the gate's pass on record and the
+    champion the run was measured against. Returns the steps run (none: it was complete)."""
+    run_dir = Path(run_dir).resolve()
+    if not run_dir.is_dir():
+        raise ResumeError(f"{run_dir}: no such run folder")
+    todo = missing_stages(run_dir)
+    if "version" in todo:
+        raise ResumeError(
+            f"{run_dir} has no {FILES['version']}: its release was never versioned, so there is "
+            "nothing to resume; start again with `forgetless run --release DIR`"
+        )
+    params = run_params(run_dir, params)
+    for name in todo:
+        run_stage(name, params, run_dir)
+    return todo

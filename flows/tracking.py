@@ -1,12 +1,25 @@
 """MLflow helpers shared by the steps: the client, the experiment, the champion, and fetching a
-model version."""
+model version; what happens when the tracking server does not answer.
+
+Retry policy for a tracking server (``http(s)://``): its health check is tried again after each
+of ``RETRY_DELAYS`` (2, 4, 8 s: four attempts over about 14 s) before a step starts talking to
+it, and every MLflow request is retried by MLflow itself ``HTTP_RETRIES`` times with a backoff
+of ``HTTP_BACKOFF_FACTOR`` × 1, 2, 4 s (``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` and
+``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR`` in the environment take precedence). Then the step fails
+with ``TrackingUnavailable``, naming the server and what to do; the Prefect flow retries the
+register and promote tasks on it, and ``forgetless resume RUN_DIR`` finishes a run later.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from flows.config import Params
@@ -14,10 +27,21 @@ from flows.model_source import resolve_model
 from flows.records import ChampionRef
 
 CHAMPION = "champion"
+PENDING = "pending"  # a new version's ``promotion`` tag until the promote step decides
+
+RETRY_DELAYS = (2.0, 4.0, 8.0)  # seconds before each further health check of the server
+HTTP_RETRIES = 3  # MLflow's own retries of one request (its default, 7, takes ~4 minutes)
+HTTP_BACKOFF_FACTOR = 1  # ... after 1, 2, 4 s
+
+RESUME_HINT = "once it answers, `forgetless resume RUN_DIR` finishes a retrain stopped by this"
 
 
 class TrackingUnavailable(RuntimeError):
-    """The MLflow tracking server cannot be reached; nothing was registered or promoted."""
+    """The MLflow tracking server cannot be reached; the message says what the step left done."""
+
+
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
 
 
 def client(params: Params):
@@ -25,7 +49,9 @@ def client(params: Params):
     from mlflow import MlflowClient
 
     uri = params.tracking_uri
-    if uri.startswith(("http://", "https://")):
+    if is_server(uri):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(HTTP_RETRIES))
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", str(HTTP_BACKOFF_FACTOR))
         check_server(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -35,25 +61,60 @@ def client(params: Params):
     except Exception as exc:  # the error types differ by backend; all mean "cannot reach it"
         raise TrackingUnavailable(
             f"MLflow tracking store {uri} is unreachable ({type(exc).__name__}: {exc}); "
-            "nothing was registered or promoted — start the server or fix tracking.uri"
+            "nothing was registered or promoted by this step — start the server or fix "
+            "tracking.uri; " + RESUME_HINT
         ) from exc
     return c
 
 
-def check_server(uri: str, timeout: float = 10.0) -> None:
-    """Fail fast, with a clear message, when a tracking server does not answer its health check
-    (MLflow's own client would retry for minutes first)."""
+def server_problem(uri: str, timeout: float = 10.0) -> str | None:
+    """None when the tracking server answers its health check, else what went wrong."""
     try:
         with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
             if response.status == 200:
-                return
-            problem = f"HTTP {response.status}"
+                return None
+            return f"HTTP {response.status}"
     except (OSError, urllib.error.URLError) as exc:
-        problem = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
+        return f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
+
+
+def check_server(uri: str, timeout: float = 10.0) -> None:
+    """Wait for a tracking server to answer its health check, trying again after each of
+    ``RETRY_DELAYS``; then fail with a clear message (MLflow's own client would retry every
+    request for minutes first)."""
+    start = time.monotonic()
+    for delay in (*RETRY_DELAYS, None):
+        problem = server_problem(uri, timeout)
+        if problem is None:
+            return
+        if delay is not None:
+            time.sleep(delay)
     raise TrackingUnavailable(
-        f"MLflow tracking server {uri} is unreachable ({problem}); nothing was registered or "
-        "promoted — start the server or fix tracking.uri in params.yaml"
+        f"MLflow tracking server {uri} is unreachable ({problem}; {len(RETRY_DELAYS) + 1} "
+        f"attempts over {time.monotonic() - start:.0f} s); nothing was registered or promoted "
+        "by this step — start the server or fix tracking.uri in params.yaml; " + RESUME_HINT
     )
+
+
+@contextmanager
+def tracking_errors(params: Params, doing: str, left: str) -> Iterator[None]:
+    """Turn the loss of the tracking server in the middle of a step into ``TrackingUnavailable``
+    (``doing``: what the step was doing; ``left``: what that leaves in the registry). An error
+    while the server still answers is a real one and passes through unchanged."""
+    try:
+        yield
+    except TrackingUnavailable:
+        raise
+    except Exception as exc:
+        uri = params.tracking_uri
+        problem = server_problem(uri, timeout=5.0) if is_server(uri) else None
+        if problem is None:
+            raise
+        raise TrackingUnavailable(
+            f"MLflow tracking server {uri} stopped answering while {doing} ({problem}; the "
+            f"request failed with {type(exc).__name__} after MLflow's retries); {left} — start "
+            "the server or fix tracking.uri in params.yaml; " + RESUME_HINT
+        ) from exc
 
 
 def artifact_location(params: Params) -> str | None:

@@ -2,11 +2,19 @@
 
 The release's content hash (DVC's md5 of the folder) and the workspace commit are recorded, so
 every model version names exactly the data it was trained on.
+
+Retry policy for the DVC remote: a push that fails is tried again after each of
+``PUSH_RETRY_DELAYS`` (2, 4, 8 s: four attempts over about 14 s), then the step fails with
+``RemoteUnavailable``, naming the remote and what to do. The data is not lost: it is already
+tracked and committed in the workspace (and in its DVC cache); only the copy in the remote is
+missing, and the next push (a rerun, or ``dvc push`` in the workspace) sends it.
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
+import time
 from pathlib import Path
 
 import yaml
@@ -14,6 +22,58 @@ import yaml
 from flows.data import RELEASE_FILES, DataError
 from flows.records import VersionedRelease
 from flows.workspace import dvc_repo, git, init_workspace
+
+PUSH_RETRY_DELAYS = (2.0, 4.0, 8.0)  # seconds before each further push attempt
+
+
+class RemoteUnavailable(ConnectionError):
+    """The DVC remote cannot be reached or written; the data stays in the workspace."""
+
+
+class _Errors(logging.Handler):
+    """Collects the error lines DVC logs while pushing (its exception only counts files)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        exc = record.exc_info[1] if record.exc_info else None
+        self.lines.append(f"{type(exc).__name__}: {exc}" if exc else record.getMessage())
+
+
+def push(repo, ws: Path, what: str) -> None:
+    """``dvc push`` with the retry policy above; ``what`` names the data for the message."""
+    try:
+        remote = repo.config["remote"][repo.config["core"]["remote"]]["url"]
+    except KeyError:
+        remote = "(none configured)"
+    errors = _Errors()
+    loggers = [logging.getLogger(n) for n in ("dvc", "dvc_data", "dvc_objects")]
+    for log in loggers:
+        log.addHandler(errors)
+    start = time.monotonic()
+    try:
+        for delay in (*PUSH_RETRY_DELAYS, None):
+            errors.lines.clear()
+            try:
+                repo.push()
+                return
+            except Exception as exc:  # DVC raises UploadError, OSError, fsspec errors, ...
+                problem = "; ".join(dict.fromkeys(errors.lines)) or f"{type(exc).__name__}: {exc}"
+                last = exc
+            if delay is not None:
+                time.sleep(delay)
+    finally:
+        for log in loggers:
+            log.removeHandler(errors)
+    raise RemoteUnavailable(
+        f"DVC remote {remote} cannot be written ({problem}; {len(PUSH_RETRY_DELAYS) + 1} "
+        f"attempts over {time.monotonic() - start:.0f} s); {what} is kept in the workspace "
+        f"{ws}, tracked and committed, but not pushed — make the remote reachable and writable "
+        "or fix versioning.remote in params.yaml, then run again (or `dvc push` in the "
+        "workspace)"
+    ) from last
 
 
 def version_release(release_dir: Path, ws: Path, remote: str) -> VersionedRelease:
@@ -41,7 +101,7 @@ def version_release(release_dir: Path, ws: Path, remote: str) -> VersionedReleas
         git(ws, "add", str(dvc_file.relative_to(ws)), "releases/.gitignore")
         if git(ws, "status", "--porcelain", "--", "releases"):
             git(ws, "commit", "-q", "-m", f"Release {name}")
-        repo.push()
+        push(repo, ws, f"release {name} ({target.relative_to(ws)})")
     dvc_hash = yaml.safe_load(dvc_file.read_text())["outs"][0]["md5"]
     return VersionedRelease(
         name=name,
@@ -65,5 +125,5 @@ def track_file(path: Path, ws: Path, message: str) -> str:
         )
         if git(ws, "status", "--porcelain", "--", str(path.parent.relative_to(ws))):
             git(ws, "commit", "-q", "-m", message)
-        repo.push()
+        push(repo, ws, str(path.relative_to(ws)))
     return yaml.safe_load(dvc_file.read_text())["outs"][0]["md5"]

@@ -13,6 +13,9 @@ import mlflow
 import pytest
 import yaml
 from mlflow import MlflowClient
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.client.schemas.sorting import ArtifactSort
 
 from flows.config import load_params
 from flows.retrain import retrain
@@ -74,6 +77,14 @@ def test_pass_then_fail_then_next_release(tmp_path, tiny_model_dir, demo_dir):
     assert f"{stats.known} known, {stats.lost} lost, {stats.gained} gained" in page
     assert page.count("<tr><td>lost</td>") == stats.lost  # every lost item, side by side
     assert page.count("<tr><td>gained</td>") == stats.gained
+    with get_client(sync_client=True) as prefect:  # the same report, as markdown, in Prefect
+        (artifact,) = prefect.read_artifacts(  # the newest: this retrain's
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["forgetting-report"])),
+            sort=ArtifactSort.CREATED_DESC,
+            limit=1,
+        )
+    assert artifact.type == "markdown" and "**Gate PASSED**" in artifact.data
+    assert f"{stats.known} known" in artifact.data
 
     # The release is in the workspace's git history and in the DVC remote.
     log = subprocess.run(

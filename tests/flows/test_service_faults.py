@@ -1,0 +1,461 @@
+"""Services that fail, for real: a tracking server stopped in the middle of a retrain, a DVC remote
+that cannot be written, a Prefect API that does not answer.
+
+Each fault is retried and then fails with a message naming the service, where it is and what to
+do; the records of the finished steps stay; ``forgetless resume RUN_DIR`` finishes the run once
+the service is back, registering the candidate exactly once and promoting it only on a gate pass
+from the champion it was measured against.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from flows.cli import main
+from flows.config import Params, load_params
+from flows.records import (
+    FILES,
+    STAGES,
+    ChampionRef,
+    EvalReport,
+    GateCheck,
+    GateDecision,
+    ProbeSet,
+    Promotion,
+    Registration,
+    TrainResult,
+    ValidationReport,
+    VersionedRelease,
+)
+from flows.register import IDEMPOTENCY_TAG, register
+from flows.retrain import PrefectUnavailable, retrain
+from flows.stages import run_params, run_stage, save_params
+from flows.tracking import TrackingUnavailable, champion_version
+from flows.version import RemoteUnavailable
+from flows.workspace import git
+from tests.conftest import write_params
+
+NAME = "forgetless-lm"
+RELEASE = "wiki-topics-1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+class MlflowServer:
+    """A real ``mlflow server`` on loopback whose store outlives it: stopped and started again on
+    the same port, it serves the same runs and registry."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{self.folder / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(self.folder / "artifacts"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group: stop() ends the workers with it
+        )
+        deadline = time.time() + 120
+        while not answers(self.url):
+            if self.proc.poll() is not None:
+                raise RuntimeError("mlflow server exited")
+            if time.time() > deadline:
+                self.stop()
+                raise RuntimeError("mlflow server did not start in 120 s")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):  # already gone
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(timeout=60)
+        self.proc = None
+        deadline = time.time() + 30
+        while answers(self.url) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not answers(self.url), "the mlflow server still answers after being stopped"
+
+
+@pytest.fixture
+def server(tmp_path):
+    s = MlflowServer(tmp_path / "mlflow-server")
+    s.start()
+    yield s
+    s.stop()
+
+
+def server_params(tmp_path: Path, tiny_model_dir: Path, demo_dir: Path, url: str) -> Path:
+    return write_params(tmp_path, tiny_model_dir, demo_dir, tracking={"uri": url})
+
+
+def versions(url: str) -> list:
+    return list(MlflowClient(url, url).search_model_versions(f"name = '{NAME}'"))
+
+
+def champion(url: str) -> str | None:
+    c = MlflowClient(url, url)
+    try:
+        return str(c.get_model_version_by_alias(NAME, "champion").version)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def records(run_dir: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted(run_dir.glob("*.json"))}
+
+
+def resume_cli(params_file: Path, run_dir: Path, capsys) -> tuple[int, str]:
+    code = main(["--params", str(params_file), "resume", str(run_dir)])
+    return code, " ".join(capsys.readouterr().out.split())
+
+
+def hand_made_run(
+    params: Params,
+    model_dir: Path,
+    demo_dir: Path,
+    run_dir: Path,
+    dvc_hash: str,
+    passed: bool = True,
+) -> None:
+    """The records of a run that got as far as the gate, written by hand (no training):
+    ``model_dir`` is the candidate, ``dvc_hash`` tells releases apart, the base is champion."""
+    release = VersionedRelease(
+        name=RELEASE,
+        path=demo_dir / "releases" / RELEASE,
+        dvc_hash=dvc_hash,
+        git_commit="2" * 40,
+        remote=params.dvc_remote,
+    )
+    probe_set = ProbeSet(
+        path=demo_dir / "probes" / "general_knowledge.jsonl",
+        dvc_hash="0" * 32,
+        n_items=1,
+        tasks=["general-knowledge"],
+        baseline={"general-knowledge": 0.5},
+        new_task_baseline=0.1,
+        champion=ChampionRef(version=None, model_dir=model_dir),
+    )
+    train = TrainResult(model_dir=model_dir, strategy="naive", steps=1, train_seconds=1.0)
+    report = EvalReport(
+        scores={"general-knowledge": 0.5},
+        baseline={"general-knowledge": 0.5},
+        retention={"general-knowledge": 1.0},
+        new_task=RELEASE,
+        new_task_score=0.2,
+        new_task_baseline=0.1,
+        eval_seconds=1.0,
+    )
+    decision = GateDecision(
+        passed=passed,
+        checks=[GateCheck(name="x", value=1 if passed else 0, threshold=0.5, passed=passed)],
+    )
+    for stage, record in {
+        "version": release,
+        "validate": ValidationReport(release=RELEASE, passed=True),
+        "probes": probe_set,
+        "finetune": train,
+        "evaluate": report,
+        "gate": decision,
+    }.items():
+        record.write(run_dir / FILES[stage])
+
+
+def test_tracking_outage_before_register_then_resume(
+    tmp_path, tiny_model_dir, demo_dir, server, capsys
+):
+    params_file = server_params(tmp_path, tiny_model_dir, demo_dir, server.url)
+    params = load_params(params_file)
+    run_dir = params.workspace_dir / "runs" / "outage"
+    for stage in STAGES[: STAGES.index("register")]:
+        run_stage(stage, params, run_dir, demo_dir / "releases" / RELEASE)
+    done = records(run_dir)
+    assert set(done) >= {FILES[s] for s in STAGES[:6]}
+
+    server.stop()
+    start = time.perf_counter()
+    with pytest.raises(TrackingUnavailable) as err:
+        run_stage("register", params, run_dir)
+    message = str(err.value)
+    assert f"MLflow tracking server {server.url} is unreachable" in message
+    assert "4 attempts" in message and time.perf_counter() - start >= 14  # retried, backing off
+    assert "start the server or fix tracking.uri" in message
+    assert "forgetless resume RUN_DIR" in message
+    assert records(run_dir) == done  # the finished steps' records are intact, none added
+    code, out = resume_cli(params_file, run_dir, capsys)  # still down: a clear refusal
+    assert code == 2 and server.url in out and "is unreachable" in out
+    assert records(run_dir) == done
+
+    server.start()  # the same store on the same port
+    assert versions(server.url) == [] and champion(server.url) is None  # nothing was registered
+    code, out = resume_cli(params_file, run_dir, capsys)
+    assert code == 0 and "ran register, promote" in out
+    (mv,) = versions(server.url)
+    gate = GateDecision.read(run_dir / FILES["gate"])
+    assert gate.passed, gate.reasons  # the tiny model learns the release (as in test_retrain)
+    assert Registration.read(run_dir / FILES["register"]).version == str(mv.version) == "1"
+    assert mv.tags["gate"] == "passed" and mv.tags["release"] == RELEASE
+    run = MlflowClient(server.url, server.url).get_run(mv.run_id)
+    assert run.data.tags[IDEMPOTENCY_TAG] == mv.tags[IDEMPOTENCY_TAG]
+    # The champion was the base when the run measured it and still is: the pass promotes.
+    assert Promotion.read(run_dir / FILES["promote"]).promoted
+    assert champion(server.url) == "1" and f"Model {NAME} v1 is now champion" in out
+    assert mv.tags["promotion"].startswith("promoted") and mv.tags["previous_champion"] == "base"
+
+    after = records(run_dir)
+    code, out = resume_cli(params_file, run_dir, capsys)  # a second resume changes nothing
+    assert code == 0 and "nothing to resume" in out
+    assert len(versions(server.url)) == 1 and records(run_dir) == after
+    assert champion(server.url) == "1"
+    # The workspace keeps the release, committed and pushed.
+    ws = params.workspace_dir
+    assert (ws / "releases" / RELEASE / "train.jsonl").read_bytes() == (
+        demo_dir / "releases" / RELEASE / "train.jsonl"
+    ).read_bytes()
+    assert f"releases/{RELEASE}.dvc" in git(ws, "ls-files")
+    assert any(p.is_file() for p in (tmp_path / "dvc-remote").rglob("*"))
+
+
+def test_outage_between_register_and_promote_leaves_pending(
+    tmp_path, tiny_model_dir, demo_dir, server, capsys
+):
+    params_file = server_params(tmp_path, tiny_model_dir, demo_dir, server.url)
+    params = load_params(params_file)
+    first = params.workspace_dir / "runs" / "first"
+    hand_made_run(params, tiny_model_dir, demo_dir, first, "a" * 32)
+    run_stage("register", params, first)
+    (mv,) = versions(server.url)
+    assert mv.tags["promotion"] == "pending" and mv.tags["gate"] == "passed"
+
+    server.stop()
+    with pytest.raises(TrackingUnavailable, match=rf"{server.url} is unreachable"):
+        run_stage("promote", params, first)
+    assert not (first / FILES["promote"]).exists()
+    server.start()
+    (mv,) = versions(server.url)
+    assert mv.tags["promotion"] == "pending" and champion(server.url) is None  # untouched
+
+    code, out = resume_cli(params_file, first, capsys)
+    assert code == 0 and "ran promote" in out and f"Model {NAME} v1 is now champion" in out
+    assert champion(server.url) == "1"
+    (mv,) = versions(server.url)
+    assert mv.tags["promotion"].startswith("promoted") and mv.tags["previous_champion"] == "base"
+
+    # A run that stopped after registering while another was promoted: its retention was
+    # measured against the base, the champion is v1 now, so resume registers nothing new and
+    # promotes nothing.
+    second = params.workspace_dir / "runs" / "second"
+    hand_made_run(params, tiny_model_dir, demo_dir, second, "b" * 32)
+    run_stage("register", params, second)  # ... and the process died here
+    assert sorted(str(v.version) for v in versions(server.url)) == ["1", "2"]
+    code, out = resume_cli(params_file, second, capsys)
+    assert code == 0 and "ran promote" in out and "champion changed from base to 1" in out
+    assert champion(server.url) == "1"
+    v2 = MlflowClient(server.url, server.url).get_model_version(NAME, "2")
+    assert v2.tags["promotion"].startswith("not promoted (champion changed")
+    assert not Promotion.read(second / FILES["promote"]).promoted
+    code, out = resume_cli(params_file, second, capsys)
+    assert code == 0 and "nothing to resume" in out and len(versions(server.url)) == 2
+
+    # A run stopped before registering whose gate failed: resume registers it, tagged failed,
+    # and promotes nothing.
+    third = params.workspace_dir / "runs" / "third"
+    hand_made_run(params, tiny_model_dir, demo_dir, third, "e" * 32, passed=False)
+    code, out = resume_cli(params_file, third, capsys)
+    assert code == 0 and "ran register, promote" in out and "not promoted: gate failed" in out
+    v3 = MlflowClient(server.url, server.url).get_model_version(NAME, "3")
+    assert v3.tags["gate"] == "failed" and v3.tags["promotion"] == "not promoted (gate failed)"
+    assert champion(server.url) == "1" and len(versions(server.url)) == 3
+
+    # A promote step repeated after the alias moved reports the promotion, changes nothing.
+    run_stage("promote", params, first)
+    assert Promotion.read(first / FILES["promote"]).promoted
+    assert champion(server.url) == "1"
+    assert MlflowClient(server.url, server.url).get_model_version(NAME, "1").tags == mv.tags
+
+
+def test_register_never_duplicates_a_version(
+    tmp_path, tiny_model_dir, demo_dir, server, monkeypatch
+):
+    params = load_params(server_params(tmp_path, tiny_model_dir, demo_dir, server.url))
+    run_dir = params.workspace_dir / "runs" / "crash"
+    hand_made_run(params, tiny_model_dir, demo_dir, run_dir, "c" * 32)
+
+    # The server goes away right after the model was logged, before the version exists.
+    log_model = mlflow.pyfunc.log_model
+
+    def log_then_stop(*args, **kwargs):
+        info = log_model(*args, **kwargs)
+        server.stop()
+        return info
+
+    monkeypatch.setattr(mlflow.pyfunc, "log_model", log_then_stop)
+    with pytest.raises(TrackingUnavailable) as err:
+        run_stage("register", params, run_dir)
+    monkeypatch.undo()
+    assert f"{server.url} stopped answering while registering {NAME}" in str(err.value)
+    assert "forgetless resume RUN_DIR" in str(err.value)
+    assert not (run_dir / FILES["register"]).exists()
+
+    server.start()
+    assert versions(server.url) == []
+    c = MlflowClient(server.url, server.url)
+    (crashed,) = c.search_runs([c.get_experiment_by_name("forgetless").experiment_id])
+    key = crashed.data.tags[IDEMPOTENCY_TAG]
+
+    run_stage("register", params, run_dir)  # the retry registers it
+    first = Registration.read(run_dir / FILES["register"])
+    run_stage("register", params, run_dir)  # ... and a repeat finds it
+    assert Registration.read(run_dir / FILES["register"]) == first
+    # A re-run that trained the same candidate from the same champion finds it too.
+    rerun = params.workspace_dir / "runs" / "rerun"
+    hand_made_run(params, tiny_model_dir, demo_dir, rerun, "c" * 32)
+    again = register(
+        params,
+        VersionedRelease.read(rerun / FILES["version"]),
+        ProbeSet.read(rerun / FILES["probes"]),
+        TrainResult.read(rerun / FILES["finetune"]),
+        EvalReport.read(rerun / FILES["evaluate"]),
+        GateDecision.read(rerun / FILES["gate"]),
+        rerun,
+    )
+    assert again == first
+
+    (mv,) = versions(server.url)
+    assert (
+        str(mv.version) == first.version == "1" and mv.run_id == first.run_id != crashed.info.run_id
+    )
+    assert mv.tags[IDEMPOTENCY_TAG] == key and mv.tags["promotion"] == "pending"
+    assert champion(server.url) is None  # registering never promotes
+    # Another candidate (another release) is another version.
+    other = params.workspace_dir / "runs" / "other"
+    hand_made_run(params, tiny_model_dir, demo_dir, other, "d" * 32)
+    run_stage("register", params, other)
+    assert sorted(str(v.version) for v in versions(server.url)) == ["1", "2"]
+
+
+@pytest.mark.parametrize("remote_kind", ["unwritable folder", "unreachable http remote"])
+def test_dvc_remote_failure_keeps_the_release(tmp_path, tiny_model_dir, demo_dir, remote_kind):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the remote's parent folder should be\n")
+    remote = (
+        str(blocker / "remote")
+        if remote_kind == "unwritable folder"
+        else f"http://127.0.0.1:{free_port()}/dvc-remote"
+    )
+    params = load_params(
+        write_params(tmp_path, tiny_model_dir, demo_dir, versioning={"remote": remote})
+    )
+    run_dir = params.workspace_dir / "runs" / "bad-remote"
+    source = demo_dir / "releases" / RELEASE
+    start = time.perf_counter()
+    with pytest.raises(RemoteUnavailable) as err:
+        run_stage("version", params, run_dir, source)
+    message = str(err.value)
+    assert f"DVC remote {remote} cannot be written" in message and "4 attempts" in message
+    assert time.perf_counter() - start >= 14
+    assert "kept in the workspace" in message and "fix versioning.remote" in message
+    assert not (run_dir / FILES["version"]).exists()
+
+    # The release is not lost: in the workspace, tracked by DVC, committed, in the DVC cache.
+    ws = params.workspace_dir
+    for f in ("train.jsonl", "eval.jsonl"):
+        assert (ws / "releases" / RELEASE / f).read_bytes() == (source / f).read_bytes()
+    assert f"releases/{RELEASE}.dvc" in git(ws, "ls-files")
+    assert f"Release {RELEASE}" in git(ws, "log", "--format=%s")
+    assert any(p.is_file() for p in (ws / ".dvc" / "cache").rglob("*"))
+    assert champion_version(params) is None  # nothing registered or promoted
+    assert MlflowClient(params.tracking_uri).search_registered_models() == []
+
+    # With the remote fixed, the same step pushes the very same data.
+    fixed = params.with_overrides({"versioning.remote": str(tmp_path / "good-remote")})
+    run_stage("version", fixed, run_dir, source)
+    versioned = VersionedRelease.read(run_dir / FILES["version"])
+    assert versioned.path == ws / "releases" / RELEASE
+    assert any(p.is_file() for p in (tmp_path / "good-remote").rglob("*"))
+
+
+def test_unreachable_prefect_api_stops_before_anything_runs(tmp_path, tiny_model_dir, demo_dir):
+    params_file = write_params(tmp_path, tiny_model_dir, demo_dir)
+    url = f"http://127.0.0.1:{free_port()}/api"
+    start = time.perf_counter()
+    with (
+        temporary_settings(updates={PREFECT_API_URL: url}),
+        pytest.raises(PrefectUnavailable) as err,
+    ):
+        retrain(params_file=str(params_file))
+    message = str(err.value)
+    assert f"Prefect API {url} is unreachable" in message and "4 attempts" in message
+    assert "the retrain did not start" in message and "PREFECT_API_URL" in message
+    assert time.perf_counter() - start >= 14
+    # Nothing ran: no workspace, so no release versioned, no registry, no champion.
+    assert not (tmp_path / "workspace").exists() and not (tmp_path / "dvc-remote").exists()
+
+
+def test_resume_refuses_a_run_that_never_versioned_its_release(
+    tmp_path, tiny_model_dir, demo_dir, capsys
+):
+    params_file = write_params(tmp_path, tiny_model_dir, demo_dir)
+    run_dir = tmp_path / "workspace" / "runs" / "empty"
+    run_dir.mkdir(parents=True)
+    code, out = resume_cli(params_file, run_dir, capsys)
+    assert code == 2 and "nothing to resume" in out and "forgetless run --release" in out
+    assert list(run_dir.iterdir()) == []
+    code, out = resume_cli(params_file, tmp_path / "nowhere", capsys)
+    assert code == 2 and "no such run folder" in out
+
+
+def test_resume_uses_the_run_params_and_the_current_services(tmp_path, tiny_model_dir, demo_dir):
+    params = load_params(write_params(tmp_path, tiny_model_dir, demo_dir))
+    run_dir = tmp_path / "run"
+    kept = params.with_overrides({"train.seed": 7, "gate.min_new_task_score": 0.9})
+    save_params(run_dir, kept)
+    moved = params.with_overrides({"tracking.uri": "http://127.0.0.1:1", "train.seed": 3})
+    used = run_params(run_dir, moved)
+    assert used.train.seed == 7 and used.gate.min_new_task_score == 0.9  # as the run trained
+    assert used.tracking_uri == "http://127.0.0.1:1"  # where the server is now
+    assert run_params(tmp_path / "elsewhere", moved) == moved  # no params kept: the file's
