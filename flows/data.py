@@ -9,6 +9,7 @@ an accepted answer) or ``choice`` (highest log-likelihood choice must be an acce
 
 from __future__ import annotations
 
+import codecs
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,20 +27,64 @@ class DataError(ValueError):
 
 
 def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, record) pairs; blank lines are skipped, anything else must be a JSON object."""
+    """(line number, record) pairs; blank lines are skipped, anything else must be a JSON object.
+
+    A line must be UTF-8 without a byte-order mark and strict JSON: no ``NaN``/``Infinity``, no
+    key twice in an object. Anything else is a :class:`DataError` naming the line.
+    """
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if raw.startswith(codecs.BOM_UTF8):
+                raise DataError(
+                    path, lineno, "starts with a UTF-8 byte-order mark (save as UTF-8 without BOM)"
+                )
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(
+                    path,
+                    lineno,
+                    f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} "
+                    "of the line)",
+                ) from None
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(path, lineno, f"not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(path, lineno, "a record must be a JSON object")
-            records.append((lineno, obj))
+            records.append((lineno, _parse_record(path, lineno, line)))
     return records
+
+
+def _parse_record(path: Path, lineno: int, line: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(line, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
+    except json.JSONDecodeError as exc:
+        raise DataError(path, lineno, f"not valid JSON ({exc.msg})") from None
+    except _NotJson as exc:
+        raise DataError(path, lineno, f"not valid JSON ({exc})") from None
+    except ValueError:  # int() refuses a number this long
+        raise DataError(path, lineno, "not valid JSON (a number with too many digits)") from None
+    except RecursionError:
+        raise DataError(path, lineno, "not valid JSON (nested too deeply)") from None
+    if not isinstance(obj, dict):
+        raise DataError(path, lineno, "a record must be a JSON object")
+    return obj
+
+
+class _NotJson(Exception):
+    """Accepted by Python's JSON reader, but not JSON (or ambiguous)."""
+
+
+def _no_constant(name: str) -> Any:
+    raise _NotJson(f"{name} is not a JSON value")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _NotJson(f"duplicate key {key!r} in an object")
+        obj[key] = value
+    return obj
 
 
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:

@@ -229,7 +229,9 @@ def retrain(
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     run_dir = ws / "runs" / f"{release_dir.name}-{stamp}"
 
-    versioned = timed("version", version_task, release_dir, ws, params.dvc_remote)
+    versioned = timed(
+        "version", version_task, release_dir, ws, params.dvc_remote, champion.releases
+    )
     versioned.write(run_dir / FILES["version"])
     save_params(run_dir, params)
     log.info(

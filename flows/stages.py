@@ -48,7 +48,12 @@ def run_stage(name: str, params: Params, run_dir: Path, release_dir: Path | None
     if name == "version":
         if release_dir is None:
             raise ValueError("stage 'version' needs a release folder (data.release)")
-        record = version_release(release_dir, params.workspace_dir, params.dvc_remote)
+        record = version_release(
+            release_dir,
+            params.workspace_dir,
+            params.dvc_remote,
+            current_champion(params).releases,
+        )
     elif name == "validate":
         versioned = read(VersionedRelease, "version")
         record = validate_step(params, versioned.path, current_champion(params))

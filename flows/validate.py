@@ -1,19 +1,62 @@
 """Step 2, validate: Great Expectations suites over every file of a release (and probe sources).
 
-Release files (``train.jsonl``, ``eval.jsonl``): an id, a prompt and a completion on every record
-(``messages`` accepted), strings of bounded length, unique ids, the completion among ``choices``
-when choices are given, no prompt that is also a probe prompt (training on the probes would
-fake retention), and no eval prompt that is also a training prompt. Probe sources: id, prompt,
-non-empty answers, a task, a known scoring, choices that contain the answers.
-
 :func:`validate_step` applies every rule with the settings of ``params.yaml`` and is what the
 Prefect flow, the DVC stage and ``forgetless validate`` all run. A failure is a
-:class:`ValidationReport` naming file, line, record and rule; the run stops before training on it.
+:class:`ValidationReport` naming file, line, record and rule; the run stops before training on it,
+and validation only reads: the release folder is left as it was.
+
+The release folder (one report per broken rule, at the file and line that break it):
+
+- it holds ``train.jsonl`` and ``eval.jsonl`` ("file is missing"), and no symbolic link (a
+  release file or anything else, at any depth) points outside the folder (such a file is not
+  read);
+- every line is UTF-8 without a byte-order mark, and strict JSON: no ``NaN``, no key twice; each
+  non-blank line is a JSON object (:func:`flows.data.read_jsonl`; it stops at the first bad line);
+- no file is empty, and each holds at least ``data.min_train_records`` / ``min_eval_records``.
+
+Each record:
+
+- an id: a non-empty string without control characters, or an integer; unique within its file
+  (``7`` and ``"7"`` collide);
+- a prompt and a completion, or ``messages``: a list of ``{role, content}`` with string roles and
+  contents, two or more, ending with the assistant's (its content is the completion, the others
+  joined are the prompt);
+- prompt and completion are strings, not blank, of 1..``data.max_prompt_chars`` and
+  1..``data.max_completion_chars`` characters, with no control character other than newline and
+  tab, and no unpaired surrogate;
+- ``choices``, when given, is a list of strings that contains the completion exactly.
+
+Leaks, compared on :func:`normalise_prompt` (Unicode NFKC, case-folded, letters, marks, numbers
+and symbols only: no punctuation, whitespace, control or invisible format characters), so that a
+near-duplicate ("WHAT is the capital of Ghana", full-width letters, a zero-width space) matches:
+
+- no release prompt is a probe prompt: the probe sources', and the eval items' of every release
+  the champion has learned (training on the probes would fake retention);
+- no eval prompt is also a train prompt (the new-task score would measure memorisation);
+- with a strategy that rehearses prompts, no rehearsal prompt is a probe prompt.
+
+The champion's releases:
+
+- the release is not one the champion has learned: neither the workspace copy of a learned
+  release (a changed release needs a new name) nor identical in content to one. Content is
+  compared by :func:`release_content_hash`, computed here from the records of the release and of
+  each learned release's workspace copy ``<workspace>/releases/<name>`` (what the version step
+  wrote and DVC tracks). The hash ignores ids, record order and JSON layout; DVC's md5 of the
+  folder would not, since it hashes bytes. A learned release missing from the workspace is
+  reported too.
+
+Probe sources (``probes.sources``): an id (unique), a prompt and a task (non-empty strings), a
+known scoring (``generate`` or ``choice``), answers (a non-empty list of non-empty strings), and
+choices (a list of strings) that contain every answer, two or more for ``choice`` scoring.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
+import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,65 +84,137 @@ class ValidationFailed(ValueError):
 
 
 def normalise_prompt(text: str) -> str:
-    return re.sub(r"\s+", " ", str(text)).strip().lower()
+    """The key prompts are compared on: Unicode NFKC, case-folded, and only its letters, marks,
+    numbers and symbols (no punctuation, whitespace, control or invisible format characters),
+    so that "What's  the CAPITAL?" and "whats the capital" match."""
+    folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", str(text)).casefold())
+    return "".join(ch for ch in folded if unicodedata.category(ch)[0] in "LMNS")
+
+
+# A text may hold newlines and tabs, but no other control character (C0, DEL, C1) and no
+# unpaired surrogate (JSON can escape one; it cannot be written as UTF-8).
+_BAD_CHAR = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+_BAD_ID_CHAR = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")  # not even newline or tab
+
+
+def bad_character(text: Any) -> str | None:
+    """Where a text holds a character no text may hold, e.g. "U+0007 at character 12"."""
+    if not isinstance(text, str):
+        return None
+    found = _BAD_CHAR.search(text)
+    if found is None:
+        return None
+    kind = "unpaired surrogate " if "\ud800" <= found.group() <= "\udfff" else ""
+    return f"{kind}U+{ord(found.group()):04X} at character {found.start() + 1}"
 
 
 def _text(value: Any) -> str | None:
-    """Strings stay; a non-string becomes its repr so that only the type rule reports it."""
-    return value if value is None or isinstance(value, str) else repr(value)
+    """Strings stay (an unpaired surrogate replaced: its own rule reports it); a non-string
+    becomes its repr so that only the type rule reports it."""
+    if value is None:
+        return None
+    text = value if isinstance(value, str) else repr(value)
+    return text.encode("utf-8", "replace").decode("utf-8") if bad_character(text) else text
+
+
+def _id(value: Any) -> str | None:
+    """The id as the uniqueness rule compares it: ``7`` and ``"7"`` are the same id."""
+    return None if value is None else _text(str(value))
+
+
+def _is_blank(value: Any) -> bool:
+    """A string of whitespace only (the empty string is the length rule's)."""
+    return isinstance(value, str) and bool(value) and not value.strip()
+
+
+def _string_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _valid_id(value: Any) -> bool:
+    """A non-empty string without control characters, or an integer (None is the missing-id
+    rule's)."""
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return bool(value.strip()) and not _BAD_ID_CHAR.search(value)
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _chat(messages: Any) -> tuple[str, Any] | None:
+    """(prompt, completion) of well-formed chat messages, or None."""
+    ok = (
+        isinstance(messages, list)
+        and len(messages) >= 2
+        and all(
+            isinstance(m, dict) and {"role", "content"} <= set(m) and isinstance(m["role"], str)
+            for m in messages
+        )
+        and all(isinstance(m["content"], str) for m in messages[:-1])
+        and messages[-1]["role"] == "assistant"
+    )
+    if not ok:
+        return None
+    return "\n".join(m["content"] for m in messages[:-1]), messages[-1]["content"]
 
 
 def release_rows(records: list[tuple[int, dict]]) -> pd.DataFrame:
+    """One row per record: its texts and a column per record rule the suite checks."""
     rows = []
     for line, r in records:
         prompt, completion, fmt = r.get("prompt"), r.get("completion"), "prompt/completion"
         if "messages" in r:
-            msgs = r["messages"]
-            ok = (
-                isinstance(msgs, list)
-                and len(msgs) >= 2
-                and all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in msgs)
-                and msgs[-1].get("role") == "assistant"
-            )
-            fmt = "messages" if ok else "malformed messages"
-            if ok:
-                prompt = "\n".join(str(m["content"]) for m in msgs[:-1])
-                completion = msgs[-1]["content"]
+            chat = _chat(r["messages"])
+            fmt = "messages" if chat else "malformed messages"
+            if chat:
+                prompt, completion = chat
         choices = r.get("choices")
+        choices_ok = choices is None or _string_list(choices)
         rows.append(
             {
                 "line": line,
-                "id": None if r.get("id") is None else str(r.get("id")),
+                "id": _id(r.get("id")),
+                "id_ok": _valid_id(r.get("id")),
                 "prompt": _text(prompt),
                 "completion": _text(completion),
                 "format": fmt,
                 "prompt_is_text": prompt is None or isinstance(prompt, str),
                 "completion_is_text": completion is None or isinstance(completion, str),
-                "answer_in_choices": not choices or completion in choices,
+                "prompt_not_blank": not _is_blank(prompt),
+                "completion_not_blank": not _is_blank(completion),
+                "prompt_bad_char": bad_character(prompt),
+                "completion_bad_char": bad_character(completion),
+                "choices_ok": choices_ok,
+                "answer_in_choices": not choices_ok or not choices or completion in choices,
             }
         )
     return pd.DataFrame(rows)
 
 
 def probe_rows(records: list[tuple[int, dict]]) -> pd.DataFrame:
+    """One row per probe item: a column per probe rule the suite checks."""
     rows = []
     for line, r in records:
-        answers, choices = r.get("answers"), r.get("choices") or []
+        answers, choices = r.get("answers"), r.get("choices")
         answers_ok = (
             isinstance(answers, list)
             and bool(answers)
             and all(isinstance(a, str) and a.strip() for a in answers)
         )
+        scoring = r.get("scoring", "generate")
+        choices_ok = choices is None or _string_list(choices)
+        n_choices = len(choices) if choices_ok and choices else 0
         rows.append(
             {
                 "line": line,
-                "id": None if r.get("id") is None else str(r.get("id")),
-                "prompt": _text(r.get("prompt")),
-                "task": _text(r.get("task")),
-                "scoring": r.get("scoring", "generate"),
+                "id": _id(r.get("id")),
+                "prompt_ok": isinstance(r.get("prompt"), str) and bool(r["prompt"].strip()),
+                "task_ok": isinstance(r.get("task"), str) and bool(r["task"].strip()),
+                "scoring": "null" if scoring is None else _text(scoring),
                 "answers_ok": answers_ok,
-                "choices_ok": (r.get("scoring", "generate") != "choice" or len(choices) >= 2)
-                and (not choices or (answers_ok and set(answers) <= set(choices))),
+                "choices_ok": choices_ok
+                and (scoring != "choice" or n_choices >= 2)
+                and (not n_choices or (answers_ok and set(answers) <= set(choices))),
             }
         )
     return pd.DataFrame(rows)
@@ -110,11 +225,19 @@ def _release_suite(gx, name: str, max_prompt: int, max_completion: int, eval_fil
     suite = gx.ExpectationSuite(name=name)
     rules = [
         E.ExpectColumnValuesToNotBeNull(column="id", meta={"rule": "every record needs an id"}),
+        E.ExpectColumnValuesToBeInSet(
+            column="id_ok",
+            value_set=[True],
+            meta={"rule": "id must be a non-empty string (no control characters) or an integer"},
+        ),
         E.ExpectColumnValuesToBeUnique(column="id", meta={"rule": "ids must be unique"}),
         E.ExpectColumnValuesToBeInSet(
             column="format",
             value_set=["prompt/completion", "messages"],
-            meta={"rule": "messages must be a list of {role, content} ending with the assistant"},
+            meta={
+                "rule": "messages must be a list of {role, content} ending with the assistant "
+                "(roles and contents are strings)"
+            },
         ),
         E.ExpectColumnValuesToBeInSet(
             column="prompt_is_text", value_set=[True], meta={"rule": "prompt must be a string"}
@@ -142,6 +265,29 @@ def _release_suite(gx, name: str, max_prompt: int, max_completion: int, eval_fil
             min_value=1,
             max_value=max_completion,
             meta={"rule": f"completion length must be 1..{max_completion} characters"},
+        ),
+    ]
+    for text in ("prompt", "completion"):
+        rules += [
+            E.ExpectColumnValuesToBeInSet(
+                column=f"{text}_not_blank",
+                value_set=[True],
+                meta={"rule": f"{text} must not be blank (whitespace only)"},
+            ),
+            E.ExpectColumnValuesToBeNull(
+                column=f"{text}_bad_char",
+                meta={
+                    "rule": f"{text} contains a control character other than newline or tab, "
+                    "or an unpaired surrogate",
+                    "detail_is_value": True,
+                },
+            ),
+        ]
+    rules += [
+        E.ExpectColumnValuesToBeInSet(
+            column="choices_ok",
+            value_set=[True],
+            meta={"rule": "choices must be a list of strings"},
         ),
         E.ExpectColumnValuesToBeInSet(
             column="answer_in_choices",
@@ -175,11 +321,11 @@ def _probe_suite(gx, name: str):
     for rule in [
         E.ExpectColumnValuesToNotBeNull(column="id", meta={"rule": "every probe needs an id"}),
         E.ExpectColumnValuesToBeUnique(column="id", meta={"rule": "probe ids must be unique"}),
-        E.ExpectColumnValuesToNotBeNull(
-            column="prompt", meta={"rule": "a probe needs a prompt string"}
+        E.ExpectColumnValuesToBeInSet(
+            column="prompt_ok", value_set=[True], meta={"rule": "a probe needs a prompt string"}
         ),
-        E.ExpectColumnValuesToNotBeNull(
-            column="task", meta={"rule": "a probe needs a task string"}
+        E.ExpectColumnValuesToBeInSet(
+            column="task_ok", value_set=[True], meta={"rule": "a probe needs a task string"}
         ),
         E.ExpectColumnValuesToBeInSet(
             column="scoring",
@@ -219,16 +365,18 @@ def _run_suite(gx, context, file: Path, df: pd.DataFrame, suite) -> list[Violati
     for r in result.results:
         if r.success:
             continue
-        rule = r.expectation_config.meta.get("rule", r.expectation_config.type)
+        meta = r.expectation_config.meta
+        rule = meta.get("rule", r.expectation_config.type)
         column = r.expectation_config.kwargs.get("column")
         for bad in r.result.get("unexpected_index_list") or []:
             rid = bad.get("id")
             value = bad.get(column)
-            detail = (
-                ""
-                if column in ("id", None) or isinstance(value, bool | np.bool_)
-                else _preview(value)
-            )
+            if meta.get("detail_is_value"):
+                detail = str(value)
+            elif column in ("id", None) or isinstance(value, bool | np.bool_):
+                detail = ""
+            else:
+                detail = _preview(value)
             violations.append(
                 Violation(
                     file=str(file),
@@ -256,6 +404,27 @@ def _gx_context():
     return gx, context
 
 
+def links_outside(folder: Path) -> list[Violation]:
+    """Symbolic links anywhere in ``folder`` (not followed) whose target lies outside it."""
+    root = Path(os.path.realpath(folder))
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for name in sorted(dirnames + filenames):
+            path = Path(dirpath) / name
+            target = Path(os.path.realpath(path))
+            if path.is_symlink() and not target.is_relative_to(root):
+                found.append(
+                    Violation(
+                        file=str(path),
+                        line=None,
+                        record_id=None,
+                        rule="symbolic link points outside the release folder",
+                        detail=f"-> {target}",
+                    )
+                )
+    return found
+
+
 def _release_violations(
     gx,
     context,
@@ -265,11 +434,15 @@ def _release_violations(
     max_completion_chars: int,
     min_records: dict[str, int],
 ) -> tuple[list[Violation], dict[str, int]]:
-    violations: list[Violation] = []
+    violations = links_outside(release_dir)
+    unsafe = {v.file for v in violations}  # never read through a link that leaves the folder
     checked: dict[str, int] = {}
     train_prompts: set[str] = set()
+    probes = probes - {""}
     for fname in RELEASE_FILES:
         file = release_dir / fname
+        if str(file) in unsafe:
+            continue
         if not file.is_file():
             violations.append(
                 Violation(file=str(file), line=None, record_id=None, rule="file is missing")
@@ -285,20 +458,18 @@ def _release_violations(
         checked[fname] = len(records)
         need = min_records.get(fname.removesuffix(".jsonl"), 1)
         if len(records) < need:
-            violations.append(
-                Violation(
-                    file=str(file),
-                    line=None,
-                    record_id=None,
-                    rule=f"needs at least {need} records, has {len(records)}",
-                )
+            rule = (
+                f"needs at least {need} records, has {len(records)}"
+                if records
+                else "file is empty (no records)"
             )
+            violations.append(Violation(file=str(file), line=None, record_id=None, rule=rule))
             continue
         df = release_rows(records)
         norm = df["prompt"].map(lambda p: normalise_prompt(p) if isinstance(p, str) else "")
         df["is_probe_prompt"] = norm.isin(probes)
         if fname == "train.jsonl":
-            train_prompts = set(norm)
+            train_prompts = set(norm) - {""}
         else:
             df["in_train"] = norm.isin(train_prompts)
         suite = _release_suite(
@@ -310,6 +481,78 @@ def _release_violations(
         )
         violations += _run_suite(gx, context, file, df, suite)
     return violations, checked
+
+
+def release_content_hash(folder: Path) -> str:
+    """SHA-256 of what a release teaches: the records of each split without their ids, as
+    canonical JSON (sorted keys, NFC text) in sorted order. Two releases that differ only in ids,
+    record order, key order or spacing hash alike. Raises what :func:`read_jsonl` raises."""
+    digest = hashlib.sha256()
+    for fname in RELEASE_FILES:
+        rows = sorted(
+            unicodedata.normalize(
+                "NFC",
+                json.dumps(
+                    {k: v for k, v in r.items() if k != "id"},
+                    sort_keys=True,
+                    ensure_ascii=False,
+                    separators=(",", ":"),
+                ),
+            )
+            for _, r in read_jsonl(folder / fname)
+        )
+        digest.update(f"{fname}\0{len(rows)}\0".encode())
+        digest.update("\n".join(rows).encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()
+
+
+def learned_release_violations(
+    workspace: Path, release_dir: Path, champion: ChampionRef
+) -> tuple[list[Violation], list[str]]:
+    """The release must not be one the champion has learned: not the workspace copy of one (the
+    version step wrote it over the learned one: a changed release needs a new name), and not
+    identical in content to one. Also the learned releases that can be read, for their probes."""
+    violations: list[Violation] = []
+    readable: list[str] = []
+    here = Path(os.path.realpath(release_dir))
+    try:
+        own = None if links_outside(release_dir) else release_content_hash(release_dir)
+    except (OSError, DataError):
+        own = None  # the release rules report why
+    for name in champion.releases:
+        folder = workspace / "releases" / name
+        where = dict(file=str(release_dir), line=None, record_id=None)
+        if Path(os.path.realpath(folder)) == here:
+            rule = (
+                "the champion has already learned a release of this name "
+                "(a new release needs a new name)"
+            )
+            violations.append(Violation(**where, rule=rule, detail=f"release {name!r}"))
+            continue
+        try:
+            learned = release_content_hash(folder)
+        except (OSError, DataError) as exc:
+            violations.append(
+                Violation(
+                    file=str(folder),
+                    line=None,
+                    record_id=None,
+                    rule="a release the champion has learned cannot be read from the workspace "
+                    "(restore it with dvc checkout or dvc pull)",
+                    detail=str(exc),
+                )
+            )
+            continue
+        readable.append(name)
+        if learned == own:
+            violations.append(
+                Violation(
+                    **where,
+                    rule="identical in content to a release the champion has already learned",
+                    detail=f"release {name!r}, content hash {own[:12]}",
+                )
+            )
+    return violations, readable
 
 
 def validate_release(
@@ -379,7 +622,7 @@ def _rehearsal_leaks(path: Path, probes: set[str]) -> list[Violation]:
         Violation(
             file=str(path),
             line=line,
-            record_id=None if r.get("id") is None else str(r.get("id")),
+            record_id=_id(r.get("id")),
             rule="rehearsal prompt is a probe prompt (probe leaked into training)",
         )
         for line, r in records
@@ -390,10 +633,11 @@ def _rehearsal_leaks(path: Path, probes: set[str]) -> list[Violation]:
 def validate_step(params: Params, release_dir: Path, champion: ChampionRef) -> ValidationReport:
     """Every rule, whichever driver asks (the flow, the DVC stage, ``forgetless validate``).
 
-    The release suites with the record minimums of ``params.data``; no release prompt that is a
-    probe prompt of ``champion`` (probe sources and the eval items of the releases it learned);
-    the probe rules on every file of ``probes.sources``; and, for a strategy that rehearses
-    prompts, no rehearsal prompt that is a probe prompt.
+    The release is not one ``champion`` has learned (by workspace folder or content hash); the
+    release suites with the limits and record minimums of ``params.data``; no release prompt that
+    is a probe prompt of ``champion`` (probe sources and the eval items of the releases it
+    learned); the probe rules on every file of ``probes.sources``; and, for a strategy that
+    rehearses prompts, no rehearsal prompt that is a probe prompt.
     """
     import cf_strategies
     from flows.finetune import rehearsal_prompt_file
@@ -402,16 +646,17 @@ def validate_step(params: Params, release_dir: Path, champion: ChampionRef) -> V
     release_dir = Path(release_dir)
     cfg = params.data
     gx, context = _gx_context()
-    violations: list[Violation] = []
+    violations, readable = learned_release_violations(params.workspace_dir, release_dir, champion)
     checked: dict[str, int] = {}
-    prompts = [item["prompt"] for item in learned_probe_items(params, champion)]
+    learned = champion.model_copy(update={"releases": readable})
+    prompts = [item["prompt"] for item in learned_probe_items(params, learned)]
     for source in probe_sources(params):
         found, records = _probe_source_violations(gx, context, source)
         violations += found
         if records:
             checked[source.name] = len(records)
         prompts += [r["prompt"] for _, r in records if isinstance(r.get("prompt"), str)]
-    probes = {normalise_prompt(p) for p in prompts}
+    probes = {normalise_prompt(p) for p in prompts} - {""}
     found, release_checked = _release_violations(
         gx,
         context,

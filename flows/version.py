@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
@@ -76,7 +77,23 @@ def push(repo, ws: Path, what: str) -> None:
     ) from last
 
 
-def version_release(release_dir: Path, ws: Path, remote: str) -> VersionedRelease:
+def same_files(a: Path, b: Path) -> bool:
+    """Whether two folders hold the same file names with the same bytes."""
+    names = sorted(f.name for f in a.iterdir() if f.is_file())
+    if names != sorted(f.name for f in b.iterdir() if f.is_file()):
+        return False
+    return all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
+
+
+def version_release(
+    release_dir: Path, ws: Path, remote: str, learned: Sequence[str] = ()
+) -> VersionedRelease:
+    """Copy the release into the workspace, ``dvc add``, commit and push. Refused before anything
+    is written: a folder without its splits, a symbolic link leading out of it (the copy would
+    follow it), and other content under the name of a release the champion has ``learned``
+    (its workspace copy is what the probes read; a name is used once)."""
+    from flows.validate import links_outside
+
     release_dir = Path(release_dir).resolve()
     missing = [f for f in RELEASE_FILES if not (release_dir / f).is_file()]
     if missing:
@@ -86,9 +103,24 @@ def version_release(release_dir: Path, ws: Path, remote: str) -> VersionedReleas
             f"not a release folder, missing {', '.join(missing)} "
             f"(a release is a folder with {' and '.join(RELEASE_FILES)})",
         )
-    init_workspace(ws, remote)
+    leaving = links_outside(release_dir)
+    if leaving:
+        raise DataError(leaving[0].file, None, f"{leaving[0].rule} ({leaving[0].detail})")
     name = release_dir.name
     target = ws / "releases" / name
+    if (
+        name in learned
+        and target.is_dir()
+        and target.resolve() != release_dir
+        and not same_files(target, release_dir)
+    ):
+        raise DataError(
+            release_dir,
+            None,
+            f"the champion has already learned a release named {name!r} with other content; "
+            "a release name is used once: give the new release a new name",
+        )
+    init_workspace(ws, remote)
     if target.resolve() != release_dir:
         shutil.rmtree(target, ignore_errors=True)
         target.mkdir(parents=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,16 @@ from tests.tiny_llm import build_tiny_llm
 
 quiet_env()
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+
+# Bad inputs the tests actually fed to the pipeline, by kind; reported at the end of the run.
+BAD_INPUTS: Counter[str] = Counter()
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if BAD_INPUTS:
+        terminalreporter.write_sep("-", f"bad inputs tried: {sum(BAD_INPUTS.values())}")
+        for kind, n in sorted(BAD_INPUTS.items()):
+            terminalreporter.write_line(f"  {kind}: {n}")
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.client.schemas.sorting import ArtifactSort
 
 from flows.config import load_params
+from flows.data import DataError
 from flows.retrain import retrain
 from flows.validate import ValidationFailed
 from tests.conftest import write_params
@@ -130,6 +131,17 @@ def test_pass_then_fail_then_next_release(tmp_path, tiny_model_dir, demo_dir):
     assert matrix["rows"][1]["scores"]["wiki-topics-1"] == first.eval.new_task_score
     assert (second.run_dir / "accuracy_matrix.png").stat().st_size > 1000
 
+    # Other content under a learned release's name: refused before the workspace copy, which the
+    # probes read, is touched.
+    learned = ws / "releases" / "wiki-topics-1"
+    before = {f.name: f.read_bytes() for f in learned.iterdir()}
+    impostor = tmp_path / "elsewhere" / "wiki-topics-1"
+    shutil.copytree(demo_dir / "releases" / "wiki-topics-2", impostor)
+    with pytest.raises(DataError, match="already learned a release named 'wiki-topics-1'"):
+        retrain(params_file=str(params_file), release=str(impostor))
+    assert {f.name: f.read_bytes() for f in learned.iterdir()} == before
+    assert len(client.search_model_versions("name='forgetless-lm'")) == 3
+
 
 def test_malformed_release_is_rejected_before_training(tmp_path, tiny_model_dir, demo_dir):
     params_file = write_params(tmp_path, tiny_model_dir, demo_dir)
@@ -161,4 +173,20 @@ def test_probe_prompt_in_training_data_is_rejected(tmp_path, tiny_model_dir, dem
         f.write(json.dumps({"id": "leak", "prompt": probe["prompt"], "completion": "x"}) + "\n")
     with pytest.raises(ValidationFailed, match="probe leaked into the release"):
         retrain(params_file=str(params_file), release=str(release))
+    assert mlflow_client(params_file).search_model_versions("name='forgetless-lm'") == []
+
+
+def test_a_symlink_out_of_the_release_is_refused_before_it_is_copied(
+    tmp_path, tiny_model_dir, demo_dir
+):
+    params_file = write_params(tmp_path, tiny_model_dir, demo_dir)
+    secret = tmp_path / "outside.jsonl"
+    secret.write_text(json.dumps({"id": "s", "prompt": "private", "completion": "data"}) + "\n")
+    release = tmp_path / "linked"
+    shutil.copytree(demo_dir / "releases" / "wiki-topics-1", release)
+    (release / "train.jsonl").unlink()
+    (release / "train.jsonl").symlink_to(secret)
+    with pytest.raises(DataError, match="symbolic link points outside the release folder"):
+        retrain(params_file=str(params_file), release=str(release))
+    assert not (tmp_path / "workspace" / "releases" / "linked").exists()
     assert mlflow_client(params_file).search_model_versions("name='forgetless-lm'") == []

@@ -12,6 +12,8 @@ from flows.stages import run_stage
 from flows.tracking import current_champion
 from flows.validate import (
     ValidationFailed,
+    normalise_prompt,
+    release_content_hash,
     validate_probe_source,
     validate_release,
     validate_step,
@@ -102,6 +104,34 @@ def test_chat_messages_are_accepted(release):
         },
     )
     assert validate_release(release, PROBES).passed
+
+
+def test_near_duplicate_prompts_compare_equal():
+    key = normalise_prompt("What is the capital of Ghana?")
+    for variant in [
+        "  what IS the capital of   Ghana",
+        "“What is the capital of Ghana?!”",
+        "Ｗｈａｔ ｉｓ the capital of Ghana？",  # full-width (NFKC)
+        "What is the capi\u200btal of Ghana?",  # a zero-width space
+    ]:
+        assert normalise_prompt(variant) == key, variant
+    assert normalise_prompt("What is the capital of Ghana? 2") != key
+
+
+def test_content_hash_ignores_ids_order_and_layout(release, tmp_path):
+    """Two releases that teach the same records hash alike; another record changes it."""
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for fname in ("train.jsonl", "eval.jsonl"):
+        records = [json.loads(line) for line in (release / fname).read_text().splitlines()]
+        lines = [
+            json.dumps({**r, "id": f"x{i}"}, sort_keys=True, indent=None, separators=(" ,", " : "))
+            for i, r in enumerate(reversed(records))
+        ]
+        (copy / fname).write_text("\n".join(lines) + "\n\n")
+    assert release_content_hash(copy) == release_content_hash(release)
+    append(copy, "train.jsonl", {"id": "new", "prompt": "p", "completion": "c"})
+    assert release_content_hash(copy) != release_content_hash(release)
 
 
 def test_missing_file_and_too_few_records(tmp_path):
