@@ -100,26 +100,38 @@ def retention_plot(report: EvalReport, decision: GateDecision, out: Path) -> Pat
 
 
 def tradeoff_plot(candidates: list[dict], min_retention: float, min_score: float, out: Path):
-    """Tournament: worst dev retention against dev new-task score, one point per candidate,
-    the gate's region shaded, the winner starred."""
+    """Tournament: worst dev retention against dev new-task score, one numbered point per
+    candidate (named in the legend), the gate's region shaded, the winner starred."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 5.2))
     xs = [c["new_task_score"] for c in candidates]
     ys = [c["min_retention"] for c in candidates]
-    top = max([1.05, *ys]) + 0.05
-    ax.axvspan(min_score, 1.02, ymin=0, ymax=1, color="#2a9d4b", alpha=0.0)
+    low_x, low_y = min([*xs, min_score]) - 0.08, min([*ys, min_retention]) - 0.06
+    top = max([1.02, *ys]) + 0.04
     ax.fill_between([min_score, 1.02], min_retention, top, color="#2a9d4b", alpha=0.12)
-    for c, x, y in zip(candidates, xs, ys, strict=True):
-        ax.plot(x, y, "*" if c.get("winner") else "o", ms=16 if c.get("winner") else 8)
-        ax.annotate(c["label"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
-    ax.set_xlim(-0.02, 1.02)
-    ax.set_ylim(min(0.0, *ys) - 0.05, top)
+    ax.plot([], [], "s", color="#2a9d4b", alpha=0.25, ms=10, label="meets every threshold")
+    seen: dict[tuple[float, float], int] = {}
+    for i, (c, x, y) in enumerate(zip(candidates, xs, ys, strict=True), start=1):
+        marker, size = ("*", 17) if c.get("winner") else ("o", 9)
+        ax.plot(
+            x,
+            y,
+            marker,
+            ms=size,
+            label=f"{i}: {c['label']}" + (" (winner)" if c.get("winner") else ""),
+        )
+        stacked = seen.get((x, y), 0)  # candidates on the same point: labels side by side
+        seen[(x, y)] = stacked + 1
+        ax.annotate(str(i), (x, y), textcoords="offset points", xytext=(7 + 9 * stacked, 5))
+    ax.set_xlim(low_x, 1.02)
+    ax.set_ylim(low_y, top)
     ax.set_xlabel("new-task score (dev)")
     ax.set_ylabel("lowest retention over probe tasks (dev)")
-    ax.set_title("Strategy tournament: shaded = meets the gate's thresholds")
+    ax.set_title("Strategy tournament on the dev probes")
     ax.grid(alpha=0.3)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize=8, frameon=False)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return out
 

@@ -327,8 +327,11 @@ def retrain(
         gate=decision,
         registration=registration,
         promotion=promotion,
-        train_seconds=trained.train_seconds,
-        eval_seconds=probe_set.baseline_seconds + evaluation.eval_seconds,
+        # with a tournament: every candidate's training and dev scoring
+        train_seconds=sum(r.trained.train_seconds for r in tournament) or trained.train_seconds,
+        eval_seconds=probe_set.baseline_seconds
+        + evaluation.eval_seconds
+        + sum(r.dev.eval_seconds for r in tournament),
         wall_seconds=time.perf_counter() - start,
         step_seconds=steps,
     )

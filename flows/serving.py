@@ -45,8 +45,11 @@ def load(model_dir: str | Path, for_training: bool = False):
         tokenizer.pad_token = tokenizer.eos_token
     on_gpu = torch.cuda.is_available()
     bf16 = on_gpu and torch.cuda.is_bf16_supported() and not for_training
-    model = AutoModelForCausalLM.from_pretrained(
-        str(model_dir), dtype=torch.bfloat16 if bf16 else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(  # safetensors only: never unpickle weights
+        str(model_dir),
+        dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_safetensors=True,
+        trust_remote_code=False,
     )
     model.to(torch.device("cuda" if on_gpu else "cpu"))
     if not for_training:
