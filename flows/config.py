@@ -205,8 +205,11 @@ class Params(Section):
         for dotted, value in overrides.items():
             node = data
             *parents, leaf = dotted.split(".")
-            for key in parents:
+            for depth, key in enumerate(parents):
                 node = node.setdefault(key, {})
+                if not isinstance(node, dict):
+                    where = ".".join(parents[: depth + 1])
+                    raise ParamsError(f"override {dotted!r}: {where} is a value, not a section")
             node[leaf] = value
         return Params.model_validate(data)
 
@@ -222,7 +225,9 @@ def load_params(
     if not path.exists():
         raise ParamsError(f"{path}: no such params file")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ParamsError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
@@ -238,7 +243,8 @@ def load_params(
             hint = ""
             if err["type"] == "extra_forbidden":
                 section = _section_model(err["loc"][:-1])
-                hint = f" (valid keys here: {', '.join(sorted(section.model_fields))})"
+                valid = sorted(set(section.model_fields) - {"root"})  # root is set, not written
+                hint = f" (valid keys here: {', '.join(valid)})"
             lines.append(f"  {key}: {err['msg']}{hint}")
         raise ParamsError(f"{path}: invalid params\n" + "\n".join(lines)) from None
 

@@ -724,3 +724,17 @@ def test_bad_params_are_rejected_naming_file_key_and_what_is_valid(case, tmp_pat
     assert str(path) in message and case.expect in message, message
     if case.key:
         assert f"  {case.key}: " in message, message
+
+
+def test_params_file_that_is_not_utf8_or_overrides_into_a_value_are_params_errors(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_bytes(b"workspace: \xff\xfe\n")
+    with pytest.raises(ParamsError, match="not UTF-8 text"):
+        load_params(bad)
+    good = tmp_path / "ok.yaml"
+    good.write_text("train:\n  max_steps: 5\n")
+    with pytest.raises(ParamsError, match="train.max_steps is a value, not a section"):
+        load_params(good, {"train.max_steps.x": 1})
+    with pytest.raises(ParamsError) as err:
+        load_params(good, {"nonsense": 1})
+    assert "valid keys here:" in str(err.value) and "root" not in str(err.value).split("here:")[1]
