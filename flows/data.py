@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import codecs
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from flows.records import Violation
 
 RELEASE_FILES = ("train.jsonl", "eval.jsonl")
 
@@ -164,3 +167,24 @@ def load_release(folder: Path, split: str) -> list[Example]:
 
 def load_probes(path: Path) -> list[Example]:
     return [probe_example(r) for _, r in read_jsonl(path)]
+
+
+def links_outside(folder: Path) -> list[Violation]:
+    """Symbolic links anywhere in ``folder`` (not followed) whose target lies outside it."""
+    root = Path(os.path.realpath(folder))
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for name in sorted(dirnames + filenames):
+            path = Path(dirpath) / name
+            target = Path(os.path.realpath(path))
+            if path.is_symlink() and not target.is_relative_to(root):
+                found.append(
+                    Violation(
+                        file=str(path),
+                        line=None,
+                        record_id=None,
+                        rule="symbolic link points outside the release folder",
+                        detail=f"-> {target}",
+                    )
+                )
+    return found

@@ -64,7 +64,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from flows.data import RELEASE_FILES, DataError, read_jsonl
+from flows.data import RELEASE_FILES, DataError, links_outside, read_jsonl
 from flows.records import ChampionRef, ValidationReport, Violation
 
 if TYPE_CHECKING:  # flows.config imports torch (through cf_strategies); the CLI imports this
@@ -402,27 +402,6 @@ def _gx_context():
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = {"globally": False}
     return gx, context
-
-
-def links_outside(folder: Path) -> list[Violation]:
-    """Symbolic links anywhere in ``folder`` (not followed) whose target lies outside it."""
-    root = Path(os.path.realpath(folder))
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        for name in sorted(dirnames + filenames):
-            path = Path(dirpath) / name
-            target = Path(os.path.realpath(path))
-            if path.is_symlink() and not target.is_relative_to(root):
-                found.append(
-                    Violation(
-                        file=str(path),
-                        line=None,
-                        record_id=None,
-                        rule="symbolic link points outside the release folder",
-                        detail=f"-> {target}",
-                    )
-                )
-    return found
 
 
 def _release_violations(

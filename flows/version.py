@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from flows.data import RELEASE_FILES, DataError
+from flows.data import RELEASE_FILES, DataError, links_outside
 from flows.records import VersionedRelease
 from flows.workspace import dvc_repo, git, init_workspace
 
@@ -92,8 +92,6 @@ def version_release(
     is written: a folder without its splits, a symbolic link leading out of it (the copy would
     follow it), and other content under the name of a release the champion has ``learned``
     (its workspace copy is what the probes read; a name is used once)."""
-    from flows.validate import links_outside
-
     release_dir = Path(release_dir).resolve()
     missing = [f for f in RELEASE_FILES if not (release_dir / f).is_file()]
     if missing:
