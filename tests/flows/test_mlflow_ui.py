@@ -8,9 +8,6 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -20,7 +17,7 @@ from mlflow import MlflowClient
 from flows.config import load_params
 from flows.retrain import retrain
 from tests.conftest import write_params
-from tests.flows.test_tracking import free_port
+from tests.flows.mlflow_server import MlflowServer
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -64,39 +61,10 @@ def served_retrain(tmp_path_factory, tiny_model_dir, demo_dir):
     summary = retrain(params_file=str(params_file))
     assert summary.promotion.promoted
     params = load_params(params_file)
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            params.tracking_uri,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise RuntimeError("mlflow server did not start") from None
-            time.sleep(0.5)
-    yield url, summary, params
-    proc.terminate()
-    proc.wait(timeout=30)
+    server = MlflowServer(tmp, backend_store_uri=params.tracking_uri)
+    server.start()
+    yield server.url, summary, params
+    server.stop()
 
 
 def test_the_registered_model_page_shows_the_champion_alias_and_the_gate_tags(served_retrain):

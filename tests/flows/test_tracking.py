@@ -1,11 +1,7 @@
 """Tracking over HTTP against a real ``mlflow server``, a clear error when none answers, and
 artifacts that stay in their workspace with the default (SQLite) store."""
 
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 
 import pytest
 
@@ -23,54 +19,15 @@ from flows.tracking import (
 )
 from tests.conftest import write_params
 from tests.flows.conftest import register_candidate
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.flows.mlflow_server import MlflowServer, free_port
 
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{folder / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(folder / "artifacts"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError("mlflow server exited") from None
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError("mlflow server did not start in 120 s")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    server.start()
+    yield server.url
+    server.stop()
 
 
 def test_unreachable_server_is_a_clear_error_before_anything_runs(params_file):
