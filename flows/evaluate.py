@@ -80,12 +80,12 @@ def score_model(
     per-item results go to ``out_dir/{probes,new_task}.jsonl``."""
     start = time.perf_counter()
     scorer = Scorer(params, model_dir)
-    probe_results = write_results(out_dir / "probes.jsonl", scorer.score(load_probes(probe_path)))
-    task_results = write_results(out_dir / "new_task.jsonl", scorer.score_new_task(release_dir))
+    probe_results = scorer.score(load_probes(probe_path))
+    task_results = scorer.score_new_task(release_dir)
+    write_results(out_dir / "probes.jsonl", probe_results)
+    write_results(out_dir / "new_task.jsonl", task_results)
     return Scores(
-        accuracy_by_task(read_results(probe_results)),
-        accuracy(read_results(task_results)),
-        time.perf_counter() - start,
+        accuracy_by_task(probe_results), accuracy(task_results), time.perf_counter() - start
     )
 
 
