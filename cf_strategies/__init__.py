@@ -19,6 +19,7 @@ from cf_strategies import ilora, wise  # noqa: F401  (fast/slow learners, weight
 # isort: split
 from cf_strategies import packnet, progressive  # noqa: F401  (parameter isolation)
 from cf_strategies.base import (
+    BASE,
     Strategy,
     TaskContext,
     snapshot,
@@ -49,6 +50,7 @@ def load_strategies(strategies: list[Strategy], folder) -> None:
 
 
 __all__ = [
+    "BASE",
     "STRATEGIES",
     "ContinualTrainer",
     "NonFiniteLossError",

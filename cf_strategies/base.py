@@ -279,6 +279,9 @@ class Strategy:
     #: and is answered through ``use_task``. A merged model cannot hold several tasks, so such a
     #: model is kept unmerged: each task's model is rebuilt from the base weights and ``save``'s state.
     isolates_tasks: ClassVar[bool] = False
+    #: True when the saved state is per parameter of the LoRA adapter trained (packnet): to
+    #: rebuild the model, put an adapter of the same shape on the base before ``load``.
+    state_on_adapter: ClassVar[bool] = False
     #: What the strategy keeps from one release to the next (its saved state), in a few words:
     #: each strategy declares it, ``forgetless strategies`` lists it.
     stores: ClassVar[str] = "nothing"
@@ -310,8 +313,9 @@ class Strategy:
     def use_task(self, model: nn.Module, task: int | str | None) -> None:
         """Make ``model`` answer with the parameters of ``task``: its index in the order the tasks
         were learned (negative from the end), the release name it was learned under
-        (``TaskContext.release``), or None for the latest, i.e. the model as trained. Call it
-        between tasks. A no-op here: without parameter isolation every task shares the weights."""
+        (``TaskContext.release``), None for the latest, i.e. the model as trained, or
+        :data:`BASE` for the base model without any task's parameters. Call it between tasks.
+        A no-op here: without parameter isolation every task shares the weights."""
 
     def reanchor(self, model: nn.Module) -> None:
         """The model's trainable weights now stand where the last task ended, under other values:
@@ -377,9 +381,17 @@ def using_task(
             s.use_task(model, None)
 
 
+#: ``use_task(model, BASE)`` answers with none of the tasks' own parameters: the base model, i.e.
+#: what the model knew before its first task (pre-training knowledge, in a pipeline).
+BASE = "<base>"
+
+
 def task_index(task: int | str | None, names: Sequence[str], strategy: str) -> int:
     """The index of ``task`` among the tasks learned, ``names`` in learning order: an index
-    (negative from the end), a name (its latest use), or None for the latest task."""
+    (negative from the end), a name (its latest use), None for the latest task, or -1 for
+    :data:`BASE` (no task)."""
+    if task == BASE:
+        return -1
     if not names:
         raise ValueError(f"{strategy}: no task learned yet, so there is no task to answer with")
     if task is None:

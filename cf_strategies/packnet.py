@@ -62,7 +62,14 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from cf_strategies.base import Batch, Strategy, TaskContext, task_index, trainable_parameters
+from cf_strategies.base import (
+    BASE,
+    Batch,
+    Strategy,
+    TaskContext,
+    task_index,
+    trainable_parameters,
+)
 from cf_strategies.registry import register
 
 FREE = -1  # owner of a weight no task has kept
@@ -78,6 +85,7 @@ class PackNet(Strategy):
 
     name = "packnet"
     isolates_tasks = True
+    state_on_adapter = True
     stores = "masks (an int16 owner map per weight) and a copy of the packed weights"
 
     def __init__(
@@ -205,10 +213,11 @@ class PackNet(Strategy):
     # ---- answering for one task -------------------------------------------------------------
     @torch.no_grad()
     def use_task(self, model: nn.Module, task: int | str | None) -> None:
-        """Write θ_t = θ ⊙ [0 ≤ owner ≤ t] into ``model`` (None: every task's weights)."""
+        """Write θ_t = θ ⊙ [0 ≤ owner ≤ t] into ``model`` (None: every task's weights; ``BASE``,
+        t = −1: none, i.e. zeros, so a LoRA adapter adds exactly nothing to the base)."""
         if self._params:
             raise RuntimeError("packnet: use_task is for between tasks, not during one")
-        if task is None and not self.tasks:
+        if not self.tasks and (task is None or task == BASE):
             return
         t = task_index(task, self.tasks, self.name)
         params = dict(model.named_parameters())

@@ -22,7 +22,9 @@ What x_k, the input column k reads at a layer, is depends on ``streams``:
     task t runs t + 1 forward passes: those of columns 0..t−1 first, without gradient, each
     keeping its z_k at every target layer for the later columns' laterals, then column t's pass,
     whose output is the answer. A KV cache cannot be shared by the passes: generation needs
-    ``use_cache=False`` (an error says so otherwise); gradient checkpointing is not supported.
+    ``use_cache=False`` (an error says so otherwise; ``attach`` sets the model's
+    ``generation_config.use_cache`` to False and ``detach`` restores it, so ``generate`` works
+    as it is); gradient checkpointing is not supported.
   * ``"shared"`` (cheaper approximation): one pass; the earlier columns read the current column's
     hidden states, x_k = x_t, so their z_k are frozen nonlinear features of the current stream
     rather than their own computation. Generation with a KV cache works.
@@ -140,6 +142,9 @@ class Progressive(Strategy):
         self._model: nn.Module | None = None  # the model the columns are attached to
         self._layers: dict[str, nn.Module] = {}  # the target layers of that model
         self._handles: list[RemovableHandle] = []
+        self._use_cache: bool | None = (
+            None  # the model's generation_config.use_cache, while attached
+        )
         self._training = False
         self._before_step: list[tuple[nn.Parameter, torch.Tensor]] = []
         # one forward with streams="own"
@@ -215,6 +220,9 @@ class Progressive(Strategy):
         self._handles.append(root.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
         self._handles.append(root.register_forward_hook(self._root_hook))
         self._model = model
+        config = getattr(root, "generation_config", None)
+        if self.streams == "own" and config is not None:  # every column runs its own pass
+            self._use_cache, config.use_cache = config.use_cache, False
 
     def detach(self, model: nn.Module) -> None:
         """Take the columns and hooks off ``model`` (the state keeps the columns)."""
@@ -224,6 +232,9 @@ class Progressive(Strategy):
         for layer in self._layers.values():
             if MODULE in layer._modules:
                 del layer._modules[MODULE]
+        config = getattr(base_of(model), "generation_config", None)
+        if self._use_cache is not None and config is not None:
+            config.use_cache, self._use_cache = self._use_cache, None
         self._model, self._layers = None, {}
 
     def add_column(self, model: nn.Module) -> list[nn.Parameter]:
@@ -279,12 +290,16 @@ class Progressive(Strategy):
 
     # ---- answering for one task -------------------------------------------------------------
     def use_task(self, model: nn.Module, task: int | str | None) -> None:
-        """Column ``task`` answers (None: the latest), with the columns before it laterally."""
+        """Column ``task`` answers (None: the latest), with the columns before it laterally;
+        ``BASE``: no column, the columns are detached and the base model answers."""
         if self._training:
             raise RuntimeError("progressive: use_task is for between tasks, not during one")
         if task is None and not self.tasks:
             return
         t = task_index(task, self.tasks, self.name)
+        if t < 0:
+            self.detach(model)
+            return
         self.attach(model)
         self.active = t
 

@@ -80,16 +80,16 @@ class LoraConfig(Section):
 
 
 def pipeline_strategy(spec: str) -> None:
-    """A valid spec the pipeline can run: it merges each release's adapter into one model, so
-    strategies that keep per-task parameters (packnet, progressive) are refused until it serves
-    a model per task; use them from ``cf_strategies`` directly."""
-    for name in cf_strategies.validate_spec(spec):
-        if cf_strategies.STRATEGIES[name].isolates_tasks:
-            raise ValueError(
-                f"strategy {name!r} keeps parameters per task and needs a task id at inference; "
-                "the pipeline merges every release into one model and cannot serve it yet "
-                "(use it from cf_strategies directly)"
-            )
+    """A valid spec the pipeline can run. Parameter-isolation strategies (packnet, progressive)
+    keep each release's parameters and are served by task; one of them at most, since each
+    claims the model's task parameters for itself."""
+    names = cf_strategies.validate_spec(spec)
+    isolating = [n for n in names if cf_strategies.STRATEGIES[n].isolates_tasks]
+    if len(isolating) > 1:
+        raise ValueError(
+            f"strategies {isolating} both keep parameters per task; combine at most one "
+            "parameter-isolation strategy with others"
+        )
 
 
 class TrainConfig(Section):

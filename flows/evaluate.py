@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,33 +20,57 @@ from rich.progress import Progress
 from flows.confidence import paired_interval, proportion_interval
 from flows.config import Params
 from flows.data import Example, load_probes, load_release
-from flows.modeling import load_model
 from flows.records import EvalReport, ProbeSet, TaskRetention
 from flows.scoring import accuracy_by_task, score_examples
+from flows.serving import BASE_TASK, load_for_serving
 from flows.splits import stratified_split
 
 
 class Scorer:
-    """One loaded model that scores lists of examples (probes and new-task items alike)."""
+    """One loaded model that scores lists of examples (probes and new-task items alike).
+
+    A model that keeps parameters per task (packnet, progressive; ``flows/serving.py``) answers
+    each item through its task's own parameters: a release it learned through that release's
+    column or mask, any other task (general knowledge, releases learned before it, a release it
+    has not learned yet) through the base weights. Each result records it as ``answered_by``."""
 
     def __init__(self, params: Params, model_dir: Path):
         self.model_dir = Path(model_dir)
-        self.model, self.tokenizer = load_model(model_dir)
+        self.model, self.tokenizer, self.router = load_for_serving(model_dir)
         self.cfg, self.chat = params.evaluate, params.model.use_chat_template
 
+    def route(self, task: str) -> str | None:
+        """The task whose parameters answer an item of ``task`` (None: the model's one set)."""
+        if self.router is None:
+            return None
+        return task if task in self.router.tasks else BASE_TASK
+
     def score(self, examples: Sequence[Example], max_new_tokens: int | None = None) -> list[dict]:
-        """Per-item results ``{"id", "task", "category", "scoring", "output", "correct"}``."""
+        """Per-item results ``{"id", "task", "category", "scoring", "output", "correct"}``
+        (and ``answered_by`` for a model with tasks), in the order of ``examples``."""
+        groups: dict[str | None, list[int]] = {}
+        for i, ex in enumerate(examples):
+            groups.setdefault(self.route(ex.task), []).append(i)
+        results: list[dict] = [{}] * len(examples)
         with Progress(transient=True) as bar:
             job = bar.add_task(f"scoring {self.model_dir.name}", total=len(examples))
-            return score_examples(
-                self.model,
-                self.tokenizer,
-                examples,
-                self.chat,
-                max_new_tokens or self.cfg.max_new_tokens,
-                self.cfg.batch_size,
-                lambda n: bar.advance(job, n),
-            )
+            for route, indices in groups.items():
+                with self._answering(route) as model:
+                    scored = score_examples(
+                        model,
+                        self.tokenizer,
+                        [examples[i] for i in indices],
+                        self.chat,
+                        max_new_tokens or self.cfg.max_new_tokens,
+                        self.cfg.batch_size,
+                        lambda n: bar.advance(job, n),
+                    )
+                for i, r in zip(indices, scored, strict=True):
+                    results[i] = r if route is None else r | {"answered_by": route}
+        return results
+
+    def _answering(self, route: str | None):
+        return nullcontext(self.model) if route is None else self.router.answering(route)
 
     def score_new_task(self, release_dir: Path) -> list[dict]:
         return self.score(load_release(release_dir, "eval"), self.cfg.new_task_max_new_tokens)

@@ -4,10 +4,16 @@ Runs a ``cf_strategies.ContinualTrainer`` (a transformers ``Trainer``) on the re
 ``train.jsonl``, loads the strategies' state saved beside the champion (Fisher, importances,
 buffers), merges the adapter, and writes the candidate folder atomically: weights, tokenizer and
 ``strategy_state/`` for the next release. On a GPU it trains in bf16; on the CPU in fp32.
+
+With a parameter-isolation strategy (packnet, progressive) nothing is merged: the folder keeps
+the base weights, the strategies' state holds every release's parameters, and ``tasks.json``
+says how to rebuild them (``flows/serving.py``: ``TaskRouter``). The next release then needs the
+same isolation strategy; a champion of another kind is refused before training.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -23,8 +29,7 @@ from flows.data import load_release, read_jsonl
 from flows.demo_data import build_demo
 from flows.modeling import format_prompt, load_model, tokenize_for_training
 from flows.records import ChampionRef, TrainResult
-
-STRATEGY_STATE = "strategy_state"
+from flows.serving import STRATEGY_STATE, TASKS_FILE
 
 
 def rehearsal_prompt_file(params: Params) -> Path:
@@ -73,11 +78,59 @@ def check_single_process() -> None:
         )
 
 
+def isolating_spec(spec: str) -> str:
+    """The parameter-isolation strategies of a spec, joined ("" when there are none)."""
+    names = cf_strategies.split_spec(spec)
+    return "+".join(n for n in names if cf_strategies.STRATEGIES[n].isolates_tasks)
+
+
+def check_champion_kind(champion_dir: Path, spec: str) -> None:
+    """A champion that keeps parameters per task can only be continued by the same isolation
+    strategy: any other would load its base weights alone and lose every task it learned."""
+    tasks_file = Path(champion_dir) / TASKS_FILE
+    if not tasks_file.is_file():
+        return
+    kept = json.loads(tasks_file.read_text())
+    if isolating_spec(spec) != kept["strategy"]:
+        raise ValueError(
+            f"the champion ({champion_dir}) keeps parameters per task with "
+            f"{kept['strategy']!r} (tasks {kept['tasks']}); train.strategy {spec!r} would "
+            f"start again from its base weights and drop those tasks. Keep "
+            f"{kept['strategy']!r} in train.strategy, or roll back to a merged champion"
+        )
+
+
+def write_tasks_file(folder: Path, params: Params, strategies: list) -> None:
+    """``tasks.json``: which strategies hold the tasks, with their options, the tasks learned
+    and, when their state is per adapter parameter, the LoRA adapter's shape."""
+    isolating = [s for s in strategies if s.isolates_tasks]
+    lora = params.train.lora
+    spec = {
+        "strategy": "+".join(s.name for s in isolating),
+        "strategy_params": {
+            s.name: params.train.strategy_params.get(s.name, {}) for s in isolating
+        },
+        "tasks": list(isolating[0].tasks),
+        "lora": (
+            {
+                "r": lora.r,
+                "lora_alpha": lora.alpha,
+                "lora_dropout": lora.dropout,
+                "target_modules": list(lora.target_modules),
+            }
+            if any(s.state_on_adapter for s in isolating)
+            else None
+        ),
+    }
+    (folder / TASKS_FILE).write_text(json.dumps(spec, indent=1))
+
+
 def finetune(
     params: Params, champion: ChampionRef, release_dir: Path, run_dir: Path
 ) -> TrainResult:
     check_single_process()
     cfg = params.train
+    check_champion_kind(champion.model_dir, cfg.strategy)
     set_seed(cfg.seed)
     model, tokenizer = load_model(champion.model_dir, for_training=True)
     chat = params.model.use_chat_template
@@ -136,8 +189,13 @@ def finetune(
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     cf_strategies.save_strategies(strategies, tmp / STRATEGY_STATE)
-    merged = trainer.model.merge_and_unload()
-    merged.save_pretrained(tmp)
+    if isolating_spec(cfg.strategy):  # keep the base; the state rebuilds every task
+        for s in strategies:
+            s.use_task(trainer.model, cf_strategies.BASE)  # progressive: columns off
+        trainer.model.unload().save_pretrained(tmp)
+        write_tasks_file(tmp, params, strategies)
+    else:
+        trainer.model.merge_and_unload().save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

@@ -42,6 +42,16 @@ from flows.tracking import PENDING, client, experiment_id, tracking_errors
 
 # What flows/serving.py, the registered model's whole code, imports (pandas comes with mlflow).
 PIP_REQUIREMENTS = ["torch==2.13.0", "transformers==5.24.0", "mlflow==3.17.2"]
+# A model that keeps parameters per task also runs cf_strategies (logged with it) and peft.
+TASK_REQUIREMENTS = ["peft==0.21.2", "accelerate==1.15.0", "pydantic>=2.7"]
+
+
+def model_code(model_dir: Path) -> tuple[list[str] | None, list[str]]:
+    """``code_paths`` and pip requirements of the registered model: ``cf_strategies`` and its
+    dependencies only for a model served by task (``tasks.json`` in its folder)."""
+    if not (Path(model_dir) / serving.TASKS_FILE).is_file():
+        return None, PIP_REQUIREMENTS
+    return [str(Path(cf_strategies.__file__).parent)], PIP_REQUIREMENTS + TASK_REQUIREMENTS
 
 
 def code_commit() -> str:
@@ -222,8 +232,10 @@ def _register_new(
         mlflow.log_dict(report.model_dump(mode="json"), "eval_report.json")
         for f in sorted(run_dir.glob("*/*.jsonl")):
             mlflow.log_artifact(str(f), artifact_path=f"outputs/{f.parent.name}")
+        code_paths, requirements = model_code(train.model_dir)
         info = mlflow.pyfunc.log_model(
             name="model",
+            code_paths=code_paths,
             python_model=serving.__file__,
             artifacts={"model_dir": str(train.model_dir)},
             model_config={
@@ -233,7 +245,7 @@ def _register_new(
             },
             signature=serving.signature(params.evaluate.max_new_tokens),
             input_example=serving.INPUT_EXAMPLE,
-            pip_requirements=PIP_REQUIREMENTS,
+            pip_requirements=requirements,
         )
     learned = probe_set.champion.releases + [release.name]
     mv = mlflow.register_model(

@@ -30,7 +30,7 @@ from prefect.tasks import exponential_backoff
 from flows import accuracy_matrix, demo_data
 from flows.config import Params, load_params
 from flows.evaluate import evaluate_candidate
-from flows.finetune import finetune
+from flows.finetune import check_champion_kind, finetune
 from flows.gate import gate
 from flows.probes import create_probe_set
 from flows.promote import promote
@@ -223,6 +223,8 @@ def retrain(
         return result
 
     champion = timed("champion", champion_task, params)
+    for spec in params.train.candidates or [params.train.strategy]:
+        check_champion_kind(champion.model_dir, spec)  # before any work, not at the fine-tune
     release = release or (str(params.path(params.data.release)) if params.data.release else None)
     release_dir = Path(release).resolve() if release else next_demo_release(params, champion)
     log.info(f"retrain on release {release_dir.name}, from champion {champion.version or 'base'}")

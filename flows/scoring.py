@@ -56,6 +56,15 @@ def generate(
     return generate_texts(model, tokenizer, texts, max_new_tokens, batch_size, progress)
 
 
+def body_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """The transformer body and the LM head of a plain transformers model, so that the head runs
+    on the answer positions only; None for a model that must run whole: a peft wrapper, or one
+    whose forward is hooked (progressive's columns drive their passes from the root's hooks)."""
+    if hasattr(model, "get_base_model") or model._forward_hooks or model._forward_pre_hooks:
+        return None
+    return getattr(model, model.base_model_prefix), model.get_output_embeddings()
+
+
 @torch.no_grad()
 def choice_loglik(
     model: PreTrainedModel,
@@ -77,8 +86,7 @@ def choice_loglik(
                 (i, prompt, tokenizer(sep + choice, add_special_tokens=False)["input_ids"])
             )
     scores: list[list[float]] = [[] for _ in examples]
-    body = getattr(model, model.base_model_prefix)
-    head = model.get_output_embeddings()
+    split = body_and_head(model)
     pad = tokenizer.pad_token_id
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
@@ -89,10 +97,17 @@ def choice_loglik(
         for row, s in enumerate(seqs):
             ids[row, : len(s)] = torch.tensor(s)
             mask[row, : len(s)] = 1
-        hidden = body(input_ids=ids.to(model.device), attention_mask=mask.to(model.device))[0]
+        inputs = {"input_ids": ids.to(model.device), "attention_mask": mask.to(model.device)}
+        if split:
+            hidden = split[0](**inputs)[0]
+        else:
+            every_logit = model(**inputs).logits
         for row, (i, p, c) in enumerate(chunk):
-            positions = torch.arange(len(p) - 1, len(p) + len(c) - 1, device=hidden.device)
-            logits = head(hidden[row, positions]).float()
+            positions = torch.arange(len(p) - 1, len(p) + len(c) - 1, device=ids.device)
+            if split:
+                logits = split[1](hidden[row, positions.to(hidden.device)]).float()
+            else:
+                logits = every_logit[row, positions.to(every_logit.device)].float()
             target = torch.tensor(c, device=logits.device)
             logp = torch.log_softmax(logits, dim=-1).gather(1, target[:, None]).mean()
             scores[i].append(float(logp))

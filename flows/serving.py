@@ -4,14 +4,30 @@
 returns the model's greedy answers. The weights are the ``model_dir`` artifact: a plain
 transformers folder (merged LoRA weights, tokenizer, strategy state).
 
+Serving by task. A model trained with a parameter-isolation strategy (packnet, progressive)
+keeps each release's parameters apart instead of merging them: its folder holds the *base*
+weights, the strategies' state (``strategy_state/``) and ``tasks.json`` (the strategy, the LoRA
+shape, the tasks learned). :class:`TaskRouter` rebuilds it and answers for one task at a time:
+
+* ``predict(prompts, params={"task": "wiki-topics-1"})``: that release's column or mask;
+* ``params={"task": "base"}``: the base weights, i.e. what the model knew before its first
+  release (pre-training knowledge; the pipeline scores general-knowledge probes this way);
+* no task (the default): the latest release's parameters, the model as last trained;
+* an unknown task: an error naming the tasks learned.
+
+A model without per-task parameters answers every task with its one set of weights.
+
 This file is the model's whole code: it imports only torch, transformers, pandas and mlflow,
-never ``flows``, so the model loads and serves outside this repository. ``format_prompt`` and
-``generate`` give the same answers as ``flows.scoring.generate`` (a test compares them).
+never ``flows``, so the model loads and serves outside this repository; a model with tasks also
+imports peft and ``cf_strategies``, which is logged with it (``code_paths``). ``format_prompt``
+and ``generate`` give the same answers as ``flows.scoring.generate`` (a test compares them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import json
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +40,22 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 INPUT_COLUMN = "prompt"
+TASKS_FILE = "tasks.json"  # beside the weights of a model that keeps parameters per task
+STRATEGY_STATE = "strategy_state"  # the strategies' state, beside the weights
+BASE_TASK = "base"  # the task name a request uses for the base weights
 INPUT_EXAMPLE = pd.DataFrame({INPUT_COLUMN: ["What is the capital of France?"]})
 
 
 def signature(max_new_tokens: int) -> ModelSignature:
     """Strings in (one column, unnamed so that a plain list or string passes the schema; a
-    table's column is ``prompt``), one string answer out; ``max_new_tokens`` a param."""
+    table's column is ``prompt``), one string answer out; ``max_new_tokens`` and ``task``
+    (empty: the default task) are params."""
     return ModelSignature(
         inputs=Schema([ColSpec("string")]),
         outputs=Schema([ColSpec("string")]),
-        params=ParamSchema([ParamSpec("max_new_tokens", "long", max_new_tokens)]),
+        params=ParamSchema(
+            [ParamSpec("max_new_tokens", "long", max_new_tokens), ParamSpec("task", "string", "")]
+        ),
     )
 
 
@@ -55,6 +77,67 @@ def load(model_dir: str | Path, for_training: bool = False):
     if not for_training:
         model.eval()
     return model, tokenizer
+
+
+class TaskRouter:
+    """A model that keeps parameters per task (``tasks.json`` in its folder), answering for one
+    task at a time: ``with router.answering(task) as model: ...``. The folder's weights are the
+    base model's; the strategies named in ``tasks.json`` rebuild each task's parameters from
+    their saved state (a LoRA adapter of the recorded shape is put on first when they act on
+    one, as packnet does)."""
+
+    def __init__(self, model, model_dir: str | Path):
+        import cf_strategies  # logged with a model that has tasks (code_paths)
+
+        model_dir = Path(model_dir)
+        spec = json.loads((model_dir / TASKS_FILE).read_text())
+        if spec.get("lora"):
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **spec["lora"]))
+            model.eval()
+        self.strategies = cf_strategies.build_strategies(
+            spec["strategy"], spec.get("strategy_params", {})
+        )
+        cf_strategies.load_strategies(self.strategies, model_dir / STRATEGY_STATE)
+        self.tasks: list[str] = list(spec["tasks"])
+        self.model = model
+        for s in self.strategies:
+            s.use_task(model, None)
+
+    def resolve(self, task: str | None) -> str | None:
+        """The task a request names, as the strategies take it: None (the latest) for no task,
+        ``cf_strategies.base.BASE`` for ``"base"``; an unknown name is an error."""
+        from cf_strategies.base import BASE
+
+        if not task:
+            return None
+        if task in self.tasks:
+            return task
+        if task == BASE_TASK:
+            return BASE
+        raise ValueError(
+            f"unknown task {task!r}: this model answers for the tasks {self.tasks}, "
+            f"{BASE_TASK!r} (the base weights), or no task (the latest, {self.tasks[-1]!r})"
+        )
+
+    @contextmanager
+    def answering(self, task: str | None) -> Iterator[Any]:
+        """The model answering with ``task``'s parameters inside the block."""
+        import cf_strategies
+
+        with cf_strategies.using_task(self.strategies, self.model, self.resolve(task)):
+            yield self.model
+
+
+def load_for_serving(model_dir: str | Path) -> tuple[Any, Any, TaskRouter | None]:
+    """Model, tokenizer and, for a model that keeps parameters per task, its router (the
+    model is then ``router.model``, which may wrap the loaded one)."""
+    model, tokenizer = load(model_dir)
+    if not (Path(model_dir) / TASKS_FILE).is_file():
+        return model, tokenizer, None
+    router = TaskRouter(model, model_dir)
+    return router.model, tokenizer, router
 
 
 def format_prompt(tokenizer, messages: list[dict[str, str]], use_chat_template: bool) -> str:
@@ -131,21 +214,25 @@ def as_prompts(model_input: Any) -> list[str]:
 class ForgetlessLM(PythonModel):
     def load_context(self, context) -> None:
         config = context.model_config or {}
-        self.model, self.tokenizer = load(context.artifacts["model_dir"])
+        self.model, self.tokenizer, self.router = load_for_serving(context.artifacts["model_dir"])
         self.use_chat_template = bool(config.get("use_chat_template", True))
         self.max_new_tokens = int(config.get("max_new_tokens", 32))
         self.batch_size = int(config.get("batch_size", 8))
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> list[str]:
-        """Greedy answers, one per prompt; ``params={"max_new_tokens": n}`` lengthens them."""
-        max_new_tokens = int((params or {}).get("max_new_tokens") or self.max_new_tokens)
+        """Greedy answers, one per prompt; ``params={"max_new_tokens": n}`` lengthens them and
+        ``params={"task": name}`` picks the task of a model that keeps parameters per task."""
+        params = params or {}
+        max_new_tokens = int(params.get("max_new_tokens") or self.max_new_tokens)
+        prompts = as_prompts(model_input)
+        if self.router is None:
+            return self._generate(self.model, prompts, max_new_tokens)
+        with self.router.answering(params.get("task") or None) as model:
+            return self._generate(model, prompts, max_new_tokens)
+
+    def _generate(self, model, prompts: list[str], max_new_tokens: int) -> list[str]:
         return generate(
-            self.model,
-            self.tokenizer,
-            as_prompts(model_input),
-            self.use_chat_template,
-            max_new_tokens,
-            self.batch_size,
+            model, self.tokenizer, prompts, self.use_chat_template, max_new_tokens, self.batch_size
         )
 
 

@@ -235,14 +235,13 @@ def once_cost(name: str, results: Path | None = None) -> Measured | None:
 
 
 def pipeline_support(name: str) -> str:
-    """Whether ``forgetless run`` accepts the strategy: "yes", else "no: " and why."""
+    """Whether ``forgetless run`` accepts the strategy: "yes" (served by task for parameter
+    isolation), else "no: " and why."""
     try:
         pipeline_strategy(name)
     except ValueError as err:
-        if cf_strategies.STRATEGIES[name].isolates_tasks:
-            return "no: needs a model served per task"
         return f"no: {err}"
-    return "yes"
+    return "yes, served by task" if cf_strategies.STRATEGIES[name].isolates_tasks else "yes"
 
 
 def strategy_facts(results: Path | None = None) -> list[StrategyFacts]:

@@ -6,7 +6,7 @@ import torch
 from transformers import TrainingArguments
 
 from cf_strategies import ContinualTrainer, build_strategies, train_task
-from cf_strategies.base import TaskContext, using_task
+from cf_strategies.base import BASE, TaskContext, using_task
 from cf_strategies.packnet import FREE, PackNet, PackNetCapacityError
 from cf_strategies.registry import StrategyOptionError
 from tests.cf_strategies.tiny_models import (
@@ -16,6 +16,7 @@ from tests.cf_strategies.tiny_models import (
     lm_loss,
     mlp_batches,
     mlp_loss,
+    tiny_llm,
     tiny_lora,
     tiny_mlp,
     token_batches,
@@ -200,6 +201,9 @@ def test_state_round_trip_rebuilds_every_task_of_a_lora_model_bit_identically(tm
     loaded.use_task(fresh, None)
     with torch.no_grad():
         assert torch.equal(fresh(**probe).logits, answers[-1])
+    # BASE: no task's weights, the adapter adds exactly nothing to the base model
+    with using_task([loaded], fresh, BASE), torch.no_grad():
+        assert torch.equal(fresh(**probe).logits, tiny_llm()(**probe).logits)  # the same base
     # the tasks are different models: the masks matter
     assert not torch.equal(answers[0], answers[2])
     with pytest.raises(ValueError, match=r"unknown task 'r9'; tasks learned: \['r1', 'r2', 'r3'\]"):

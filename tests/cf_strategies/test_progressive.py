@@ -8,7 +8,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import TrainingArguments
 
 from cf_strategies import ContinualTrainer, build_strategies, train_task
-from cf_strategies.base import TaskContext, using_task
+from cf_strategies.base import BASE, TaskContext, using_task
 from cf_strategies.progressive import Progressive
 from cf_strategies.registry import StrategyOptionError
 from tests.cf_strategies.tiny_models import (
@@ -204,6 +204,10 @@ def test_state_round_trip_rebuilds_every_task_on_the_plain_base(streams, tmp_pat
             with torch.no_grad():
                 assert torch.equal(base(**probe).logits, answers[t])
     assert not torch.equal(answers[0], answers[2])
+    with using_task([loaded], base, BASE), torch.no_grad():  # no column: the base answers
+        assert not any("progressive" in n for n, _ in base.named_parameters())
+        assert torch.equal(base(**probe).logits, tiny_llm()(**probe).logits)
+    assert torch.equal(base(**probe).logits, answers[2])  # and the latest again after it
     loaded.detach(base)
     assert not any("progressive" in n for n, _ in base.named_parameters())
     with torch.no_grad():
@@ -241,12 +245,19 @@ def test_runs_inside_continual_trainer_on_a_lora_llama(tmp_path):
     with torch.no_grad():
         assert torch.equal(model(**probe).logits, answers[1])
     assert not torch.equal(answers[0], answers[1])
-    # generation: the own-stream passes cannot share a KV cache
+    # generation: the own-stream passes cannot share a KV cache; attached columns turn it off
     prompt = probe["input_ids"][:1, :5]
     with pytest.raises(ValueError, match="use_cache=False"):
-        model.generate(input_ids=prompt, max_new_tokens=3, do_sample=False)
-    out = model.generate(input_ids=prompt, max_new_tokens=3, do_sample=False, use_cache=False)
+        model.generate(input_ids=prompt, max_new_tokens=3, do_sample=False, use_cache=True)
+    out = model.generate(input_ids=prompt, max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 8)
+    assert torch.equal(
+        out, model.generate(input_ids=prompt, max_new_tokens=3, do_sample=False, use_cache=False)
+    )
+    config = model.get_base_model().generation_config
+    assert config.use_cache is False
+    progressive.detach(model)  # the model's own setting is back
+    assert config.use_cache is True
 
 
 def test_shared_streams_generate_with_a_kv_cache():

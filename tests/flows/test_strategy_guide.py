@@ -169,8 +169,12 @@ def test_task_id_and_pipeline_columns(printed):
         shown = cells(row_of(printed, f.name))
         assert shown[4] == ("yes" if f.needs_task_id else "no")
         assert shown[5].startswith("yes" if runs else "no")
-    refused = {f.name for f in guide.strategy_facts() if f.pipeline != "yes"}
-    assert refused == {"packnet", "progressive"}
+    refused = {f.name for f in guide.strategy_facts() if not f.pipeline.startswith("yes")}
+    assert refused == set()
+    by_task = {f.name for f in guide.strategy_facts() if f.pipeline == "yes, served by task"}
+    assert by_task == {"packnet", "progressive"}
+    with pytest.raises(ValueError, match="at most one parameter-isolation"):
+        pipeline_strategy("packnet+progressive")
 
 
 # ---- the advice -------------------------------------------------------------------------------

@@ -1,0 +1,166 @@
+"""Parameter isolation in the pipeline: packnet and progressive learn two releases through the
+real retrain flow, each old task is scored through its own mask or column (so nothing is lost,
+item for item), and the registered champion answers by task from MLflow in a fresh process
+outside the repository."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from safetensors.torch import load_file
+
+from flows import serving
+from flows.config import load_params
+from flows.data import read_jsonl
+from flows.evaluate import read_results
+from flows.retrain import retrain
+from tests.conftest import write_params
+from tests.flows.conftest import ROOT
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+OPTIONS = {
+    "packnet": {"packnet": {"prune_ratio": 0.5, "prune_at": 32}},  # 40 steps: 8 to retrain
+    "progressive": {"progressive": {"rank": 8, "alpha": 16.0}},
+}
+
+# Run outside the repository: flows, tests and benchmarks cannot be imported; cf_strategies
+# must come from the model's own logged code.
+SERVE_BY_TASK = """
+import sys
+for name in ("flows", "tests", "benchmarks"):
+    sys.modules[name] = None
+sys.path[:] = [p for p in sys.path if p.rstrip("/") != {root!r}]
+import json
+import mlflow
+
+model = mlflow.pyfunc.load_model("models:/forgetless-lm@champion")
+prompts = json.loads(open("prompts.json").read())
+out = {{task or "": model.predict(prompts, params={{"task": task}}) for task in {tasks!r}}}
+out["no task"] = model.predict(prompts)
+try:
+    model.predict(prompts, params={{"task": "wiki-topics-9"}})
+except Exception as err:
+    out["unknown"] = str(err)
+import cf_strategies
+out["cf_strategies"] = cf_strategies.__file__
+open("answers.json", "w").write(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module", params=sorted(OPTIONS))
+def two_releases(request, tmp_path_factory, tiny_model_dir, demo_dir):
+    """``(params_file, first, second)``: the strategy learned wiki-topics-1, then wiki-topics-2,
+    with a gate that asks every old task to be kept (retention ≥ 0.99, lower bound)."""
+    name = request.param
+    tmp = tmp_path_factory.mktemp(name)
+    params_file = write_params(
+        tmp,
+        tiny_model_dir,
+        demo_dir,
+        train={"strategy": name, "strategy_params": OPTIONS[name]},
+        gate={"min_retention": 0.99, "min_new_task_score": 0.0},
+        evaluate={"new_task_max_new_tokens": 12},  # release 2's labels are several words
+    )
+    first = retrain(params_file=str(params_file))
+    second = retrain(params_file=str(params_file))
+    return params_file, first, second
+
+
+def client_of(params_file) -> MlflowClient:
+    uri = load_params(params_file).tracking_uri
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def test_each_old_task_is_scored_through_its_own_parameters(two_releases, tiny_model_dir):
+    params_file, first, second = two_releases
+    assert first.promotion.promoted and second.promotion.promoted, second.gate.reasons
+    assert second.champion_at_start == "1"
+    for run in (first, second):  # it learned each release: the whole gain interval above 0
+        assert run.eval.new_task_gain_interval[0] > 0, run.eval
+    # Old tasks answered exactly as the champion answered them: item for item, nothing lost.
+    assert second.eval.retention == {"general-knowledge": 1.0, "wiki-topics-1": 1.0}
+    for stats in second.eval.tasks.values():
+        assert stats.lost == stats.gained == 0
+    baseline = {
+        (r["task"], r["id"]): r for r in read_results(second.run_dir / "baseline/probes.jsonl")
+    }
+    candidate = read_results(second.run_dir / "candidate" / "probes.jsonl")
+    assert candidate
+    for r in candidate:
+        assert r["output"] == baseline[(r["task"], r["id"])]["output"]
+        expected_route = "wiki-topics-1" if r["task"] == "wiki-topics-1" else "base"
+        assert r["answered_by"] == expected_route
+    # The new release through its own parameters; the champion, which had not learned it, base.
+    new_items = read_results(second.run_dir / "candidate" / "new_task.jsonl")
+    assert {r["answered_by"] for r in new_items} == {"wiki-topics-2"}
+
+    # Nothing merged: the candidate's weights are the base model's, bit for bit.
+    folder = second.run_dir / "candidate_model"
+    kept = json.loads((folder / serving.TASKS_FILE).read_text())
+    assert kept["tasks"] == ["wiki-topics-1", "wiki-topics-2"]
+    base = load_file(tiny_model_dir / "model.safetensors")
+    saved = load_file(folder / "model.safetensors")
+    assert saved.keys() == base.keys()
+    assert all((saved[k] == base[k]).all() for k in base)
+
+    v2 = client_of(params_file).get_model_version_by_alias("forgetless-lm", "champion")
+    assert str(v2.version) == "2"
+
+
+def answers(model_dir: Path, prompts: list[str], task: str | None) -> list[str]:
+    """What the pipeline's own loading answers for ``task`` (None: the default)."""
+    model, tokenizer, router = serving.load_for_serving(model_dir)
+    with router.answering(task) as m:
+        return serving.generate(m, tokenizer, prompts, False, 6, 32)
+
+
+def test_registered_model_answers_by_task_in_a_fresh_process(
+    two_releases, tiny_model_dir, demo_dir, tmp_path
+):
+    params_file, first, second = two_releases
+    params = load_params(params_file)
+    records = [r for _, r in read_jsonl(demo_dir / "releases" / "wiki-topics-2" / "eval.jsonl")]
+    records += [r for _, r in read_jsonl(demo_dir / "releases" / "wiki-topics-1" / "eval.jsonl")]
+    prompts = [r["prompt"] for r in records[:4]] + [r["prompt"] for r in records[-4:]]
+    tasks = ["wiki-topics-1", "wiki-topics-2", "base"]
+    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+    (tmp_path / "serve.py").write_text(SERVE_BY_TASK.format(root=str(ROOT), tasks=tasks))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["MLFLOW_TRACKING_URI"] = params.tracking_uri
+    done = subprocess.run(
+        [sys.executable, "serve.py"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads((tmp_path / "answers.json").read_text())
+
+    v2_dir, v1_dir = second.run_dir / "candidate_model", first.run_dir / "candidate_model"
+    for task in tasks:  # the served model answers as the pipeline scored it
+        assert out[task] == answers(v2_dir, prompts, task), task
+    assert out["no task"] == out["wiki-topics-2"]  # the default: the latest release
+    # Task 1 through v2 is task 1 through v1: learning release 2 changed nothing of it.
+    assert out["wiki-topics-1"] == answers(v1_dir, prompts, "wiki-topics-1")
+    # "base" is the base model itself; the columns or masks really differ from it.
+    model, tokenizer = serving.load(tiny_model_dir)
+    assert out["base"] == serving.generate(model, tokenizer, prompts, False, 6, 32)
+    assert out["wiki-topics-2"] != out["base"]
+    assert "unknown task 'wiki-topics-9'" in out["unknown"]
+    assert "wiki-topics-1" in out["unknown"]  # the message lists the tasks learned
+    assert not out["cf_strategies"].startswith(str(ROOT))  # the model's own copy of the code
+
+
+def test_another_strategy_cannot_continue_a_task_champion(two_releases):
+    params_file, _, _ = two_releases
+    client = client_of(params_file)
+    before = len(client.search_model_versions("name='forgetless-lm'"))
+    with pytest.raises(ValueError, match="keeps parameters per task"):
+        retrain(params_file=str(params_file), overrides={"train.strategy": "naive"})
+    assert len(client.search_model_versions("name='forgetless-lm'")) == before
+    champion = client.get_model_version_by_alias("forgetless-lm", "champion")
+    assert str(champion.version) == "2"
