@@ -51,6 +51,7 @@ class ModelConfig(Section):
     cache_dir: Path = Path(".cache/models")
     registered_name: NonEmptyStr = "forgetless-lm"
     use_chat_template: bool = True
+    trust_remote_code: bool = False  # run Python code shipped with a model: only if trusted
 
 
 class DataConfig(Section):

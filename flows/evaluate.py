@@ -36,7 +36,9 @@ class Scorer:
 
     def __init__(self, params: Params, model_dir: Path):
         self.model_dir = Path(model_dir)
-        self.model, self.tokenizer, self.router = load_for_serving(model_dir)
+        self.model, self.tokenizer, self.router = load_for_serving(
+            model_dir, params.model.trust_remote_code
+        )
         self.cfg, self.chat = params.evaluate, params.model.use_chat_template
 
     def route(self, task: str) -> str | None:

@@ -132,7 +132,9 @@ def finetune(
     cfg = params.train
     check_champion_kind(champion.model_dir, cfg.strategy)
     set_seed(cfg.seed)
-    model, tokenizer = load_model(champion.model_dir, for_training=True)
+    model, tokenizer = load_model(
+        champion.model_dir, for_training=True, trust_remote_code=params.model.trust_remote_code
+    )
     chat = params.model.use_chat_template
     train_set = [
         tokenize_for_training(tokenizer, ex, chat, cfg.max_length)

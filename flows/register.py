@@ -240,6 +240,7 @@ def _register_new(
             artifacts={"model_dir": str(train.model_dir)},
             model_config={
                 "use_chat_template": params.model.use_chat_template,
+                "trust_remote_code": params.model.trust_remote_code,
                 "max_new_tokens": params.evaluate.max_new_tokens,
                 "batch_size": params.evaluate.batch_size,
             },

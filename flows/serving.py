@@ -59,20 +59,34 @@ def signature(max_new_tokens: int) -> ModelSignature:
     )
 
 
-def load(model_dir: str | Path, for_training: bool = False):
+def load(model_dir: str | Path, for_training: bool = False, trust_remote_code: bool = False):
     """Model and tokenizer from a transformers folder: bf16 on a GPU that supports it (fp32 when
-    ``for_training``: the optimizer keeps its own precision), else fp32; eval mode to answer."""
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    ``for_training``: the optimizer keeps its own precision), else fp32; eval mode to answer.
+    Python code shipped with a model (``auto_map`` in its config) runs only with
+    ``trust_remote_code`` (``model.trust_remote_code`` in params.yaml); otherwise such a model
+    is refused before any of its code is imported."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(model_dir), trust_remote_code=trust_remote_code
+        )
+        on_gpu = torch.cuda.is_available()
+        bf16 = on_gpu and torch.cuda.is_bf16_supported() and not for_training
+        model = AutoModelForCausalLM.from_pretrained(  # safetensors only: never unpickle weights
+            str(model_dir),
+            dtype=torch.bfloat16 if bf16 else torch.float32,
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+        )
+    except ValueError as err:
+        if "trust_remote_code" not in str(err) or trust_remote_code:
+            raise
+        raise ValueError(
+            f"the model at {model_dir} ships its own Python code (auto_map in its config), "
+            "which is not run by default; set model.trust_remote_code: true in params.yaml only "
+            "if you trust that code"
+        ) from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    on_gpu = torch.cuda.is_available()
-    bf16 = on_gpu and torch.cuda.is_bf16_supported() and not for_training
-    model = AutoModelForCausalLM.from_pretrained(  # safetensors only: never unpickle weights
-        str(model_dir),
-        dtype=torch.bfloat16 if bf16 else torch.float32,
-        use_safetensors=True,
-        trust_remote_code=False,
-    )
     model.to(torch.device("cuda" if on_gpu else "cpu"))
     if not for_training:
         model.eval()
@@ -130,10 +144,12 @@ class TaskRouter:
             yield self.model
 
 
-def load_for_serving(model_dir: str | Path) -> tuple[Any, Any, TaskRouter | None]:
+def load_for_serving(
+    model_dir: str | Path, trust_remote_code: bool = False
+) -> tuple[Any, Any, TaskRouter | None]:
     """Model, tokenizer and, for a model that keeps parameters per task, its router (the
     model is then ``router.model``, which may wrap the loaded one)."""
-    model, tokenizer = load(model_dir)
+    model, tokenizer = load(model_dir, trust_remote_code=trust_remote_code)
     if not (Path(model_dir) / TASKS_FILE).is_file():
         return model, tokenizer, None
     router = TaskRouter(model, model_dir)
@@ -214,7 +230,9 @@ def as_prompts(model_input: Any) -> list[str]:
 class ForgetlessLM(PythonModel):
     def load_context(self, context) -> None:
         config = context.model_config or {}
-        self.model, self.tokenizer, self.router = load_for_serving(context.artifacts["model_dir"])
+        self.model, self.tokenizer, self.router = load_for_serving(
+            context.artifacts["model_dir"], bool(config.get("trust_remote_code", False))
+        )
         self.use_chat_template = bool(config.get("use_chat_template", True))
         self.max_new_tokens = int(config.get("max_new_tokens", 32))
         self.batch_size = int(config.get("batch_size", 8))
