@@ -220,6 +220,7 @@ class TaskContext:
     eos_token_id: int | None = None
     rehearsal_prompts: list[list[int]] = field(default_factory=list)
     general_importance_prompts: int = 0
+    max_steps: int | None = None  # optimizer steps the task will take, when known (packnet)
 
 
 @torch.no_grad()

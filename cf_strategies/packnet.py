@@ -23,9 +23,11 @@ Every weight not owned by a task ≤ t was 0 when task t ended, and owned weight
 later tasks. Parameters of one dimension (biases, norm gains) are not pruned: the first task that
 trains an element owns it (as the paper's biases, fixed after the first task).
 
-``prune_at`` counts the task's optimizer steps. None, or a task shorter than that, prunes when
-the task ends, without retraining (a warning says so when ``prune_at`` was set); give it as the
-task's steps minus the retraining steps (e.g. ``max_steps`` 30, ``prune_at`` 24).
+``prune_at`` counts the task's optimizer steps. None takes it from the task's length when the
+pipeline gives it (``TaskContext.max_steps``): round((1 − ``retrain_fraction``) · max_steps), so
+by default the last 20% of the steps retrain the kept weights (``max_steps`` 30: prune at 24).
+Without either, or in a task shorter than ``prune_at``, it prunes when the task ends, without
+retraining (a warning says so when a step was set).
 
 Capacity: ``capacity()`` gives the share of the weight matrices' elements still free and the share
 each task owns. Task t trains on what is free, about prune_ratio^t of the weights with a constant
@@ -92,9 +94,12 @@ class PackNet(Strategy):
         self,
         prune_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.5,
         prune_at: Annotated[int, Field(ge=1)] | None = None,
+        retrain_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.2,
     ) -> None:
         self.prune_ratio = prune_ratio
         self.prune_at = prune_at
+        self.retrain_fraction = retrain_fraction
+        self._prune_step: int | None = prune_at  # this task's
         self.tasks: list[str] = []  # names of the tasks learned, in order
         self.owner: dict[str, torch.Tensor] = {}  # int16, FREE or the owning task's index
         self.weights: dict[str, torch.Tensor] = {}  # owned values; where free, the next start
@@ -112,6 +117,9 @@ class PackNet(Strategy):
     # ---- the task ---------------------------------------------------------------------------
     def prepare(self, context: TaskContext) -> None:
         self._release = context.release
+        self._prune_step = self.prune_at
+        if self.prune_at is None and context.max_steps:
+            self._prune_step = max(1, round((1 - self.retrain_fraction) * context.max_steps))
 
     def before_task(self, model: nn.Module, data: Iterable[Batch] | None = None) -> None:
         params = trainable_parameters(model)
@@ -161,17 +169,17 @@ class PackNet(Strategy):
             p = self._params[name]
             p.copy_(torch.where(self._frozen[name], self._fixed[name], p))
         self._step += 1
-        if self.prune_at is not None and self._step == self.prune_at and not self._pruned:
+        if self._prune_step is not None and self._step == self._prune_step and not self._pruned:
             self._prune()
 
     def after_task(self, model: nn.Module, data: Iterable[Batch] | None = None) -> None:
         if not self._params:
             return
         if not self._pruned:
-            if self.prune_at is not None:
+            if self._prune_step is not None:
                 warnings.warn(
                     f"packnet: the task ended after {self._step} optimizer steps, before "
-                    f"prune_at={self.prune_at}: pruned at its end, without retraining",
+                    f"prune_at={self._prune_step}: pruned at its end, without retraining",
                     stacklevel=2,
                 )
             with torch.no_grad():
@@ -181,7 +189,7 @@ class PackNet(Strategy):
             for n, p in self._params.items()
         }
         self.tasks.append(self._release or f"task-{len(self.tasks)}")
-        self._release = None
+        self._release, self._prune_step = None, self.prune_at
         self._params, self._frozen, self._fixed, self._touched = {}, {}, {}, {}
         self._released = {}
         self._guarded = []

@@ -64,6 +64,7 @@ def task_context(params: Params, tokenizer, release_dir: Path) -> cf_strategies.
         eos_token_id=tokenizer.eos_token_id,
         rehearsal_prompts=rehearsal_prompts(params, tokenizer) if uses_prompts else [],
         general_importance_prompts=params.train.general_importance_prompts,
+        max_steps=params.train.max_steps,
     )
 
 

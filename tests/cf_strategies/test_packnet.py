@@ -155,6 +155,20 @@ def test_task_shorter_than_prune_at_is_pruned_at_its_end_with_a_warning():
     assert packnet.capacity()["free"] == pytest.approx(0.5, abs=0.01)
 
 
+@pytest.mark.parametrize(("retrain_fraction", "prune_step"), [(0.2, 8), (0.5, 5)])
+def test_without_prune_at_the_task_length_sets_it(retrain_fraction, prune_step):
+    model = tiny_mlp()
+    packnet = PackNet(prune_ratio=0.5, retrain_fraction=retrain_fraction)
+    pruned_at = []
+    prune = packnet._prune
+    packnet._prune = lambda: (pruned_at.append(packnet._step), prune())
+    packnet.prepare(TaskContext(release="r1", max_steps=10))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    train_task(model, mlp_batches(10), [packnet], opt, mlp_loss, epochs=1)  # 10 steps
+    assert pruned_at == [prune_step]
+    assert packnet.capacity()["free"] == pytest.approx(0.5, abs=0.01)
+
+
 def test_no_capacity_left_is_a_clear_error_before_training():
     model, packnet = tiny_mlp(), PackNet(prune_ratio=0.0)  # each task keeps all it trained
     opt = torch.optim.Adam(model.parameters(), lr=0.01)

@@ -26,7 +26,7 @@ from tests.flows.conftest import ROOT
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 OPTIONS = {
-    "packnet": {"packnet": {"prune_ratio": 0.5, "prune_at": 32}},  # 40 steps: 8 to retrain
+    "packnet": {"packnet": {"prune_ratio": 0.5}},  # 40 steps: prunes at 32, retrains for 8
     "progressive": {"progressive": {"rank": 8, "alpha": 16.0}},
 }
 
