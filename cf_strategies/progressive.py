@@ -46,8 +46,9 @@ from the base weights: build the base model (peft-wrapped or not), ``load`` the 
 forward hooks; ``detach(model)`` takes them off again (before ``save_pretrained`` of the base).
 The base itself is never changed, so a pipeline keeps it unmerged (``isolates_tasks``). Train with
 ``ContinualTrainer`` (its optimizer is built after ``before_task`` adds the column) or, in a plain
-loop, call ``add_column(model)`` before building the optimizer: a first optimizer step that does
-not move the new column's parameters is an error.
+loop, call ``add_column(model)`` before building the optimizer: optimizer steps that never move
+the new column's parameters although they have gradients (``UNMOVED_STEPS`` in a row; not one,
+since a learning-rate warm-up starts at 0) are an error.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ from cf_strategies.base import Batch, Strategy, TaskContext, task_index
 from cf_strategies.registry import register
 
 MODULE = "progressive"  # the columns' submodule on each target layer
+UNMOVED_STEPS = 3  # steps with gradients that never move a new column: it is not being trained
 
 
 class LayerColumns(nn.Module):
@@ -147,6 +149,7 @@ class Progressive(Strategy):
         )
         self._training = False
         self._before_step: list[tuple[nn.Parameter, torch.Tensor]] = []
+        self._unmoved = 0  # steps with gradients that left the new column where it was
         # one forward with streams="own"
         self._pass: int | None = None  # the column whose stream this pass computes
         self._nested = False
@@ -262,19 +265,24 @@ class Progressive(Strategy):
     def before_task(self, model: nn.Module, data: Iterable[Batch] | None = None) -> None:
         new = self.add_column(model)
         self._before_step = [(p, p.detach().clone()) for p in new]
+        self._unmoved = 0
         self._training = True
 
     def after_step(self, model: nn.Module) -> None:
+        """Until the new column first moves: steps with gradients that leave it where it was
+        mean its parameters are not in the optimizer."""
         if not self._before_step:
             return
-        moved = any(not torch.equal(p.detach(), old) for p, old in self._before_step)
-        had_grad = any(p.grad is not None and bool(p.grad.any()) for p, _ in self._before_step)
-        self._before_step = []
-        if had_grad and not moved:
+        if any(not torch.equal(p.detach(), old) for p, old in self._before_step):
+            self._before_step, self._unmoved = [], 0  # it trains: nothing more to check
+            return
+        if any(p.grad is not None and bool(p.grad.any()) for p, _ in self._before_step):
+            self._unmoved += 1
+        if self._unmoved >= UNMOVED_STEPS:
             raise RuntimeError(
-                "progressive: the optimizer step did not move the new column although it has "
-                "gradients: its parameters are not in the optimizer. In a plain loop call "
-                "add_column(model) before building the optimizer"
+                f"progressive: {UNMOVED_STEPS} optimizer steps did not move the new column "
+                "although it has gradients: its parameters are not in the optimizer. In a "
+                "plain loop call add_column(model) before building the optimizer"
             )
 
     def after_task(self, model: nn.Module, data: Iterable[Batch] | None = None) -> None:

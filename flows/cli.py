@@ -367,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from flows.config import ParamsError
     from flows.data import DataError
+    from flows.locks import LockMisconfigured, LockUnavailable
     from flows.promote import RegistryActionError
     from flows.tracking import TrackingUnavailable
     from flows.validate import ValidationFailed
@@ -381,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         TrackingUnavailable,
         RemoteUnavailable,
         RegistryActionError,
+        LockUnavailable,
+        LockMisconfigured,
     ) as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         return 2

@@ -162,6 +162,7 @@ class GateConfig(Section):
 class TrackingConfig(Section):
     uri: str | None = None
     experiment: NonEmptyStr = "forgetless"
+    promote_lock: Literal["auto", "file", "prefect"] = "auto"  # flows/locks.py
 
 
 class VersioningConfig(Section):

@@ -1,9 +1,15 @@
 """Step 8, promote: move the ``champion`` alias to the new version, only on a gate pass, and
 only if the champion is still the one this retrain was measured against.
 
-Promotions on one tracking store are serialised by a file lock beside it (the SQLite store, or
-the workspace for a remote server); inside the lock the champion is read again, so of two
-retrains racing from the same champion at most one is promoted and the other is told why.
+Every move of the alias takes the promotion lock (``flows/locks.py``, ``tracking.promote_lock``)
+and reads the champion again inside it: of two retrains racing from the same champion at most
+one is promoted, and the other is told the champion changed. MLflow aliases have no
+compare-and-set, so with a remote tracking server this holds only if every writer of the alias
+takes the same lock: on one machine the file lock does; across machines only the Prefect global
+concurrency limit does (``auto`` picks it when ``PREFECT_API_URL`` names a shared server). Two
+machines with file locks, or one without the Prefect API, can both read the old champion and
+both move the alias (the last write stands). A holder paused for longer than the Prefect lease
+(60 s, renewed while it runs) loses the lock; the read-then-write inside it takes a second.
 
 Two manual actions share that lock: ``rollback`` (back along the chain of champions) and
 ``force_promote`` (an audited override of the gate). Both record who, when and why as tags.
@@ -15,23 +21,11 @@ import getpass
 import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
-
-from filelock import FileLock
 
 from flows.config import Params
+from flows.locks import promotion_lock
 from flows.records import GateDecision, Promotion, Registration
 from flows.tracking import CHAMPION, PENDING, champion_version, client, tracking_errors
-
-
-def promotion_lock(params: Params) -> FileLock:
-    uri = params.tracking_uri
-    folder = (
-        Path(uri.removeprefix("sqlite:///")).parent
-        if uri.startswith("sqlite:///")
-        else params.workspace_dir
-    )
-    return FileLock(str(folder / f".{params.model.registered_name}.promote.lock"), timeout=600)
 
 
 def promote(

@@ -11,6 +11,8 @@ seed, the candidate's weights and the gate decision on it), and ``register`` fir
 version with that key and returns it. A retried task, a ``forgetless resume`` or a re-run that
 trained the same candidate from the same champion never registers it twice; the same weights
 judged by other gate thresholds are another registration (the version carries its verdict).
+Two registrations of the same candidate that race (both looked before either created) keep the
+oldest version and delete the younger (``keep_oldest``).
 A new version is created with all its tags at once, ``promotion=pending`` among them, which the
 promote step replaces: a retrain that stops between the two leaves a version tagged ``pending``
 and the champion as it was.
@@ -161,7 +163,21 @@ def register(
             return Registration(
                 name=name, version=str(existing.version), run_id=existing.run_id or ""
             )
-        return _register_new(params, release, probe_set, train, report, decision, run_dir, key)
+        mine = _register_new(params, release, probe_set, train, report, decision, run_dir, key)
+        return keep_oldest(c, mine, key)
+
+
+def keep_oldest(c, mine: Registration, key: str) -> Registration:
+    """Two registrations of one candidate that raced (each looked for the key before the other
+    created its version) both end here and agree: the oldest version with the key is the
+    registration, and a younger one, ours, is deleted; its run stays, tagged ``duplicate_of``.
+    No lock is needed: every racer converges on the same version."""
+    oldest = registered_version(c, mine.name, key)
+    if oldest is None or str(oldest.version) == mine.version:
+        return mine
+    c.set_tag(mine.run_id, "duplicate_of", f"{mine.name}/{oldest.version}")
+    c.delete_model_version(mine.name, mine.version)
+    return Registration(name=mine.name, version=str(oldest.version), run_id=oldest.run_id or "")
 
 
 def _register_new(

@@ -360,3 +360,50 @@ def write_report(
     md_path = run_dir / REPORT_MD
     md_path.write_text("\n\n".join(md) + "\n", encoding="utf-8")
     return html_path, md_path
+
+
+def publish(params: Params, run_dir: Path, tournament: list[dict] | None = None) -> Path:
+    """After promote, whichever driver ran the steps (the flow, a DVC stage, ``resume``): add
+    the run to the workspace's accuracy matrix (the champion's row, the candidate's, whether it
+    was promoted), write the report, attach both to the retrain's MLflow run (``report/``) and,
+    inside a Prefect flow run, publish the markdown as the ``forgetting-report`` artifact.
+    Every entry is idempotent, so a resumed run publishes once more without double rows.
+    Returns the HTML report."""
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.context import FlowRunContext
+
+    from flows.register import log_artifact
+
+    release = VersionedRelease.read(run_dir / FILES["version"])
+    probe_set = ProbeSet.read(run_dir / FILES["probes"])
+    report = EvalReport.read(run_dir / FILES["evaluate"])
+    registration = Registration.read(run_dir / FILES["register"])
+    promotion = Promotion.read(run_dir / FILES["promote"])
+    matrix_file = params.workspace_dir / "accuracy_matrix.json"
+    champion = probe_set.champion.version
+    accuracy_matrix.record_scores(
+        matrix_file,
+        f"v{champion}" if champion else "base",
+        probe_set.baseline | {release.name: probe_set.new_task_baseline},
+    )
+    accuracy_matrix.record_scores(
+        matrix_file,
+        f"v{registration.version}",
+        report.scores | {release.name: report.new_task_score},
+        release=release.name,
+    )
+    matrix = accuracy_matrix.record_scores(
+        matrix_file, f"v{registration.version}", {}, promoted=promotion.promoted
+    )
+    heatmap = accuracy_matrix.plot(matrix, run_dir / "accuracy_matrix.png")
+    log_artifact(params, registration.run_id, heatmap)
+    html_report, md_report = write_report(params, run_dir, matrix, tournament)
+    for path in (html_report, md_report, *sorted((run_dir / "plots").glob("*.png"))):
+        log_artifact(params, registration.run_id, path, "report")
+    if FlowRunContext.get() is not None:
+        create_markdown_artifact(
+            markdown=md_report.read_text(),
+            key="forgetting-report",
+            description=f"Forgetting report of {release.name}",
+        )
+    return html_report

@@ -24,10 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from prefect import Flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
 from prefect.tasks import exponential_backoff
 
-from flows import accuracy_matrix, demo_data
+from flows import demo_data
 from flows.config import Params, load_params
 from flows.evaluate import evaluate_candidate
 from flows.finetune import check_champion_kind, finetune
@@ -44,8 +43,8 @@ from flows.records import (
     Record,
     Registration,
 )
-from flows.register import log_artifact, log_candidates, register
-from flows.report import write_report
+from flows.register import log_candidates, register
+from flows.report import publish
 from flows.stages import save_params
 from flows.tournament import (
     CandidateResult,
@@ -278,12 +277,6 @@ def retrain(
     decision.write(run_dir / FILES["gate"])
     log.info(f"gate {'passed' if decision.passed else 'FAILED'}: {decision.reasons}")
 
-    matrix_file = ws / "accuracy_matrix.json"
-    accuracy_matrix.record_scores(
-        matrix_file,
-        f"v{champion.version}" if champion.version else "base",
-        probe_set.baseline | {versioned.name: probe_set.new_task_baseline},
-    )
     registration = timed(
         "register",
         register_task,
@@ -295,31 +288,12 @@ def retrain(
         decision,
         run_dir,
     )
-    matrix = accuracy_matrix.record_scores(
-        matrix_file,
-        f"v{registration.version}",
-        evaluation.scores | {versioned.name: evaluation.new_task_score},
-        release=versioned.name,
-    )
     registration.write(run_dir / FILES["register"])
     if tournament:
         log_candidates(params, registration.run_id, tournament)
     promotion = timed("promote", promote_task, params, registration, decision, champion.version)
     promotion.write(run_dir / FILES["promote"])
-    matrix = accuracy_matrix.record_scores(
-        matrix_file, f"v{registration.version}", {}, promoted=promotion.promoted
-    )
-    log_artifact(
-        params, registration.run_id, accuracy_matrix.plot(matrix, run_dir / "accuracy_matrix.png")
-    )
-    html_report, md_report = write_report(params, run_dir, matrix, summary_rows(tournament))
-    for path in (html_report, md_report, *sorted((run_dir / "plots").glob("*.png"))):
-        log_artifact(params, registration.run_id, path, "report")
-    create_markdown_artifact(
-        markdown=md_report.read_text(),
-        key="forgetting-report",
-        description=f"Forgetting report of {versioned.name}",
-    )
+    publish(params, run_dir, summary_rows(tournament))
     summary = RetrainSummary(
         release=versioned.name,
         run_dir=run_dir,

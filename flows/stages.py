@@ -4,7 +4,8 @@ steps before it from the run folder and writing its own (``dvc.yaml`` chains the
 The Prefect flow (``flows/retrain.py``) calls the same step functions and writes the same
 record files, so a run folder looks alike whichever driver made it. ``resume`` (``forgetless
 resume RUN_DIR``) finishes a run that stopped, e.g. on a tracking outage, by running the steps
-whose records are missing.
+whose records are missing, and then publishes the accuracy matrix and the report as the flow
+does.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from flows.records import (
     VersionedRelease,
 )
 from flows.register import register
+from flows.report import publish
 from flows.tracking import current_champion
 from flows.validate import ValidationFailed, validate_step
 from flows.version import version_release
@@ -105,6 +107,9 @@ def run_stage(name: str, params: Params, run_dir: Path, release_dir: Path | None
             read(GateDecision, "gate"),
             read(ProbeSet, "probes").champion.version,
         )
+        record.write(out)
+        publish(params, run_dir)  # the accuracy matrix and the report, as the flow does
+        return
     else:
         raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
     record.write(out)

@@ -18,15 +18,37 @@ from tests.tiny_llm import build_tiny_llm
 quiet_env()
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
-# Bad inputs the tests actually fed to the pipeline, by kind; reported at the end of the run.
-BAD_INPUTS: Counter[str] = Counter()
+# What the tests actually threw at the pipeline, by kind and case; one table at the end of the
+# run. Each counted case asserts the champion, registry and workspace are as before (or as
+# designed) and that the message names the cause.
+KINDS = ("bad input", "service fault", "race", "security")
+TRIED: dict[str, Counter[str]] = {kind: Counter() for kind in KINDS}
+BAD_INPUTS = TRIED["bad input"]  # tests/flows/test_bad_input*.py add to it directly
+
+
+def count(kind: str, case: str, n: int = 1) -> None:
+    """Count ``n`` cases of ``kind`` (one of ``KINDS``) tried, e.g. ``count("race", "...")``."""
+    if kind not in TRIED:
+        raise ValueError(f"unknown kind {kind!r}; one of {', '.join(KINDS)}")
+    TRIED[kind][case] += n
+
+
+def tried_table() -> list[str]:
+    """The counts as a table: a row per case, and a total after each kind."""
+    rows = []
+    for k in (k for k in KINDS if TRIED[k]):
+        rows += [(k, case, n) for case, n in sorted(TRIED[k].items())]
+        rows.append((k, "all", sum(TRIED[k].values())))
+    width = max(len(case) for _, case, _ in rows)
+    return [f"  {k:<13}  {case:<{width}}  {n:>5}" for k, case, n in rows]
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
-    if BAD_INPUTS:
-        terminalreporter.write_sep("-", f"bad inputs tried: {sum(BAD_INPUTS.values())}")
-        for kind, n in sorted(BAD_INPUTS.items()):
-            terminalreporter.write_line(f"  {kind}: {n}")
+    total = sum(sum(c.values()) for c in TRIED.values())
+    if total:
+        terminalreporter.write_sep("-", f"faults, bad inputs and races tried: {total}")
+        for line in tried_table():
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="session")

@@ -169,8 +169,24 @@ def test_earlier_columns_and_the_base_get_no_gradient_and_never_move():
 def test_an_optimizer_built_before_the_new_column_is_a_clear_error():
     model, progressive = tiny_mlp(), Progressive(rank=3)
     opt = torch.optim.Adam(model.parameters(), lr=0.01)  # before the column exists
-    with pytest.raises(RuntimeError, match=r"not in the optimizer.*add_column\(model\)"):
-        train_task(model, mlp_batches(), [progressive], opt, mlp_loss)
+    with pytest.raises(RuntimeError, match=r"3 optimizer steps.*not in the optimizer.*add_column"):
+        train_task(model, mlp_batches(4), [progressive], opt, mlp_loss)
+
+
+def test_a_warm_up_from_a_zero_learning_rate_is_not_mistaken_for_it():
+    model, progressive = tiny_mlp(), Progressive(rank=3)
+    progressive.before_task(model)  # the new column, then the optimizer over it
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, step / 2))  # 0 first
+    for batch in mlp_batches(4):
+        loss, _ = mlp_loss(model, batch)
+        loss.backward()
+        opt.step()
+        progressive.after_step(model)  # the first step moved nothing: lr was 0
+        warmup.step()
+        opt.zero_grad()
+    progressive.after_task(model)
+    assert progressive.tasks == ["task-0"]
 
 
 def _lora_llama() -> torch.nn.Module:

@@ -47,6 +47,12 @@ def test_dvc_repro_runs_the_gated_retrain(tmp_path, tiny_model_dir, demo_dir):
     assert set(values) == {"new_task_score", "retention.general-knowledge"}
     promotion = json.loads((repo / "artifacts" / "dvc-run" / "promotion.json").read_text())
     assert promotion["promoted"] and promotion["champion_version"] == "1", promotion
+    # the promote stage publishes what the flow publishes: the report and the accuracy matrix
+    page = (repo / "artifacts" / "dvc-run" / "forgetting_report.html").read_text()
+    assert "gate PASSED; promoted: v1 is champion" in page
+    matrix = json.loads((repo / "ws" / "accuracy_matrix.json").read_text())
+    assert [r["label"] for r in matrix["rows"]] == ["base", "v1"]
+    assert matrix["rows"][1]["promoted"] is True
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert list(lock["stages"]) == [
         "version",
@@ -67,4 +73,4 @@ def test_dvc_repro_runs_the_gated_retrain(tmp_path, tiny_model_dir, demo_dir):
         f.write("\n# changed\n")
     status = json.loads(run(sys.executable, "-m", "dvc", "status", "--json"))
     stale = {name for name, changes in status.items() if "flows/modeling.py" in str(changes)}
-    assert stale == {"validate", "probes", "finetune", "evaluate"}, status
+    assert stale == {"validate", "probes", "finetune"}, status

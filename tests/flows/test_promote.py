@@ -10,6 +10,7 @@ from flows.config import load_params
 from flows.promote import promote
 from flows.records import GateCheck, GateDecision, Registration
 from flows.tracking import champion_version, client
+from tests.conftest import count
 
 PASS = GateDecision(passed=True, checks=[GateCheck(name="x", value=1, threshold=0, passed=True)])
 FAIL = GateDecision(passed=False, checks=[GateCheck(name="x", value=0, threshold=1, passed=False)])
@@ -41,6 +42,7 @@ def test_only_a_pass_moves_the_alias(registry):
 
 def test_a_stale_champion_blocks_promotion(registry):
     params, c, new_version = registry
+    count("race", "champion changed while a retrain ran (stale champion)")
     promote(params, new_version("passed"), PASS, None)  # v1 becomes champion meanwhile
     late = promote(params, new_version("passed"), PASS, None)  # measured against the base
     assert not late.promoted and "changed from base to 1" in late.reason
@@ -49,17 +51,24 @@ def test_a_stale_champion_blocks_promotion(registry):
 
 
 def test_a_version_not_tagged_passed_is_never_promoted(registry):
-    params, _, new_version = registry
+    params, c, new_version = registry
+    count("bad input", "a pass for a version tagged gate=failed (promote)")
     with pytest.raises(RuntimeError, match="not tagged gate=passed"):
         promote(params, new_version("failed"), PASS, None)  # a decision that disagrees with the tag
     assert champion_version(params) is None
+    assert "promotion" not in c.get_model_version("forgetless-lm", "1").tags  # untouched
 
 
 def test_two_retrains_racing_to_promote_one_wins(registry):
-    params, _, new_version = registry
+    params, c, new_version = registry
     a, b = new_version("passed"), new_version("passed")
+    count("race", "two retrains promote from one champion (threads, one machine)")
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(lambda r: promote(params, r, PASS, None), [a, b]))
     assert sorted(r.promoted for r in results) == [False, True]
-    winner = next(r for r, reg in zip(results, [a, b], strict=True) if r.promoted)
-    assert champion_version(params) == winner.champion_version
+    (won,) = [reg.version for r, reg in zip(results, [a, b], strict=True) if r.promoted]
+    (lost,) = [(r, reg.version) for r, reg in zip(results, [a, b], strict=True) if not r.promoted]
+    assert champion_version(params) == won
+    assert lost[0].reason.startswith(f"champion changed from base to {won}")
+    tag = c.get_model_version("forgetless-lm", lost[1]).tags["promotion"]
+    assert tag.startswith(f"not promoted (champion changed from base to {won}")

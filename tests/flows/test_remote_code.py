@@ -13,7 +13,7 @@ import pytest
 from flows.config import load_params
 from flows.evaluate import Scorer
 from flows.serving import load
-from tests.conftest import write_params
+from tests.conftest import count, write_params
 
 # The model's own code: it leaves a file behind when it is imported.
 CUSTOM_CODE = """
@@ -50,6 +50,7 @@ def shipped_model(tmp_path, tiny_model_dir) -> tuple[Path, Path]:
 
 def test_model_code_is_refused_by_default_and_never_imported(shipped_model):
     folder, marker = shipped_model
+    count("security", "a model that ships its own code, loaded by default")
     with pytest.raises(ValueError, match="set model.trust_remote_code: true") as err:
         load(folder)
     assert str(folder) in str(err.value)
@@ -60,6 +61,7 @@ def test_the_pipeline_scorer_follows_the_setting(shipped_model, tmp_path, tiny_m
     folder, marker = shipped_model
     params = load_params(write_params(tmp_path, tiny_model_dir, demo_dir))
     assert params.model.trust_remote_code is False  # the default
+    count("security", "a model that ships its own code, scored by the pipeline")
     with pytest.raises(ValueError, match="trust_remote_code"):
         Scorer(params, folder)
     assert not marker.exists()

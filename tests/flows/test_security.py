@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from flows.retrain import retrain
 from flows.serving import load
-from tests.conftest import write_params
+from tests.conftest import count, write_params
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -30,8 +30,11 @@ def test_pickled_weights_are_refused(tmp_path, tiny_model_dir):
             (folder / f.name).write_bytes(f.read_bytes())
     assert (folder / "pytorch_model.bin").exists()
     assert not list(folder.glob("*.safetensors"))
+    before = {f.name: f.read_bytes() for f in folder.iterdir()}
+    count("security", "pickled weights (pytorch_model.bin only)")
     with pytest.raises(OSError, match="safetensors"):
         load(folder)
+    assert {f.name: f.read_bytes() for f in folder.iterdir()} == before  # nothing converted
     load(tiny_model_dir)  # the same model as safetensors loads
 
 
@@ -41,6 +44,7 @@ def test_credentials_in_the_environment_reach_nothing_a_retrain_writes(
     for key in ("AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD", "HF_TOKEN", "PGPASSWORD"):
         monkeypatch.setenv(key, SECRET)
     params_file = write_params(tmp_path, tiny_model_dir, demo_dir)
+    count("security", "credentials planted in the environment")
     summary = retrain(params_file=str(params_file))
     assert summary.registration.version == "1"
     written = [p for p in tmp_path.rglob("*") if p.is_file()]

@@ -9,7 +9,10 @@ from the champion it was measured against.
 
 from __future__ import annotations
 
+import json
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlflow
@@ -17,6 +20,7 @@ import pytest
 from mlflow import MlflowClient
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
+import flows.register
 from flows.cli import main
 from flows.config import Params, load_params
 from flows.records import (
@@ -39,7 +43,7 @@ from flows.stages import run_params, run_stage, save_params
 from flows.tracking import TrackingUnavailable, champion_version
 from flows.version import RemoteUnavailable
 from flows.workspace import git
-from tests.conftest import write_params
+from tests.conftest import count, write_params
 from tests.flows.mlflow_server import MlflowServer, free_port
 
 NAME = "forgetless-lm"
@@ -142,6 +146,7 @@ def test_tracking_outage_before_register_then_resume(
     assert set(done) >= {FILES[s] for s in STAGES[:6]}
 
     server.stop()
+    count("service fault", "mlflow server stopped before register")
     start = time.perf_counter()
     with pytest.raises(TrackingUnavailable) as err:
         run_stage("register", params, run_dir)
@@ -151,6 +156,7 @@ def test_tracking_outage_before_register_then_resume(
     assert "start the server or fix tracking.uri" in message
     assert "forgetless resume RUN_DIR" in message
     assert records(run_dir) == done  # the finished steps' records are intact, none added
+    count("service fault", "resume while the mlflow server is down")
     code, out = resume_cli(params_file, run_dir, capsys)  # still down: a clear refusal
     assert code == 2 and server.url in out and "is unreachable" in out
     assert records(run_dir) == done
@@ -170,6 +176,16 @@ def test_tracking_outage_before_register_then_resume(
     assert Promotion.read(run_dir / FILES["promote"]).promoted
     assert champion(server.url) == "1" and f"Model {NAME} v1 is now champion" in out
     assert mv.tags["promotion"].startswith("promoted") and mv.tags["previous_champion"] == "base"
+    # The resumed run is published as the flow publishes one: report and accuracy matrix.
+    client = MlflowClient(server.url, server.url)
+    report = {a.path for a in client.list_artifacts(mv.run_id, "report")}
+    assert {"report/forgetting_report.html", "report/accuracy_matrix.png"} <= report
+    assert "promoted: v1 is champion" in (run_dir / "forgetting_report.html").read_text()
+    matrix = json.loads((params.workspace_dir / "accuracy_matrix.json").read_text())
+    assert [(r["label"], r.get("promoted")) for r in matrix["rows"]] == [
+        ("base", None),
+        ("v1", True),
+    ]
 
     after = records(run_dir)
     code, out = resume_cli(params_file, run_dir, capsys)  # a second resume changes nothing
@@ -197,6 +213,7 @@ def test_outage_between_register_and_promote_leaves_pending(
     assert mv.tags["promotion"] == "pending" and mv.tags["gate"] == "passed"
 
     server.stop()
+    count("service fault", "mlflow server stopped between register and promote")
     with pytest.raises(TrackingUnavailable, match=rf"{server.url} is unreachable"):
         run_stage("promote", params, first)
     assert not (first / FILES["promote"]).exists()
@@ -216,6 +233,7 @@ def test_outage_between_register_and_promote_leaves_pending(
     second = params.workspace_dir / "runs" / "second"
     hand_made_run(params, tiny_model_dir, demo_dir, second, "b" * 32)
     run_stage("register", params, second)  # ... and the process died here
+    count("race", "resume of a run whose champion changed meanwhile")
     assert sorted(str(v.version) for v in versions(server.url)) == ["1", "2"]
     code, out = resume_cli(params_file, second, capsys)
     assert code == 0 and "ran promote" in out and "champion changed from base to 1" in out
@@ -259,6 +277,7 @@ def test_register_never_duplicates_a_version(
         return info
 
     monkeypatch.setattr(mlflow.pyfunc, "log_model", log_then_stop)
+    count("service fault", "mlflow server stopped between logging and registering a model")
     with pytest.raises(TrackingUnavailable) as err:
         run_stage("register", params, run_dir)
     monkeypatch.undo()
@@ -303,6 +322,38 @@ def test_register_never_duplicates_a_version(
     assert sorted(str(v.version) for v in versions(server.url)) == ["1", "2"]
 
 
+def test_two_registrations_of_one_candidate_racing_keep_one_version(
+    tmp_path, tiny_model_dir, demo_dir, server, monkeypatch
+):
+    """Both look for the candidate's key before either creates its version (a barrier holds
+    each before creating): both create one, and both end on the oldest; the younger is gone."""
+    params = load_params(server_params(tmp_path, tiny_model_dir, demo_dir, server.url))
+    dirs = [params.workspace_dir / "runs" / f"racer-{i}" for i in range(2)]
+    for run_dir in dirs:
+        hand_made_run(params, tiny_model_dir, demo_dir, run_dir, "e" * 32)
+    barrier = threading.Barrier(2, timeout=120)
+    create = flows.register._register_new
+
+    def create_after_both_looked(*args, **kwargs):
+        barrier.wait()
+        return create(*args, **kwargs)
+
+    monkeypatch.setattr(flows.register, "_register_new", create_after_both_looked)
+    count("race", "two registrations of one candidate at once")
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda d: run_stage("register", params, d), dirs))
+    assert results == [None, None]
+    first, second = (Registration.read(d / FILES["register"]) for d in dirs)
+    assert first == second  # both runs name the same version
+    (kept,) = versions(server.url)  # one version left: the younger was deleted
+    assert str(kept.version) == first.version == "1" and kept.run_id == first.run_id
+    c = MlflowClient(server.url, server.url)
+    runs = c.search_runs([c.get_experiment_by_name("forgetless").experiment_id])
+    duplicates = [r for r in runs if "duplicate_of" in r.data.tags]
+    assert [r.data.tags["duplicate_of"] for r in duplicates] == [f"{NAME}/1"]
+    assert champion(server.url) is None
+
+
 @pytest.mark.parametrize("remote_kind", ["unwritable folder", "unreachable http remote"])
 def test_dvc_remote_failure_keeps_the_release(tmp_path, tiny_model_dir, demo_dir, remote_kind):
     blocker = tmp_path / "not-a-folder"
@@ -317,6 +368,7 @@ def test_dvc_remote_failure_keeps_the_release(tmp_path, tiny_model_dir, demo_dir
     )
     run_dir = params.workspace_dir / "runs" / "bad-remote"
     source = demo_dir / "releases" / RELEASE
+    count("service fault", f"DVC remote: {remote_kind}")
     start = time.perf_counter()
     with pytest.raises(RemoteUnavailable) as err:
         run_stage("version", params, run_dir, source)
@@ -347,6 +399,7 @@ def test_dvc_remote_failure_keeps_the_release(tmp_path, tiny_model_dir, demo_dir
 def test_unreachable_prefect_api_stops_before_anything_runs(tmp_path, tiny_model_dir, demo_dir):
     params_file = write_params(tmp_path, tiny_model_dir, demo_dir)
     url = f"http://127.0.0.1:{free_port()}/api"
+    count("service fault", "Prefect API unreachable when a retrain starts")
     start = time.perf_counter()
     with (
         temporary_settings(updates={PREFECT_API_URL: url}),
@@ -367,11 +420,14 @@ def test_resume_refuses_a_run_that_never_versioned_its_release(
     params_file = write_params(tmp_path, tiny_model_dir, demo_dir)
     run_dir = tmp_path / "workspace" / "runs" / "empty"
     run_dir.mkdir(parents=True)
+    count("bad input", "resume of an empty or missing run folder", 2)
     code, out = resume_cli(params_file, run_dir, capsys)
     assert code == 2 and "nothing to resume" in out and "forgetless run --release" in out
     assert list(run_dir.iterdir()) == []
     code, out = resume_cli(params_file, tmp_path / "nowhere", capsys)
     assert code == 2 and "no such run folder" in out
+    assert not (tmp_path / "nowhere").exists()  # nothing made, registered or promoted
+    assert sorted(p.name for p in (tmp_path / "workspace").iterdir()) == ["runs"]
 
 
 def test_resume_uses_the_run_params_and_the_current_services(tmp_path, tiny_model_dir, demo_dir):
