@@ -49,7 +49,10 @@ NonEmptyStr = Annotated[str, Field(min_length=1)]
 class ModelConfig(Section):
     base: NonEmptyStr = "embedded:smollm2-135m-instruct"
     cache_dir: Path = Path(".cache/models")
-    registered_name: NonEmptyStr = "forgetless-lm"
+    # a name MLflow accepts that is also safe in file names (the promotion lock): no path parts
+    registered_name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")] = (
+        "forgetless-lm"
+    )
     use_chat_template: bool = True
     trust_remote_code: bool = False  # run Python code shipped with a model: only if trusted
 

@@ -21,6 +21,7 @@ OVERHEAD = "strategy_overhead_smollm2.json"  # regularisers on SmolLM2-135M-Inst
 REPLAY_OVERHEAD = "replay_overhead_smollm2-135m.json"  # replay, distillation: its architecture
 DEMO = "smollm2_demo.json"
 SPLIT_TASK_IL = "split_digits_task_il.json"
+TWO_RELEASES = "smollm2_two_releases.json"  # each strategy on its own chain of two releases
 
 #: The per-step overhead row measured for each strategy: (results file, row). Regularisers with
 #: the state of one past release (the rows with more cost the same). Strategies not here were
@@ -73,10 +74,15 @@ ADVICE: tuple[Scenario, ...] = (
         "ample resources, task id known at inference",
         "progressive or packnet",
         ("progressive", "packnet"),
-        ((SPLIT_TASK_IL, "PNN (progressive)"), (SPLIT_TASK_IL, "PackNet")),
-        "BWT exactly 0: each task answers with its own parameters. Measured task-incrementally "
-        "on an MLP, not an LM; progressive answers task t with t + 1 forward passes, PackNet "
-        "has less free capacity for every task.",
+        (
+            (SPLIT_TASK_IL, "PNN (progressive)"),
+            (SPLIT_TASK_IL, "PackNet"),
+            (TWO_RELEASES, "progressive"),
+            (TWO_RELEASES, "packnet"),
+        ),
+        "BWT exactly 0: each task answers with its own parameters, so a request must name its "
+        "release (general questions go to the base weights). Progressive answers task t with "
+        "t + 1 forward passes; PackNet has less free capacity for every task.",
     ),
     Scenario(
         "constrained compute",
@@ -103,9 +109,10 @@ ADVICE: tuple[Scenario, ...] = (
         "large models",
         "ilora",
         ("ilora",),
-        (),
-        "Not measured yet: no I-LoRA row in the benchmark results. It serves one merged LoRA "
-        "model, and stores raw examples (a replay buffer), so it is not for the privacy case.",
+        ((TWO_RELEASES, "ilora"), (TWO_RELEASES, "ilora+label_smoothing"), (TWO_RELEASES, "lwf")),
+        "Measured on SmolLM2-135M only, one seed, defaults untuned. It serves one merged LoRA "
+        "model (the slow learner), and stores raw examples (a replay buffer), so it is not for "
+        "the privacy case.",
     ),
 )
 
@@ -186,6 +193,8 @@ def setting(file: str, data: dict[str, Any]) -> str:
         )
     if "protocol" in data:  # split_digits.py, replay_permuted_digits.py
         return data["protocol"].split(":")[0]
+    if file == TWO_RELEASES:
+        return "SmolLM2-135M-Instruct demo, two releases, each strategy on its own chain"
     if file.startswith("smollm2_demo"):
         release = "release 2" if "release2" in file else "release 1"
         return f"SmolLM2-135M-Instruct demo, {release}"
@@ -269,6 +278,14 @@ def describe_row(file: str, key: str, results: Path | None = None) -> str:
         numbers = f"{row['vs_naive']:.3f}× naive a step"
     elif "median_ratio_to_naive" in row:
         numbers = f"{row['median_ratio_to_naive']:.3f}× naive a step"
+    elif "release2" in row:  # smollm2_two_releases.py: a chain of two releases
+        first, second = row["release1"], row["release2"]
+        kept = ", ".join(f"{task} {r:.3f}" for task, r in sorted(second["retention"].items()))
+        numbers = (
+            f"release 1 learned {first['new_task']:.3f}, general knowledge kept "
+            f"{first['retention']['general-knowledge']:.3f}; release 2 learned "
+            f"{second['new_task']:.3f}, kept {kept}"
+        )
     elif "final_acc" in row:
         acc, bwt = row["final_acc"], row["bwt"]
         numbers = (
