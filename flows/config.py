@@ -143,6 +143,7 @@ class EvaluateConfig(Section):
     batch_size: int = Field(16, ge=1)
     max_new_tokens: int = Field(20, ge=1)
     new_task_max_new_tokens: int = Field(8, ge=1)
+    score_cache: bool = True  # flows/score_cache.py: never score one item twice on one model
 
 
 class UncertainPolicy(Section):

@@ -21,58 +21,96 @@ from flows.confidence import paired_interval, proportion_interval
 from flows.config import Params
 from flows.data import Example, load_probes, load_release
 from flows.records import EvalReport, ProbeSet, TaskRetention
-from flows.scoring import accuracy_by_task, score_examples
-from flows.serving import BASE_TASK, load_for_serving
+from flows.score_cache import ScoreCache, item_key, model_key
+from flows.scoring import accuracy_by_task, result_of, score_examples
+from flows.serving import BASE_TASK, learned_tasks, load_for_serving
 from flows.splits import stratified_split
 
 
 class Scorer:
-    """One loaded model that scores lists of examples (probes and new-task items alike).
+    """One model that scores lists of examples (probes and new-task items alike).
 
     A model that keeps parameters per task (packnet, progressive; ``flows/serving.py``) answers
     each item through its task's own parameters: a release it learned through that release's
     column or mask, any other task (general knowledge, releases learned before it, a release it
-    has not learned yet) through the base weights. Each result records it as ``answered_by``."""
+    has not learned yet) through the base weights. Each result records it as ``answered_by``.
+
+    Answers this model version gave before are read from the score cache
+    (``flows/score_cache.py``) instead of being computed again; the model itself is loaded only
+    when an item is not in the cache. ``cached`` and ``scored`` count the items of each kind."""
 
     def __init__(self, params: Params, model_dir: Path):
         self.model_dir = Path(model_dir)
-        self.model, self.tokenizer, self.router = load_for_serving(
-            model_dir, params.model.trust_remote_code
-        )
         self.cfg, self.chat = params.evaluate, params.model.use_chat_template
+        self.trust_remote_code = params.model.trust_remote_code
+        self.tasks = learned_tasks(model_dir)
+        self.cache = (
+            ScoreCache(params.workspace_dir / "cache" / "scores", model_key(model_dir))
+            if params.evaluate.score_cache
+            else None
+        )
+        self.cached = self.scored = 0
+        self._loaded: tuple | None = None
+
+    def _load(self) -> tuple:
+        if self._loaded is None:
+            self._loaded = load_for_serving(self.model_dir, self.trust_remote_code)
+        return self._loaded
+
+    @property
+    def model(self):
+        return self._load()[0]
+
+    @property
+    def tokenizer(self):
+        return self._load()[1]
 
     def route(self, task: str) -> str | None:
         """The task whose parameters answer an item of ``task`` (None: the model's one set)."""
-        if self.router is None:
+        if self.tasks is None:
             return None
-        return task if task in self.router.tasks else BASE_TASK
+        return task if task in self.tasks else BASE_TASK
 
     def score(self, examples: Sequence[Example], max_new_tokens: int | None = None) -> list[dict]:
         """Per-item results ``{"id", "task", "category", "scoring", "output", "correct"}``
         (and ``answered_by`` for a model with tasks), in the order of ``examples``."""
+        max_new_tokens = max_new_tokens or self.cfg.max_new_tokens
         groups: dict[str | None, list[int]] = {}
         for i, ex in enumerate(examples):
             groups.setdefault(self.route(ex.task), []).append(i)
-        results: list[dict] = [{}] * len(examples)
+        outputs: dict[int, str] = {}
         with Progress(transient=True) as bar:
             job = bar.add_task(f"scoring {self.model_dir.name}", total=len(examples))
             for route, indices in groups.items():
-                with self._answering(route) as model:
-                    scored = score_examples(
-                        model,
-                        self.tokenizer,
-                        [examples[i] for i in indices],
-                        self.chat,
-                        max_new_tokens or self.cfg.max_new_tokens,
-                        self.cfg.batch_size,
-                        lambda n: bar.advance(job, n),
-                    )
-                for i, r in zip(indices, scored, strict=True):
-                    results[i] = r if route is None else r | {"answered_by": route}
+                keys = {i: item_key(examples[i], route, max_new_tokens, self.chat) for i in indices}
+                known = self.cache.lookup(keys.values()) if self.cache else {}
+                todo = [i for i in indices if keys[i] not in known]
+                outputs |= {i: known[keys[i]] for i in indices if keys[i] in known}
+                bar.advance(job, len(indices) - len(todo))
+                if todo:
+                    with self._answering(route) as model:
+                        scored = score_examples(
+                            model,
+                            self.tokenizer,
+                            [examples[i] for i in todo],
+                            self.chat,
+                            max_new_tokens,
+                            self.cfg.batch_size,
+                            lambda n: bar.advance(job, n),
+                        )
+                    outputs |= {i: r["output"] for i, r in zip(todo, scored, strict=True)}
+                    if self.cache:
+                        self.cache.store({keys[i]: outputs[i] for i in todo})
+                self.cached += len(indices) - len(todo)
+                self.scored += len(todo)
+        results = [result_of(ex, outputs[i]) for i, ex in enumerate(examples)]
+        if self.tasks is not None:
+            results = [r | {"answered_by": self.route(r["task"])} for r in results]
         return results
 
     def _answering(self, route: str | None):
-        return nullcontext(self.model) if route is None else self.router.answering(route)
+        model, _, router = self._load()
+        return nullcontext(model) if route is None else router.answering(route)
 
     def score_new_task(self, release_dir: Path) -> list[dict]:
         return self.score(load_release(release_dir, "eval"), self.cfg.new_task_max_new_tokens)

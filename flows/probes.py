@@ -184,4 +184,6 @@ def create_probe_set(
         new_task_baseline=accuracy(read_results(new_task)),
         champion=champion,
         baseline_seconds=time.perf_counter() - start,
+        baseline_cached=scorer.cached,
+        baseline_scored=scorer.scored,
     )

@@ -91,6 +91,8 @@ class ProbeSet(Record):
     new_task_baseline: float  # the champion's score on the new release's eval set
     champion: ChampionRef
     baseline_seconds: float = 0.0
+    baseline_cached: int = 0  # champion answers read from the score cache
+    baseline_scored: int = 0  # champion answers computed (not in the cache)
     dev_path: Path | None = None  # the dev part: for choosing strategies, never for the gate
     n_dev: int = 0
     champion_results: Path | None = None  # the champion's per-item results, both parts

@@ -249,7 +249,8 @@ def retrain(
     probe_set.write(run_dir / FILES["probes"])
     log.info(
         f"probe set: {probe_set.n_items} test + {probe_set.n_dev} dev items, baseline "
-        f"{probe_set.baseline}, known items {probe_set.known}"
+        f"{probe_set.baseline}, known items {probe_set.known}; champion answers: "
+        f"{probe_set.baseline_cached} from the score cache, {probe_set.baseline_scored} scored"
     )
     if probe_set.too_small:
         log.warning(

@@ -142,19 +142,34 @@ def score_examples(
             progress,
         )
         for i, out in zip(gen_idx, outs, strict=True):
-            results[i] = {"output": out, "correct": generation_correct(out, examples[i])}
+            results[i] = result_of(examples[i], out)
     if mc_idx:
         lls = choice_loglik(
             model, tokenizer, [examples[i] for i in mc_idx], use_chat_template, batch_size, progress
         )
         for i, ll in zip(mc_idx, lls, strict=True):
             ex = examples[i]
-            best = ex.choices[max(range(len(ll)), key=ll.__getitem__)]
-            results[i] = {"output": best, "correct": _norm(best) in {_norm(a) for a in ex.answers}}
-    return [
-        {"id": ex.id, "task": ex.task, "category": ex.category, "scoring": ex.scoring, **results[i]}
-        for i, ex in enumerate(examples)
-    ]
+            results[i] = result_of(ex, ex.choices[max(range(len(ll)), key=ll.__getitem__)])
+    return [results[i] for i in range(len(examples))]
+
+
+def is_correct(ex: Example, output: str) -> bool:
+    """Whether a model's output (generated text, or the choice it ranked first) is right."""
+    if ex.scoring == "choice":
+        return _norm(output) in {_norm(a) for a in ex.answers}
+    return generation_correct(output, ex)
+
+
+def result_of(ex: Example, output: str) -> dict:
+    """One per-item result: ``{"id", "task", "category", "scoring", "output", "correct"}``."""
+    return {
+        "id": ex.id,
+        "task": ex.task,
+        "category": ex.category,
+        "scoring": ex.scoring,
+        "output": output,
+        "correct": is_correct(ex, output),
+    }
 
 
 def accuracy_by_task(results: Sequence[dict]) -> dict[str, float]:

@@ -144,6 +144,12 @@ class TaskRouter:
             yield self.model
 
 
+def learned_tasks(model_dir: str | Path) -> list[str] | None:
+    """The tasks a model keeps parameters for (``tasks.json``), or None for a model without."""
+    tasks_file = Path(model_dir) / TASKS_FILE
+    return list(json.loads(tasks_file.read_text())["tasks"]) if tasks_file.is_file() else None
+
+
 def load_for_serving(
     model_dir: str | Path, trust_remote_code: bool = False
 ) -> tuple[Any, Any, TaskRouter | None]:

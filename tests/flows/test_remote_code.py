@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from flows.config import load_params
+from flows.data import load_probes
 from flows.evaluate import Scorer
 from flows.serving import load
 from tests.conftest import count, write_params
@@ -62,10 +63,12 @@ def test_the_pipeline_scorer_follows_the_setting(shipped_model, tmp_path, tiny_m
     params = load_params(write_params(tmp_path, tiny_model_dir, demo_dir))
     assert params.model.trust_remote_code is False  # the default
     count("security", "a model that ships its own code, scored by the pipeline")
+    probes = load_probes(demo_dir / "probes" / "general_knowledge.jsonl")[:2]
     with pytest.raises(ValueError, match="trust_remote_code"):
-        Scorer(params, folder)
+        Scorer(params, folder).score(probes)  # the model is loaded for its first item
     assert not marker.exists()
     trusting = params.with_overrides({"model.trust_remote_code": True})
     scorer = Scorer(trusting, folder)
+    assert len(scorer.score(probes)) == 2
     assert marker.read_text() == "the model's code ran"
     assert type(scorer.model).__name__ == "ShippedModel"
