@@ -1,5 +1,6 @@
-"""The ``forgetless`` command: ``run``, ``validate``, ``step``, ``resume``, ``demo-data``,
-``status``, ``strategies``, and the registry commands ``history``, ``rollback`` and ``promote``."""
+"""The ``forgetless`` command: ``run``, ``validate``, ``submit``, ``step``, ``resume``,
+``demo-data``, ``status``, ``strategies``, and the registry commands ``history``, ``rollback``
+and ``promote``."""
 
 from __future__ import annotations
 
@@ -63,6 +64,7 @@ def print_summary(summary) -> None:
 
 
 def cmd_run(args) -> int:
+    from flows.landing import NoNewRelease
     from flows.retrain import PrefectUnavailable, retrain
 
     try:
@@ -72,6 +74,9 @@ def cmd_run(args) -> int:
     except PrefectUnavailable as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         return 2
+    if isinstance(summary, NoNewRelease):  # a scheduled run with nothing new: not an error
+        console.print(escape(summary.message), soft_wrap=True)
+        return 0
     print_summary(summary)
     return 0
 
@@ -88,6 +93,34 @@ def cmd_validate(args) -> int:
         return 0
     console.print(f"[red]{escape(str(ValidationFailed(report, limit=100)))}[/red]")
     return 1
+
+
+def cmd_submit(args) -> int:
+    from flows.config import load_params
+    from flows.landing import submit
+    from flows.validate import ValidationFailed
+
+    params = load_params(args.params)
+    try:
+        done = submit(params, Path(args.release))
+    except ValidationFailed as exc:  # the message of `forgetless validate`; nothing landed
+        console.print(f"[red]{escape(str(exc))}[/red]")
+        return 1
+    r = done.release
+    if not done.new:
+        console.print(
+            f"already landed: the same content (hash {r.hash}) is {escape(r.name)} in "
+            f"{escape(r.uri)}, landed {r.landed_at:%Y-%m-%d %H:%M:%S} UTC; nothing written",
+            soft_wrap=True,
+        )
+        return 0
+    event = f"event {done.event_id}" if done.event_id else "no Prefect event sent"
+    console.print(
+        f"[green]landed {escape(r.name)}[/green] in {escape(r.uri)} (content hash {r.hash}); "
+        f"forgetless.release.landed: {event}",
+        soft_wrap=True,
+    )
+    return 0
 
 
 def cmd_step(args) -> int:
@@ -309,7 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         help="retrain on a release: version, validate, probes, fine-tune, evaluate, gate, register, promote",
     )
     run.add_argument(
-        "--release", help="release folder (train.jsonl, eval.jsonl); default: the next demo release"
+        "--release",
+        help="release folder (train.jsonl, eval.jsonl); default: data.release, else the oldest "
+        "new release in data.landing, else the next demo release",
     )
     run.add_argument(
         "--set",
@@ -322,6 +357,13 @@ def main(argv: list[str] | None = None) -> int:
     val = sub.add_parser("validate", help="validate a release folder without training")
     val.add_argument("release")
     val.set_defaults(fn=cmd_validate)
+    sm = sub.add_parser(
+        "submit",
+        help="validate a release folder and land it in data.landing (once per content hash) "
+        "for scheduled retrains",
+    )
+    sm.add_argument("release")
+    sm.set_defaults(fn=cmd_submit)
     step = sub.add_parser("step", help="run one pipeline step on a run folder (the DVC stages)")
     step.add_argument("stage", choices=STAGES)
     step.add_argument("--run-dir", default="artifacts/dvc-run")
@@ -367,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from flows.config import ParamsError
     from flows.data import DataError
+    from flows.landing import LandingError
     from flows.locks import LockMisconfigured, LockUnavailable
     from flows.promote import RegistryActionError
     from flows.tracking import TrackingUnavailable
@@ -384,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         RegistryActionError,
         LockUnavailable,
         LockMisconfigured,
+        LandingError,
     ) as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         return 2

@@ -59,6 +59,7 @@ class ModelConfig(Section):
 
 class DataConfig(Section):
     release: Path | None = None
+    landing: NonEmptyStr | None = None  # folder or fsspec URL releases are submitted to
     demo_dir: Path = Path(".cache/demo-data")
     max_prompt_chars: int = Field(2000, gt=0)
     max_completion_chars: int = Field(500, gt=0)

@@ -26,11 +26,12 @@ from typing import Any
 from prefect import Flow, get_run_logger, task
 from prefect.tasks import exponential_backoff
 
-from flows import demo_data
+from flows import demo_data, landing
 from flows.config import Params, load_params
 from flows.evaluate import evaluate_candidate
 from flows.finetune import check_champion_kind, finetune
 from flows.gate import gate
+from flows.landing import LandedRelease, LandingPick, NoNewRelease
 from flows.probes import create_probe_set
 from flows.promote import promote
 from flows.records import (
@@ -119,6 +120,7 @@ evaluate_task = task(evaluate_candidate, name="evaluate")
 gate_task = task(gate, name="gate")
 register_task = task(register, name="register", **io)
 promote_task = task(promote, name="promote", **io)  # a repeat is safe: flows/promote.py
+landing_task = task(landing.pick, name="landing", **io)
 
 API_RETRY_DELAYS = (2.0, 4.0, 8.0)  # seconds before each further health check of the Prefect API
 
@@ -207,7 +209,10 @@ def retrain(
     params_file: str = "params.yaml",
     release: str | None = None,
     overrides: dict[str, Any] | None = None,
-) -> RetrainSummary:
+) -> RetrainSummary | NoNewRelease:
+    """Retrain on ``release``, else ``data.release``, else (with ``data.landing``) the oldest
+    landed release not processed yet (:class:`NoNewRelease` when there is none: nothing is
+    trained or registered), else the next embedded demo release."""
     quiet_env()
     start = time.perf_counter()
     log = get_run_logger()
@@ -221,28 +226,37 @@ def retrain(
         steps[name] = round(time.perf_counter() - t, 2)
         return result
 
+    release = release or (str(params.path(params.data.release)) if params.data.release else None)
+    landed: LandedRelease | None = None
+    if release is None and params.data.landing:  # a scheduled run: the landing zone decides
+        found: LandingPick = timed("landing", landing_task, params)
+        if found.release is None or found.staged is None:
+            done = landing.nothing_new(found)
+            log.info(done.message)
+            return done
+        landed, release = found.release, str(found.staged)
     champion = timed("champion", champion_task, params)
     for spec in params.train.candidates or [params.train.strategy]:
         check_champion_kind(champion.model_dir, spec)  # before any work, not at the fine-tune
-    release = release or (str(params.path(params.data.release)) if params.data.release else None)
     release_dir = Path(release).resolve() if release else next_demo_release(params, champion)
     log.info(f"retrain on release {release_dir.name}, from champion {champion.version or 'base'}")
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     run_dir = ws / "runs" / f"{release_dir.name}-{stamp}"
 
-    versioned = timed(
-        "version", version_task, release_dir, ws, params.dvc_remote, champion.releases
-    )
-    versioned.write(run_dir / FILES["version"])
-    save_params(run_dir, params)
-    log.info(
-        f"versioned {versioned.name}: {versioned.dvc_hash} (commit {versioned.git_commit[:8]})"
-    )
+    with landing.rejections_recorded(params, landed, run_dir):
+        versioned = timed(
+            "version", version_task, release_dir, ws, params.dvc_remote, champion.releases
+        )
+        versioned.write(run_dir / FILES["version"])
+        save_params(run_dir, params)
+        log.info(
+            f"versioned {versioned.name}: {versioned.dvc_hash} (commit {versioned.git_commit[:8]})"
+        )
 
-    report = timed("validate", validate_task, params, versioned.path, champion)
-    report.write(run_dir / FILES["validate"])
-    if not report.passed:
-        raise ValidationFailed(report)
+        report = timed("validate", validate_task, params, versioned.path, champion)
+        report.write(run_dir / FILES["validate"])
+        if not report.passed:
+            raise ValidationFailed(report)
     log.info(f"validated {report.checked}")
 
     probe_set = timed("probes", probes_task, params, versioned.path, champion, run_dir)
@@ -313,4 +327,13 @@ def retrain(
         step_seconds=steps,
     )
     summary.write(run_dir / "summary.json")
+    if params.data.landing:  # processed: a scheduled run does not train this content again
+        landing.record_processed(
+            params,
+            versioned.path,
+            decision.passed,
+            registration.version,
+            run_dir,
+            landed,
+        )
     return summary

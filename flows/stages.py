@@ -17,6 +17,7 @@ from flows.config import Params
 from flows.evaluate import evaluate_candidate
 from flows.finetune import finetune
 from flows.gate import gate
+from flows.landing import record_processed
 from flows.probes import create_probe_set
 from flows.promote import promote
 from flows.records import (
@@ -109,6 +110,10 @@ def run_stage(name: str, params: Params, run_dir: Path, release_dir: Path | None
         )
         record.write(out)
         publish(params, run_dir)  # the accuracy matrix and the report, as the flow does
+        if params.data.landing:  # processed: a scheduled run does not train it again
+            versioned = read(VersionedRelease, "version")
+            passed, version = read(GateDecision, "gate").passed, read(Registration, "register")
+            record_processed(params, versioned.path, passed, version.version, run_dir, None)
         return
     else:
         raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
