@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 from prefect import Flow
+from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -22,6 +23,12 @@ def test_prefect_deployments_point_at_the_real_flow_with_valid_parameters():
         assert isinstance(flow, Flow)
         accepted = set(inspect.signature(flow.fn).parameters)
         assert set(dep.get("parameters", {})) <= accepted, dep["name"]
+        assert dep["concurrency_limit"] == 1, dep["name"]  # never two retrains of one model
+        triggers = DeploymentEventTrigger.model_validate_list(dep.get("triggers", []))
+        for trigger in triggers:  # what `prefect deploy` would build from the file
+            assert trigger.expect == {"forgetless.release.landed"}
+    (gpu,) = [d for d in spec["deployments"] if d["name"] == "retrain-gpu"]
+    assert gpu["schedules"] and gpu["triggers"]
 
 
 def test_compose_and_kubernetes_files_parse():
