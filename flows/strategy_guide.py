@@ -110,9 +110,10 @@ ADVICE: tuple[Scenario, ...] = (
         "ilora",
         ("ilora",),
         ((TWO_RELEASES, "ilora"), (TWO_RELEASES, "ilora+label_smoothing"), (TWO_RELEASES, "lwf")),
-        "Measured on SmolLM2-135M only, one seed, defaults untuned. It serves one merged LoRA "
-        "model (the slow learner), and stores raw examples (a replay buffer), so it is not for "
-        "the privacy case.",
+        "Measured on SmolLM2-135M only, one seed, defaults: it protects from its second release "
+        "on; at the first its buffer is empty and it forgets general knowledge like naive. It "
+        "serves one merged LoRA model (the slow learner) and stores raw examples (a replay "
+        "buffer), so it is not for the privacy case.",
     ),
 )
 
