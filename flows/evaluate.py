@@ -44,9 +44,9 @@ class Scorer:
         self.cfg, self.chat = params.evaluate, params.model.use_chat_template
         self.trust_remote_code = params.model.trust_remote_code
         self.tasks = learned_tasks(model_dir)
-        self.cache = (
+        self.cache = (  # a hub id is not content we can hash: its answers are not cached
             ScoreCache(params.workspace_dir / "cache" / "scores", model_key(model_dir))
-            if params.evaluate.score_cache
+            if params.evaluate.score_cache and self.model_dir.is_dir()
             else None
         )
         self.cached = self.scored = 0

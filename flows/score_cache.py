@@ -13,7 +13,8 @@ and stores the *output* only (the generated text, or the chosen choice): whether
 judged again from the item's answers each time (``flows.scoring.is_correct``), so a corrected
 answer list never meets a stale verdict. One JSON line per answer in
 ``<workspace>/cache/scores/<model key>.jsonl`` (the workspace's git ignores ``cache/``), appended
-under a file lock; ``evaluate.score_cache: false`` turns it off.
+under a file lock; ``evaluate.score_cache: false`` turns it off. A model named by a hub id rather
+than a local folder is never cached: its content cannot be hashed here.
 
 An answer from the cache is the one the model gave in an earlier batch: greedy decoding on the
 CPU is deterministic for a given batch, and across batch compositions a last-bit difference can
@@ -35,6 +36,8 @@ from flows.data import Example
 def model_key(model_dir: Path) -> str:
     """sha256 of every file under ``model_dir`` (relative paths and contents, in path order)."""
     model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ValueError(f"{model_dir} is not a model folder: only local folders are cached")
     digest = hashlib.sha256()
     for f in sorted(p for p in model_dir.rglob("*") if p.is_file()):
         digest.update(f.relative_to(model_dir).as_posix().encode() + b"\0")

@@ -67,6 +67,10 @@ def test_another_model_or_other_settings_miss_the_cache(params, tiny_model_dir, 
     off = Scorer(params.with_overrides({"evaluate.score_cache": False}), tiny_model_dir)
     off.score(items)
     assert (off.cached, off.scored) == (0, 12) and off.cache is None
+    # A hub id is not a folder whose content can be hashed: never cached (nor loaded here).
+    assert Scorer(params, "some-org/some-model").cache is None
+    with pytest.raises(ValueError, match="not a model folder"):
+        model_key(tmp_path / "no-such-model")
 
 
 def test_cached_answers_are_judged_again_against_the_items_answers(params, tiny_model_dir, items):
