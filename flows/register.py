@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+import time
 import warnings
 from pathlib import Path
 
@@ -167,6 +168,25 @@ def register(
         return keep_oldest(c, mine, key)
 
 
+def log_input(dataset, context: str, attempts: int = 3) -> None:
+    """``mlflow.log_input``, again when a concurrent run created the same dataset first: the
+    tracking store gets-or-creates a dataset in two statements, so two runs logging one dataset
+    at once can hit its unique constraint (SQLite and PostgreSQL alike); the second try finds
+    the row and links to it."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            mlflow.log_input(dataset, context=context)
+            return
+        except MlflowException as err:
+            duplicate = any(s in str(err).lower() for s in ("unique constraint", "duplicate key"))
+            if not duplicate or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
 def keep_oldest(c, mine: Registration, key: str) -> Registration:
     """Two registrations of one candidate that raced (each looked for the key before the other
     created its version) both end here and agree: the oldest version with the key is the
@@ -233,15 +253,13 @@ def _register_new(
                 "gate": verdict,
             }
         )
-        mlflow.log_input(
+        log_input(
             _dataset(probe_set.path, "probe_test", probe_set.dvc_hash[:8]), context="probe-test"
         )
         if probe_set.dev_path:
-            mlflow.log_input(_dataset(probe_set.dev_path, "probe_dev"), context="probe-dev")
-        mlflow.log_input(
-            _dataset(release.path / "eval.jsonl", f"{release.name}-eval"), context="eval"
-        )
-        mlflow.log_input(
+            log_input(_dataset(probe_set.dev_path, "probe_dev"), context="probe-dev")
+        log_input(_dataset(release.path / "eval.jsonl", f"{release.name}-eval"), context="eval")
+        log_input(
             _dataset(release.path / "train.jsonl", f"{release.name}-train"), context="training"
         )
         mlflow.log_dict(decision.model_dump(mode="json"), "gate_report.json")
