@@ -29,7 +29,7 @@ from flows.data import load_release, read_jsonl
 from flows.demo_data import build_demo
 from flows.modeling import format_prompt, load_model, tokenize_for_training
 from flows.records import ChampionRef, TrainResult
-from flows.serving import STRATEGY_STATE, TASKS_FILE
+from flows.serving import STRATEGY_STATE, TASKS_FILE, tasks_spec
 
 
 def rehearsal_prompt_file(params: Params) -> Path:
@@ -88,11 +88,8 @@ def isolating_spec(spec: str) -> str:
 def check_champion_kind(champion_dir: Path, spec: str) -> None:
     """A champion that keeps parameters per task can only be continued by the same isolation
     strategy: any other would load its base weights alone and lose every task it learned."""
-    tasks_file = Path(champion_dir) / TASKS_FILE
-    if not tasks_file.is_file():
-        return
-    kept = json.loads(tasks_file.read_text())
-    if isolating_spec(spec) != kept["strategy"]:
+    kept = tasks_spec(champion_dir)
+    if kept is not None and isolating_spec(spec) != kept["strategy"]:
         raise ValueError(
             f"the champion ({champion_dir}) keeps parameters per task with "
             f"{kept['strategy']!r} (tasks {kept['tasks']}); train.strategy {spec!r} would "

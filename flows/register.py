@@ -52,7 +52,7 @@ TASK_REQUIREMENTS = ["peft==0.21.2", "accelerate==1.15.0", "pydantic>=2.7"]
 def model_code(model_dir: Path) -> tuple[list[str] | None, list[str]]:
     """``code_paths`` and pip requirements of the registered model: ``cf_strategies`` and its
     dependencies only for a model served by task (``tasks.json`` in its folder)."""
-    if not (Path(model_dir) / serving.TASKS_FILE).is_file():
+    if serving.tasks_spec(model_dir) is None:
         return None, PIP_REQUIREMENTS
     return [str(Path(cf_strategies.__file__).parent)], PIP_REQUIREMENTS + TASK_REQUIREMENTS
 

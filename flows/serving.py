@@ -100,11 +100,9 @@ class TaskRouter:
     their saved state (a LoRA adapter of the recorded shape is put on first when they act on
     one, as packnet does)."""
 
-    def __init__(self, model, model_dir: str | Path):
+    def __init__(self, model, model_dir: str | Path, spec: dict[str, Any]):
         import cf_strategies  # logged with a model that has tasks (code_paths)
 
-        model_dir = Path(model_dir)
-        spec = json.loads((model_dir / TASKS_FILE).read_text())
         if spec.get("lora"):
             from peft import LoraConfig, get_peft_model
 
@@ -113,7 +111,7 @@ class TaskRouter:
         self.strategies = cf_strategies.build_strategies(
             spec["strategy"], spec.get("strategy_params", {})
         )
-        cf_strategies.load_strategies(self.strategies, model_dir / STRATEGY_STATE)
+        cf_strategies.load_strategies(self.strategies, Path(model_dir) / STRATEGY_STATE)
         self.tasks: list[str] = list(spec["tasks"])
         self.model = model
         for s in self.strategies:
@@ -144,10 +142,17 @@ class TaskRouter:
             yield self.model
 
 
-def learned_tasks(model_dir: str | Path) -> list[str] | None:
-    """The tasks a model keeps parameters for (``tasks.json``), or None for a model without."""
+def tasks_spec(model_dir: str | Path) -> dict[str, Any] | None:
+    """A model's ``tasks.json`` (strategy, options, LoRA shape, tasks learned), or None for a
+    model without per-task parameters."""
     tasks_file = Path(model_dir) / TASKS_FILE
-    return list(json.loads(tasks_file.read_text())["tasks"]) if tasks_file.is_file() else None
+    return json.loads(tasks_file.read_text()) if tasks_file.is_file() else None
+
+
+def learned_tasks(model_dir: str | Path) -> list[str] | None:
+    """The tasks a model keeps parameters for, or None for a model without."""
+    spec = tasks_spec(model_dir)
+    return None if spec is None else list(spec["tasks"])
 
 
 def load_for_serving(
@@ -156,9 +161,10 @@ def load_for_serving(
     """Model, tokenizer and, for a model that keeps parameters per task, its router (the
     model is then ``router.model``, which may wrap the loaded one)."""
     model, tokenizer = load(model_dir, trust_remote_code=trust_remote_code)
-    if not (Path(model_dir) / TASKS_FILE).is_file():
+    spec = tasks_spec(model_dir)
+    if spec is None:
         return model, tokenizer, None
-    router = TaskRouter(model, model_dir)
+    router = TaskRouter(model, model_dir, spec)
     return router.model, tokenizer, router
 
 
