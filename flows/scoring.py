@@ -86,7 +86,7 @@ def choice_loglik(
                 (i, prompt, tokenizer(sep + choice, add_special_tokens=False)["input_ids"])
             )
     scores: list[list[float]] = [[] for _ in examples]
-    split = body_and_head(model)
+    body, head = body_and_head(model) or (model, None)  # a whole model gives the logits
     pad = tokenizer.pad_token_id
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
@@ -97,17 +97,12 @@ def choice_loglik(
         for row, s in enumerate(seqs):
             ids[row, : len(s)] = torch.tensor(s)
             mask[row, : len(s)] = 1
-        inputs = {"input_ids": ids.to(model.device), "attention_mask": mask.to(model.device)}
-        if split:
-            hidden = split[0](**inputs)[0]
-        else:
-            every_logit = model(**inputs).logits
+        out = body(input_ids=ids.to(model.device), attention_mask=mask.to(model.device))
+        hidden = out.logits if head is None else out[0]
         for row, (i, p, c) in enumerate(chunk):
-            positions = torch.arange(len(p) - 1, len(p) + len(c) - 1, device=ids.device)
-            if split:
-                logits = split[1](hidden[row, positions.to(hidden.device)]).float()
-            else:
-                logits = every_logit[row, positions.to(every_logit.device)].float()
+            positions = torch.arange(len(p) - 1, len(p) + len(c) - 1, device=hidden.device)
+            at = hidden[row, positions]
+            logits = (at if head is None else head(at)).float()
             target = torch.tensor(c, device=logits.device)
             logp = torch.log_softmax(logits, dim=-1).gather(1, target[:, None]).mean()
             scores[i].append(float(logp))
