@@ -27,6 +27,33 @@ def answers(url: str) -> bool:
         return False
 
 
+def wait_until_answering(
+    proc: subprocess.Popen, url: str, what: str, seconds: int, stop, hint: str = ""
+) -> None:
+    """Poll ``url``/health until it answers; fail clearly when ``proc`` exits first, or, after
+    ``stop()``, when ``seconds`` pass."""
+    deadline = time.time() + seconds
+    while not answers(url):
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited{hint}")
+        if time.time() > deadline:
+            stop()
+            raise RuntimeError(f"{what} did not start in {seconds} s")
+        time.sleep(0.5)
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """End a server started with ``start_new_session=True`` and its workers: SIGTERM to its
+    process group, SIGKILL if it has not exited in 60 s."""
+    with contextlib.suppress(ProcessLookupError):  # already gone
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
 class MlflowServer:
     """A real ``mlflow server`` on loopback whose store outlives it: stopped and started again on
     the same port, it serves the same runs and registry."""
@@ -70,21 +97,12 @@ class MlflowServer:
             stderr=subprocess.DEVNULL,
             start_new_session=True,  # its own process group: stop() ends the workers with it
         )
-        deadline = time.time() + 120
-        while not answers(self.url):
-            if self.proc.poll() is not None:
-                raise RuntimeError("mlflow server exited")
-            if time.time() > deadline:
-                self.stop()
-                raise RuntimeError("mlflow server did not start in 120 s")
-            time.sleep(0.5)
+        wait_until_answering(self.proc, self.url, "mlflow server", 120, self.stop)
 
     def stop(self) -> None:
         if self.proc is None:
             return
-        with contextlib.suppress(ProcessLookupError):  # already gone
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        self.proc.wait(timeout=60)
+        stop_group(self.proc)
         self.proc = None
         deadline = time.time() + 30
         while answers(self.url) and time.time() < deadline:

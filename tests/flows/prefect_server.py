@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from tests.flows.mlflow_server import answers, free_port
+from tests.flows.mlflow_server import free_port, stop_group, wait_until_answering
 
 
 class PrefectServer:
@@ -55,23 +52,12 @@ class PrefectServer:
                 stderr=log,
                 start_new_session=True,  # its own process group: stop() ends its children with it
             )
-        deadline = time.time() + 180
-        while not answers(self.url):  # GET {url}/health
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"prefect server exited: see {self.log}")
-            if time.time() > deadline:
-                self.stop()
-                raise RuntimeError("prefect server did not start in 180 s")
-            time.sleep(0.5)
+        wait_until_answering(  # GET {url}/health
+            self.proc, self.url, "prefect server", 180, self.stop, hint=f": see {self.log}"
+        )
 
     def stop(self) -> None:
         if self.proc is None:
             return
-        with contextlib.suppress(ProcessLookupError):  # already gone
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=30)
+        stop_group(self.proc)
         self.proc = None
