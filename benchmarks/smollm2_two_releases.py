@@ -83,11 +83,13 @@ def chain(params, name: str, base: ChampionRef, releases: list[Path], work: Path
     champion = base
     for i, release in enumerate(releases[:2], 1):
         folder = work / name / f"release{i}"
-        probe_set = (  # release 1: the base's, scored once for every strategy
-            probe_set_for_cached(params, champion, work / "base-probes")
-            if i == 1
-            else probe_set_for(params, champion, release, folder)
+        # release 1: the base's probe set, the same for every strategy (its answers scored once,
+        # then read from the score cache)
+        probe_set = probe_set_for(
+            params, champion, release, work / "base-probes" if i == 1 else folder
         )
+        if i == 1:
+            base_gk = probe_set.baseline["general-knowledge"]
         trained = finetune(run, champion, release, folder)
         report = evaluate_candidate(run, trained.model_dir, probe_set, release, folder)
         row[f"release{i}"] = stage(report, trained.train_seconds)
@@ -97,28 +99,9 @@ def chain(params, name: str, base: ChampionRef, releases: list[Path], work: Path
         champion = ChampionRef(
             version=str(i), model_dir=trained.model_dir, releases=[r.name for r in releases[:i]]
         )
-    base_gk = probe_set_for_cached(params, base, work / "base-probes").baseline
     # the same general-knowledge items at both releases (the same seeded sample)
-    row["general_knowledge_vs_base"] = (
-        report.scores["general-knowledge"] / base_gk["general-knowledge"]
-    )
+    row["general_knowledge_vs_base"] = report.scores["general-knowledge"] / base_gk
     return row
-
-
-def probe_set_for_cached(params, champion: ChampionRef, folder: Path) -> ProbeSet:
-    """Release 1's probe set, built and scored on the base once (shared by every strategy)."""
-    path = folder / "probes.jsonl"
-    scores = json.loads((folder / "baseline.json").read_text())
-    return ProbeSet(
-        path=path,
-        dvc_hash="-",
-        n_items=len(path.read_text().splitlines()),
-        tasks=scores["tasks"],
-        baseline=scores["probes"],
-        new_task_baseline=scores["new_task"],
-        champion=champion,
-        champion_results=folder / "baseline",
-    )
 
 
 def save_row(key: str, row: dict) -> None:
@@ -151,18 +134,6 @@ def main() -> None:
     if args.inference:
         save_row("inference", inference_cost(base.model_dir, work))
         return
-    shared = work / "base-probes"
-    if not (shared / "baseline.json").exists():
-        probe_set = probe_set_for(params, base, releases[0], shared)
-        (shared / "baseline.json").write_text(
-            json.dumps(
-                {
-                    "tasks": probe_set.tasks,
-                    "probes": probe_set.baseline,
-                    "new_task": probe_set.new_task_baseline,
-                }
-            )
-        )
     for name in args.strategies.split(","):
         start = time.perf_counter()
         row = chain(params, name, base, releases, work)
