@@ -34,7 +34,14 @@ from cf_strategies.registry import (
     strategy_options,
     validate_spec,
 )
-from cf_strategies.trainer import ContinualTrainer, NonFiniteLossError, train_task
+from cf_strategies.trainer import (
+    ContinualTrainer,
+    NonFiniteLossError,
+    checkpoint_problem,
+    latest_checkpoint,
+    remove_checkpoints,
+    train_task,
+)
 
 
 def save_strategies(strategies: list[Strategy], folder) -> None:
@@ -57,8 +64,11 @@ __all__ = [
     "Strategy",
     "TaskContext",
     "build_strategies",
+    "checkpoint_problem",
+    "latest_checkpoint",
     "load_strategies",
     "register",
+    "remove_checkpoints",
     "save_strategies",
     "snapshot",
     "split_spec",

@@ -16,6 +16,9 @@ given through this one declared record, never set on attributes the pipeline dis
 
 State that must survive to the next release (Fisher diagonals, importances, buffers) is
 returned by ``state_dict()`` and saved with ``save(folder)`` as safetensors + JSON, never pickle.
+A checkpoint taken during a task also holds ``task_state_dict()``, the running state the steps
+advance (SI's path integral), which ``load_task_state_dict`` puts back when training resumes
+(``cf_strategies.trainer``).
 Every hook is a no-op here, so a strategy overrides only what it needs.
 
 Parameter-isolation strategies (packnet, progressive) keep parameters of each task apart and
@@ -286,6 +289,13 @@ class Strategy:
     #: What the strategy keeps from one release to the next (its saved state), in a few words:
     #: each strategy declares it, ``forgetless strategies`` lists it.
     stores: ClassVar[str] = "nothing"
+    #: True when the strategy stays correct with several training processes (DDP): what it
+    #: measures from data is combined across ranks (``cf_strategies.distributed``) or computed
+    #: identically on every rank, so that every rank ends a task with the same state.
+    rank_safe: ClassVar[bool] = False
+    #: True when it also works on sharded parameters (FSDP): it reaches the weights only through
+    #: the model's forward pass and never reads, keeps or changes a parameter itself.
+    shard_safe: ClassVar[bool] = False
 
     def prepare(self, context: TaskContext) -> None:
         """Called before ``before_task`` by a pipeline, with what it knows about the task."""
@@ -336,34 +346,63 @@ class Strategy:
     def save(self, folder: str | Path) -> None:
         """Write ``state_dict()`` to ``<folder>/<name>.safetensors`` (tensors, keys with dots
         kept) and ``<folder>/<name>.json`` (everything else)."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        state = self.state_dict()
-        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items() if torch.is_tensor(v)}
-        other = {k: v for k, v in state.items() if not torch.is_tensor(v)}
-        tensor_file = folder / f"{self.name}.safetensors"
-        if tensors:
-            save_file(tensors, str(tensor_file))
-        elif tensor_file.exists():  # a stale file from an earlier save would be loaded back
-            tensor_file.unlink()
-        (folder / f"{self.name}.json").write_text(json.dumps(other, indent=1, sort_keys=True))
+        write_state(folder, self.name, self.state_dict())
 
     def load(self, folder: str | Path, map_location: str | torch.device = "cpu") -> None:
         """Read what ``save`` wrote; a folder without this strategy's files leaves it fresh."""
-        folder = Path(folder)
-        meta_file = folder / f"{self.name}.json"
-        if not meta_file.exists():
-            return
-        state: dict[str, Any] = json.loads(meta_file.read_text())
-        tensor_file = folder / f"{self.name}.safetensors"
-        if tensor_file.exists():
-            state.update(load_file(str(tensor_file), device=str(map_location)))
-        self.load_state_dict(state)
+        state = read_state(folder, self.name, map_location)
+        if state is not None:
+            self.load_state_dict(state)
+
+    # ---- state in the middle of a task (checkpoints) ------------------------------------------
+    def task_state_dict(self) -> dict[str, Any]:
+        """What a checkpoint taken during a task holds beside ``state_dict()``: the running state
+        that ``before_task`` starts afresh and the steps advance (SI's path integral, iLoRA's slow
+        learner, PackNet's masks). Empty here: the hooks keep nothing between steps."""
+        return {}
+
+    def load_task_state_dict(self, model: nn.Module, state: Mapping[str, Any]) -> None:
+        """Continue a task from a checkpoint: called after ``before_task``, once ``model`` holds
+        the checkpoint's weights, with what ``task_state_dict`` returned."""
+        if state:
+            raise ValueError(
+                f"strategy {self.name!r} keeps no state during a task but got keys {sorted(state)}"
+            )
 
     def __repr__(self) -> str:
         names = list(inspect.signature(type(self).__init__).parameters)[1:]
         options = ", ".join(f"{k}={getattr(self, k)!r}" for k in names if hasattr(self, k))
         return f"{type(self).__name__}({options})"
+
+
+def write_state(folder: str | Path, stem: str, state: Mapping[str, Any]) -> None:
+    """Write a state dict as ``<folder>/<stem>.safetensors`` (its tensors, keys with dots kept)
+    and ``<folder>/<stem>.json`` (everything else); never pickle."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items() if torch.is_tensor(v)}
+    other = {k: v for k, v in state.items() if not torch.is_tensor(v)}
+    tensor_file = folder / f"{stem}.safetensors"
+    if tensors:
+        save_file(tensors, str(tensor_file))
+    elif tensor_file.exists():  # a stale file from an earlier save would be loaded back
+        tensor_file.unlink()
+    (folder / f"{stem}.json").write_text(json.dumps(other, indent=1, sort_keys=True))
+
+
+def read_state(
+    folder: str | Path, stem: str, map_location: str | torch.device = "cpu"
+) -> dict[str, Any] | None:
+    """What ``write_state`` wrote, or None when ``<folder>/<stem>.json`` does not exist."""
+    folder = Path(folder)
+    meta_file = folder / f"{stem}.json"
+    if not meta_file.exists():
+        return None
+    state: dict[str, Any] = json.loads(meta_file.read_text())
+    tensor_file = folder / f"{stem}.safetensors"
+    if tensor_file.exists():
+        state.update(load_file(str(tensor_file), device=str(map_location)))
+    return state
 
 
 @contextmanager

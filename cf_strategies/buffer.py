@@ -12,6 +12,10 @@ of one image. ``collate`` pads examples back into a batch (right padding, labels
 ``concat_batches`` appends replayed rows to a training batch, so causal-LM token batches, plain
 tensor batches and ``(x, y)`` pairs go through the same code.
 
+Several processes (DDP): ``extend_across_ranks`` offers every rank's examples in the order one
+process would have, so every rank holds the same buffer (rank 0 saves it), and its random state
+stays the same on every rank.
+
 ``state_dict()`` holds one flat tensor per key (safetensors) and JSON metadata: the shapes, the
 task of every slot, the examples seen per task, the data version of every task, the random state
 and a SHA-256 fingerprint of the content, checked on load. Never pickle.
@@ -28,6 +32,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from cf_strategies.distributed import all_gather_objects, in_global_order, is_distributed, rank
 
 Example = dict[str, torch.Tensor]
 LABEL_KEYS = ("labels", "y")
@@ -247,6 +253,32 @@ class ReservoirBuffer:
     def extend(self, examples: Iterable[Example], task: int = 0) -> None:
         for ex in examples:
             self.add(ex, task)
+
+    def extend_across_ranks(
+        self, batches: Sequence[Sequence[Example]], task: int = 0, total: int | None = None
+    ) -> None:
+        """Offer every rank's examples (several processes; each rank passes the batches of its
+        shard) in the order one process would have offered them (``in_global_order``, the first
+        ``total``), leaving the same buffer on every rank. Which offer lands in which slot
+        depends only on the number of offers and the seeded random state, never on the
+        examples, so every rank runs the reservoir on the offers' positions and the ranks then
+        exchange only the examples that were kept. One process: ``extend``."""
+        if not is_distributed():
+            self.extend((ex for batch in batches for ex in batch), task)
+            return
+        me = rank()
+        sizes = all_gather_objects([len(b) for b in batches])
+        positions = [
+            [[(r, k, i) for i in range(n)] for k, n in enumerate(per_batch)]
+            for r, per_batch in enumerate(sizes)
+        ]
+        self.extend(in_global_order(positions, total), task)  # positions stand in for examples
+        kept = [slot for slot in self.examples if isinstance(slot, tuple)]
+        mine = {(r, k, i): batches[k][i] for r, k, i in kept if r == me}
+        found: dict[tuple, Example] = {}
+        for part in all_gather_objects(mine):
+            found.update(part)
+        self.examples = [found[s] if isinstance(s, tuple) else s for s in self.examples]
 
     def quota(self, task: int) -> int:
         """Slots of ``task`` under per-task quotas: capacity split evenly, remainder to the

@@ -8,7 +8,8 @@ The buffer keeps every example with the logits z the model gave it at insertion 
 β = 0 is DER, β > 0 is DER++. Both buffer draws (``ratio`` · batch size examples each) go
 through one extra forward pass. Examples enter a reservoir buffer (Replay's,
 :class:`~cf_strategies.replay.BufferStrategy`) in ``after_task`` with the logits of the model
-that finished the task (as Avalanche's DER does).
+that finished the task (as Avalanche's DER does). With several processes each rank computes the
+logits of its shard of the task and the buffer is filled from every rank's, the same on all.
 
 Causal LMs: logits are kept only at the positions that predict supervised tokens, and only the
 ``top_k`` largest per position (values in ``logit_dtype`` + int32 vocabulary indices), with the
@@ -102,6 +103,8 @@ class DER(BufferStrategy):
 
     name = "der"
     stores = "raw examples and their logits (top-k per supervised token)"
+    # every rank computes the logits of its own shard; the buffer is filled from all of them
+    rank_safe = shard_safe = True
 
     def __init__(
         self,

@@ -17,6 +17,12 @@ exactly and batched: in closed form for an MLP, else with torch.func (vmap of gr
 y_n from the model's own prediction p(·|x_n) (the true Fisher, one sample per example). For a
 sequence, log p is the mean over its labelled tokens, so F does not grow with sequence length.
 
+Several processes (DDP): each rank measures its shard of the task's data (its share of
+``fisher_samples``) and the sums and counts are added over the ranks, so every rank holds the
+same Fisher, the mean over all the examples, as one process would compute it on the whole task
+(when the task's size is not a multiple of ranks × batch size, the few examples accelerate
+repeats to give every rank its last batch count twice).
+
 With LoRA, θ is each target matrix W = W₀ + s·B·A, not the adapter's A and B (see
 ``cf_strategies.importance``): F is the Fisher of W, the penalty λ/2·Σ F (W − W*)² is EWC's on the
 model's weights, and both carry over when the adapter is merged and a fresh one starts the next
@@ -43,6 +49,7 @@ from cf_strategies.base import (
     move_batch,
     split_batch,
 )
+from cf_strategies.distributed import rank_share, reduce_mean_
 from cf_strategies.importance import ImportanceRegulariser, LoraSite, WeightGradients
 from cf_strategies.registry import register
 
@@ -74,10 +81,19 @@ class EWC(ImportanceRegulariser):
         return 0.5 * self.lambda_ * terms.sum()
 
     def after_task(self, model: nn.Module, data: Iterable[Batch] | None = None) -> None:
+        self.consolidate(model, data, across_ranks=True)
+
+    def consolidate(
+        self, model: nn.Module, data: Iterable[Batch] | None, across_ranks: bool
+    ) -> None:
+        """F ← γ·F + F_task (the Fisher of ``data`` at the current weights), θ* ← θ.
+        ``across_ranks``: with several processes ``data`` is this rank's shard of the task, and
+        F_task is the mean over every rank's examples (``fisher_samples`` in all), the same on
+        every rank and equal to one process's on the whole task."""
         if data is None:
             raise ValueError("ewc: after_task needs the task's data to estimate the Fisher")
         names = self.bind(model)
-        args = (data, self.fisher, self.fisher_samples, self.fisher_batch_size)
+        args = (data, self.fisher, self.fisher_samples, self.fisher_batch_size, across_ranks)
         if self._lora:
             fisher = lora_fisher(model, self._lora, *args)
         else:
@@ -90,8 +106,10 @@ class EWC(ImportanceRegulariser):
     def estimate_importance(self, model: nn.Module, batches: Iterable[Batch]) -> None:
         """Consolidate general knowledge before the first task: the Fisher of ``batches`` (general
         data, e.g. the model's own answers to general prompts) at the current weights, which
-        become θ*. The same as ``after_task`` on that data."""
-        self.after_task(model, batches)
+        become θ*. The same as ``after_task`` on that data, except with several processes: the
+        general data is the same on every rank (greedy answers of the same model to the same
+        prompts), so each rank computes the same Fisher from all of it, on purpose, unreduced."""
+        self.consolidate(model, batches, across_ranks=False)
 
 
 def diagonal_fisher(
@@ -101,9 +119,12 @@ def diagonal_fisher(
     kind: str = "empirical",
     max_samples: int = 1024,
     chunk: int = 16,
+    across_ranks: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Mean over at most ``max_samples`` examples of the squared per-example gradient of
     ``−log p(y|x)`` for each of ``params`` (float32), with the model in eval mode.
+    ``across_ranks`` (several processes, ``data`` a rank's shard): the mean over the examples of
+    every rank, each taking its share of ``max_samples`` (``reduce_mean``).
 
     Per-example gradients come from the cheapest exact method that applies: a closed form when
     every parameter belongs to an ``nn.Linear`` fed one vector per example (an MLP: Σ_n g_n²·x_n²
@@ -114,7 +135,8 @@ def diagonal_fisher(
     causal = is_causal_lm(model)
     linear = _linear_owners(model, params)
     method = "linear" if linear else "vmap"
-    chunks = _examples(model, data, plist[0].device, kind, max_samples, causal)
+    budget = rank_share(max_samples) if across_ranks else max_samples
+    chunks = _examples(model, data, plist[0].device, kind, budget, causal)
     seen = 0
     for a, kw, y in chunks(lambda n: n if method == "linear" else chunk):  # noqa: B023 (follows the method)
         squares = None
@@ -137,7 +159,7 @@ def diagonal_fisher(
             squares = _loop_squared_grads(model, plist, a, kw, y, causal)
         torch._foreach_add_(sums, squares)
         seen += len(y)
-    torch._foreach_div_(sums, float(seen))
+    reduce_mean(sums, seen, across_ranks)
     return dict(zip(names, sums, strict=True))
 
 
@@ -148,14 +170,17 @@ def lora_fisher(
     kind: str = "empirical",
     max_samples: int = 1024,
     chunk: int = 16,
+    across_ranks: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The diagonal Fisher of each LoRA target matrix W (not of the adapter's A and B): the
     mean over at most ``max_samples`` examples of (∂ log p(y_n|x_n)/∂W)², with ∂/∂W of example n
     = Σ_t δ_{n,t} x_{n,t}ᵀ from the layer's input and output gradient (exact for any padding:
-    padded positions get no gradient). Model in eval mode, ``chunk`` examples per backward."""
+    padded positions get no gradient). Model in eval mode, ``chunk`` examples per backward;
+    ``across_ranks`` as in ``diagonal_fisher``."""
     causal, seen = is_causal_lm(model), 0
     factors = [p for s in sites.values() for p in (s.A, s.B)]
-    chunks = _examples(model, data, factors[0].device, kind, max_samples, causal)
+    budget = rank_share(max_samples) if across_ranks else max_samples
+    chunks = _examples(model, data, factors[0].device, kind, budget, causal)
     recorder = WeightGradients(sites, per_example=True).attach()
     try:
         for a, kw, y in chunks(lambda n: chunk):
@@ -165,13 +190,26 @@ def lora_fisher(
             seen += len(y)
     finally:
         recorder.detach()
-    return {n: s / seen for n, s in recorder.sums.items()}
+    reduce_mean(list(recorder.sums.values()), seen, across_ranks)
+    return dict(recorder.sums)
+
+
+def reduce_mean(sums: list[torch.Tensor], seen: int, across_ranks: bool) -> None:
+    """Sums over ``seen`` examples → their mean, in place: over this process's examples, or
+    with ``across_ranks`` over every rank's (Σ sums / Σ seen, ``distributed.reduce_mean_``).
+    Raises when there was no example at all (on every rank alike)."""
+    if across_ranks:
+        seen = reduce_mean_(sums, seen)
+    elif seen:
+        torch._foreach_div_(sums, float(seen))
+    if seen == 0:
+        raise ValueError("ewc: no examples to estimate the Fisher from")
 
 
 def _examples(model, data, device, kind: str, max_samples: int, causal: bool):
     """``chunks(size_of)`` yields ``(args, kwargs, labels)`` of at most ``size_of(batch size)``
     examples at a time, ``max_samples`` in all, with the model in eval mode; labels are drawn
-    from the model for the true Fisher. Raises when there is nothing to estimate from."""
+    from the model for the true Fisher."""
 
     def chunks(size_of: Callable[[int], int]) -> Iterator[tuple]:
         seen, was_training = 0, model.training
@@ -196,8 +234,6 @@ def _examples(model, data, device, kind: str, max_samples: int, causal: bool):
                     break
         finally:
             model.train(was_training)
-        if seen == 0:
-            raise ValueError("ewc: no examples to estimate the Fisher from")
 
     return chunks
 

@@ -26,6 +26,8 @@ to) the pre-trained weights; without general data, the first task trained with H
 of the general task (no penalty on it, as in the paper's first phase). For continual releases,
 importance keeps accumulating over every task and θ* moves to the end of each task, exactly as
 in SI (which HLR extends: same path integral, same damping ξ, same unregularised gradient).
+Several processes: ω is averaged over the ranks as in SI; α_l comes from the weights and Ω, the
+same on every rank, so every rank applies the same coefficients.
 With LoRA the elements are those of each target matrix W = W₀ + s·B·A, as in SI (see
 ``cf_strategies.importance``); a target matrix belongs to the block its name names.
 """

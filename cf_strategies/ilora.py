@@ -188,6 +188,21 @@ class ILoRA(BufferStrategy):
         self.slow = {}
         super().after_task(model, data)
 
+    def task_state_dict(self) -> dict[str, Any]:
+        """The slow learner θ_s and the steps taken in this task (λ_t's schedule)."""
+        if not self.slow:
+            return {}
+        return {"steps": self.steps, **{f"slow.{n}": t for n, t in self.slow.items()}}
+
+    def load_task_state_dict(self, model: nn.Module, state: Mapping[str, Any]) -> None:
+        if not state:
+            return
+        slow = {k.removeprefix("slow."): v for k, v in state.items() if k.startswith("slow.")}
+        if set(slow) != set(self.slow):
+            raise ValueError("ilora: the checkpoint's slow learner is for other parameters")
+        self.slow = {n: slow[n].to(t.device, torch.float32) for n, t in self.slow.items()}
+        self.steps = int(state["steps"])
+
     def __repr__(self) -> str:
         return (
             f"ILoRA(lambda_={self.lambda_}, warmup={self.warmup}, "

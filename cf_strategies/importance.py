@@ -152,6 +152,7 @@ class ImportanceRegulariser(Strategy):
 
     uses_rehearsal_prompts = True  # only when the context asks for general importance
     coordinates = "weights"  # saved with the state: importance of W, not of the adapter
+    rank_safe = True  # importances reduced across ranks (EWC's Fisher, SI's path integral)
 
     def __init__(self) -> None:
         self.tasks = 0
@@ -256,7 +257,7 @@ class ImportanceRegulariser(Strategy):
 
     def general_batches(self, model: nn.Module, batch_size: int = 8) -> list[Batch]:
         """The champion's greedy answers to the first ``general_importance_prompts`` rehearsal
-        prompts, as training batches (labels on the answer only)."""
+        prompts, as training batches (labels on the answer only); the same on every rank."""
         from cf_strategies.buffer import answer_example, collate
 
         ctx = self.context

@@ -7,6 +7,11 @@ model under ``disable_adapter()``, in eval mode and without gradients: no copy i
 extra forward pass per step (the base weights, i.e. the champion the adapter was put on). Without
 LoRA ``before_task`` keeps a frozen deep copy (twice the weights in memory).
 
+Several processes: the teacher runs per rank, on that rank's share of the batch, with the
+adapter disabled on the rank's own model (the same weights on every rank); nothing is exchanged,
+and the distillation term's gradient is averaged with the rest by DDP. Under FSDP the teacher
+pass goes through the sharded model like the student's.
+
 Which logits are distilled:
   * causal LMs: the positions that predict supervised tokens (``positions="labels"``) or every
     non-padding position (``"all"``); the teacher's LM head runs only there (``logits_to_keep``);
@@ -63,6 +68,7 @@ class LwF(Strategy):
 
     name = "lwf"
     stores = "nothing (a task count; for classifiers, the seen class and head ids)"
+    rank_safe = shard_safe = True  # the teacher runs on each rank's own batch (module doc)
 
     def __init__(
         self,

@@ -10,3 +10,4 @@ class Naive(Strategy):
 
     name = "naive"
     stores = "nothing"
+    rank_safe = shard_safe = True

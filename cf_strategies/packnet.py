@@ -218,6 +218,36 @@ class PackNet(Strategy):
         self._guarded = [n for n, f in self._frozen.items() if bool(f.any())]
         self._pruned = True
 
+    # ---- in the middle of a task (checkpoints) ----------------------------------------------
+    def task_state_dict(self) -> dict[str, Any]:
+        """The task's masks and counters: every owner map (pruning writes the task into them),
+        the elements touched so far, what is frozen at which value, the values when pruned, the
+        step and whether it pruned."""
+        if not self._params:
+            return {}
+        state: dict[str, Any] = {"step": self._step, "pruned": self._pruned}
+        for name in self._params:
+            state[f"owner.{name}"] = self.owner[name]
+            state[f"touched.{name}"] = self._touched[name]
+            state[f"frozen.{name}"] = self._frozen[name]
+            state[f"fixed.{name}"] = self._fixed[name]
+            if name in self._released:
+                state[f"released.{name}"] = self._released[name]
+        return state
+
+    def load_task_state_dict(self, model: nn.Module, state: Mapping[str, Any]) -> None:
+        if not state:
+            return
+        for name, p in self._params.items():
+            self.owner[name] = state[f"owner.{name}"].to(p.device, torch.int16)
+            self._touched[name] = state[f"touched.{name}"].to(p.device, torch.bool)
+            self._frozen[name] = state[f"frozen.{name}"].to(p.device, torch.bool)
+            self._fixed[name] = state[f"fixed.{name}"].to(p.device, p.dtype)
+            if f"released.{name}" in state:
+                self._released[name] = state[f"released.{name}"].to(p.device, p.dtype)
+        self._step, self._pruned = int(state["step"]), bool(state["pruned"])
+        self._guarded = [n for n, f in self._frozen.items() if bool(f.any())]
+
     # ---- answering for one task -------------------------------------------------------------
     @torch.no_grad()
     def use_task(self, model: nn.Module, task: int | str | None) -> None:
@@ -287,8 +317,10 @@ class PackNet(Strategy):
     # ---- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"tasks": list(self.tasks)}
+        unsaved = len(self.tasks)  # a task pruned but not finished: its masks are task state
         for name, w in self.weights.items():
-            state[f"owner.{name}"] = self.owner[name]
+            owner = self.owner[name]
+            state[f"owner.{name}"] = owner.masked_fill(owner >= unsaved, FREE)
             state[f"weight.{name}"] = w
         return state
 

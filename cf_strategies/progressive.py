@@ -296,6 +296,30 @@ class Progressive(Strategy):
         self._release, self._training, self._before_step = None, False, []
         self.active = t
 
+    # ---- in the middle of a task (checkpoints) ----------------------------------------------
+    def task_state_dict(self) -> dict[str, Any]:
+        """The column being trained (A, B and laterals of every target layer). peft 0.21 saves it
+        with the adapter, since it hangs under the LoRA layers, but that is no contract of
+        peft's: the checkpoint keeps it here too."""
+        if not self._training:
+            return {}
+        t = len(self.tasks)
+        return {
+            f"{name}.{i}": p.detach()
+            for name, cols in self.columns.items()
+            for i, p in enumerate(cols.column_parameters(t))
+        }
+
+    @torch.no_grad()
+    def load_task_state_dict(self, model: nn.Module, state: Mapping[str, Any]) -> None:
+        if not state:
+            return
+        t = len(self.tasks)
+        for name, cols in self.columns.items():
+            for i, p in enumerate(cols.column_parameters(t)):
+                p.copy_(state[f"{name}.{i}"])
+        self._before_step = []  # it has trained: the check that it moves is done
+
     # ---- answering for one task -------------------------------------------------------------
     def use_task(self, model: nn.Module, task: int | str | None) -> None:
         """Column ``task`` answers (None: the latest), with the columns before it laterally;

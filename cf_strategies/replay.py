@@ -12,6 +12,11 @@ the tokenizer's from the :class:`~cf_strategies.base.TaskContext` handed to ``pr
 The buffer is saved with the model version (safetensors + JSON), every task tagged with the
 release it came from (``TaskContext.release``).
 
+Several processes (DDP): ``after_task`` fills the buffer from every rank's shard of the task, in
+the order one process would have read it (``ReservoirBuffer.extend_across_ranks``), so every rank
+holds the same buffer and rank 0 saves it; each step every rank draws for the global batch and
+replays its share of that draw (``draw``).
+
 The buffer handling (filling, drawing, release tags, saving) is :class:`BufferStrategy`, which DER
 builds on too (overriding ``examples``: what one batch puts into the buffer); self-rehearsal is
 a :class:`Replay` whose examples are the champion's answers.
@@ -34,6 +39,7 @@ from cf_strategies.buffer import (
     concat_batches,
     unbatch,
 )
+from cf_strategies.distributed import dataset_size, is_distributed, rank, world_size
 from cf_strategies.registry import register
 
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -66,17 +72,28 @@ class BufferStrategy(Strategy):
             self.pad_token_id = 0 if context.pad_token_id is None else context.pad_token_id
 
     def draw(self, batch: Batch) -> list[Example]:
-        """``round(ratio · |batch|)`` distinct buffered examples (fewer if the buffer is smaller)."""
+        """``round(ratio · |batch|)`` distinct buffered examples (fewer if the buffer is smaller).
+        Several processes: every rank draws for the whole global batch (W times as many, the
+        same draw on every rank: same buffer, same random state) and keeps its own share, so
+        the ranks replay different examples, as one process would with the global batch."""
         n = round(self.ratio * batch_size(batch))
-        return self.buffer.sample(n) if n and len(self.buffer) else []
+        if not n or not len(self.buffer):
+            return []
+        ranks = world_size()
+        drawn = self.buffer.sample(n * ranks)
+        return drawn[rank() :: ranks][:n] if ranks > 1 else drawn
 
     def examples(self, model: nn.Module, batch: Batch) -> list[Example]:
         """What one batch of the finished task offers to the buffer: its rows."""
         return unbatch(batch)
 
     def after_task(self, model: nn.Module, data: Iterable[Batch] | None = None) -> None:
-        for batch in data or ():
-            self.buffer.extend(self.examples(model, batch), self.task)
+        if is_distributed():  # every rank's shard, offered in one order on every rank
+            batches = [self.examples(model, batch) for batch in data or ()]
+            self.buffer.extend_across_ranks(batches, self.task, dataset_size(data))
+        else:
+            for batch in data or ():
+                self.buffer.extend(self.examples(model, batch), self.task)
         self.buffer.versions[self.task] = self.data_version
         self.task += 1
 
@@ -94,6 +111,7 @@ class Replay(BufferStrategy):
 
     name = "replay"
     stores = "raw examples (a reservoir buffer of earlier releases' training rows)"
+    rank_safe = shard_safe = True  # the buffer is filled from every rank (BufferStrategy)
 
     def augment_batch(self, model: nn.Module, batch: Batch) -> Batch:
         replayed = self.draw(batch)

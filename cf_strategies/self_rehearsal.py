@@ -23,7 +23,9 @@ by the pipeline (``TaskContext.rehearsal_prompts`` through ``prepare``, which al
 tokenizer's pad and end-of-sequence ids unless those options are set), with ``add_prompts``
 (strings, or token ids e.g. from a chat template), or, with
 ``prompts_from_data``, kept from each task's data: prompt tokens only, never the answers. Nothing
-else of the task data is stored. At most ``buffer_size`` pending prompts (a uniform sample) are
+else of the task data is stored. With several processes every rank answers the same prompts (the
+same greedy answers: the same buffer on every rank) and, with ``prompts_from_data``, the prompts
+of every rank's shard are queued. At most ``buffer_size`` pending prompts (a uniform sample) are
 answered, left-padded, ``generation_batch_size`` at a time.
 """
 
@@ -45,6 +47,7 @@ from cf_strategies.buffer import (
     logits_of,
     unbatch,
 )
+from cf_strategies.distributed import gather_batches
 from cf_strategies.lwf import LwF
 from cf_strategies.registry import register
 from cf_strategies.replay import NonNegativeFloat, NonNegativeInt, Replay
@@ -157,12 +160,10 @@ class SelfRehearsal(Replay):
 
     def after_task(self, model: nn.Module, data: Iterable[Batch] | None = None) -> None:
         self.teacher.frozen = None
-        if self.prompts_from_data:
-            for batch in data or ():
-                for ex in unbatch(batch):
-                    supervised = (ex["labels"] != IGNORE_INDEX).nonzero().flatten()
-                    if len(supervised):
-                        self.pending.append((ex["input_ids"][: supervised[0]].tolist(), self.task))
+        if self.prompts_from_data:  # several processes: every rank's prompts, in one order
+            prompts = [[prompt_of(ex) for ex in unbatch(batch)] for batch in data or ()]
+            kept = [ids for ids in gather_batches(prompts, data) if ids]
+            self.pending += [(ids, self.task) for ids in kept]
         super().after_task(model, None)  # nothing of the data is buffered; the task is counted
 
     def state_dict(self) -> dict[str, Any]:
@@ -171,3 +172,10 @@ class SelfRehearsal(Replay):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
         self.pending = [(list(ids), int(t)) for ids, t in state["pending"]]
+
+
+def prompt_of(example: Mapping[str, torch.Tensor]) -> list[int]:
+    """The prompt of a training example: its tokens before the first supervised one ([] when
+    none is supervised)."""
+    supervised = (example["labels"] != IGNORE_INDEX).nonzero().flatten()
+    return example["input_ids"][: supervised[0]].tolist() if len(supervised) else []

@@ -17,6 +17,12 @@ integral reads Δθ across each optimizer step, so it holds for any optimizer (A
 Ω and one θ* whatever the number of past releases, so the per-step cost is constant: a few
 torch._foreach kernels over the trainable weights (with LoRA, also one product B·A and one
 δᵀx per target matrix) in ``after_step``.
+
+Several processes (DDP): Δθ is the same on every rank and each rank's g is the gradient of its
+own shard of the batch, whose plain mean over the ranks is the gradient DDP steps with; ω is
+linear in g, so the mean over the ranks of their ω, taken once in ``after_task``, is the path
+integral of the global batches, the same on every rank. The importance of general knowledge
+(``estimate_importance``) is computed on the same data on every rank, on purpose: the same Ω.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from torch import nn
 
 from cf_strategies.base import (
     Batch,
+    align_to,
     example_nll,
     is_causal_lm,
     logits_of,
@@ -38,6 +45,7 @@ from cf_strategies.base import (
     split_batch,
     trainable_parameters,
 )
+from cf_strategies.distributed import all_reduce_mean_
 from cf_strategies.importance import ImportanceRegulariser, WeightGradients
 from cf_strategies.registry import register
 
@@ -145,6 +153,7 @@ class SynapticIntelligence(ImportanceRegulariser):
     def after_task(self, model: nn.Module, data: Iterable[Batch] | None = None) -> None:
         if not self._path:
             return
+        all_reduce_mean_(self._path)  # several processes: ω of the global batches (module doc)
         names = list(self._lora or self._params)
         denom = torch._foreach_sub([v.detach() for v in self.values()], self._start)
         torch._foreach_mul_(denom, denom)  # (θ_end − θ_start)² + ξ
@@ -157,6 +166,33 @@ class SynapticIntelligence(ImportanceRegulariser):
         self._weights, self._sqrt_weights, self._anchors = [], [], []
         self._start, self._prev, self._grad, self._path = [], [], [], []
         self.tasks += 1
+
+    def task_state_dict(self) -> dict[str, Any]:
+        """The path integral ω and θ at the task's start, by site name (a fresh adapter's start,
+        ΔW = 0, is not stored); θ before the next step is the checkpoint's weights."""
+        if not self._path:
+            return {}
+        names = list(self._lora or self._params)
+        state: dict[str, Any] = {f"path.{n}": w for n, w in zip(names, self._path, strict=True)}
+        for n, start in zip(names, self._start, strict=True):
+            if bool(start.any()):
+                state[f"start.{n}"] = start
+        return state
+
+    @torch.no_grad()
+    def load_task_state_dict(self, model: nn.Module, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        sites = self.shapes()
+        path = {k.removeprefix("path."): v for k, v in state.items() if k.startswith("path.")}
+        start = {k.removeprefix("start."): v for k, v in state.items() if k.startswith("start.")}
+        self._path = align_to(sites, path, f"{self.name} path integral")
+        self._start = align_to(sites, start, f"{self.name} task start")
+        now = [v.detach() for v in self.values()]
+        if self._lora:
+            self._prev = now
+        else:
+            torch._foreach_copy_(self._prev, now)
 
     def estimate_importance(
         self,

@@ -33,6 +33,7 @@ class WiSE(Strategy):
 
     name = "wise"
     stores = "nothing (the task's starting weights, held only while training)"
+    rank_safe = True  # interpolates weights that are the same on every rank
 
     def __init__(self, mix: Annotated[float, Field(ge=0, le=1)] = 0.5) -> None:
         self.mix = mix

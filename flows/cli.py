@@ -1,6 +1,6 @@
 """The ``forgetless`` command: ``run``, ``validate``, ``submit``, ``step``, ``resume``,
-``demo-data``, ``status``, ``strategies``, and the registry commands ``history``, ``rollback``
-and ``promote``."""
+``demo-data``, ``status``, ``strategies``, and the registry commands ``history``, ``rollback``,
+``promote`` and ``prune``."""
 
 from __future__ import annotations
 
@@ -287,6 +287,32 @@ def cmd_promote(args) -> int:
     return 0
 
 
+def cmd_prune(args) -> int:
+    from flows.config import load_params
+    from flows.retention import prune
+
+    params = load_params(args.params)
+    keep = params.registry.keep_failed_weights if args.keep is None else args.keep
+    if keep is None:
+        console.print("registry.keep_failed_weights is null: the retention policy removes nothing")
+        return 0
+    decided = prune(params, keep, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    table = Table(title=f"retention policy: failed versions' weights go after {keep} newer")
+    for col in ("version", "release", "newer", "weights", "why"):
+        table.add_column(col)
+    for d in decided:
+        what = f"{verb} {d.bytes / 1e6:.1f} MB" if d.remove else "kept"
+        table.add_row(d.version, escape(d.release), str(d.newer), what, escape(d.reason))
+    console.print(table)
+    freed = sum(d.bytes for d in decided if d.remove)
+    console.print(
+        f"{verb} the weights of {sum(d.remove for d in decided)} version(s): "
+        f"{freed / 1e6:.1f} MB; their runs, metrics and reports stay"
+    )
+    return 0
+
+
 def cmd_strategies(args) -> int:
     from flows import strategy_guide as guide
 
@@ -406,6 +432,14 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--force", action="store_true", help="required: this overrides the gate")
     pr.add_argument("--reason", help="why (required; recorded on the version)")
     pr.set_defaults(fn=cmd_promote)
+    pn = sub.add_parser(
+        "prune",
+        help="retention policy: remove the weights of versions that failed the gate once "
+        "registry.keep_failed_weights newer versions exist (runs, metrics, reports stay)",
+    )
+    pn.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    pn.add_argument("--keep", type=int, help="newer versions to wait for (default: params.yaml)")
+    pn.set_defaults(fn=cmd_prune)
     args = parser.parse_args(argv)
     from flows.config import ParamsError
     from flows.data import DataError

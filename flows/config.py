@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
@@ -13,6 +14,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 import cf_strategies
@@ -110,8 +112,19 @@ class TrainConfig(Section):
     warmup_steps: int = Field(0, ge=0)
     seed: int = 0
     logging_steps: int = Field(1, ge=1)
+    checkpoint_steps: int = Field(10, ge=0)  # 0: no checkpoints (a crash starts over)
     candidates: dict[str, dict[str, Any]] = {}
     parallel_candidates: int = Field(1, ge=1)
+    # processes the fine-tune step trains on (DDP; flows/launch.py): "auto" = one per GPU
+    num_processes: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
+    fsdp: bool = False  # with several processes on GPUs: shard the model (FSDP) instead of DDP
+
+    @field_validator("num_processes", mode="before")
+    @classmethod
+    def _processes_not_boolean(cls, v):
+        if isinstance(v, bool):
+            raise ValueError('Input should be a number of processes or "auto", not true/false')
+        return v
 
     @field_validator("strategy_params")
     @classmethod
@@ -174,6 +187,43 @@ class VersioningConfig(Section):
     remote: NonEmptyStr = "dvc-remote"
 
 
+class RegistryConfig(Section):
+    """How a candidate's weights are registered and kept (flows/register.py, flows/retention.py)."""
+
+    weights: Literal["merged", "adapter"] = "merged"  # adapter: LoRA + a reference to its parent
+    keep_failed_weights: int | None = Field(None, ge=0)  # None: never remove failed weights
+
+
+class DeployConfig(Section):
+    """Production: the Prefect work pools, and fine-tuning as its own flow run on the GPU pool."""
+
+    cpu_pool: NonEmptyStr = "cpu"  # the retrain flow: version, validate, probes, gate, register...
+    gpu_pool: NonEmptyStr = "gpu"  # the fine-tune flow
+    finetune_remote: bool = False  # fine-tune with run_deployment on gpu_pool, not in-process
+    finetune_deployment: NonEmptyStr = "forgetless-finetune/finetune"  # flow/deployment
+    handoff: str | None = None  # fsspec URL where the pools exchange files (s3://bucket/handoff/)
+    timeout_minutes: float = Field(360, gt=0)  # longest wait for the fine-tune flow run
+
+    @field_validator("handoff")
+    @classmethod
+    def _handoff_is_shared(cls, value: str | None) -> str | None:
+        if value is not None and "://" not in value:
+            raise ValueError(
+                "must be a URL both pools reach (s3://bucket/handoff/, gs://...), not a local "
+                f"path ({value!r}): a path on one worker does not exist on the other"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _remote_needs_handoff(self) -> DeployConfig:
+        if self.finetune_remote and not self.handoff:
+            raise ValueError(
+                "finetune_remote needs deploy.handoff: the URL where the pools exchange the "
+                "release and the candidate (s3://bucket/handoff/)"
+            )
+        return self
+
+
 class Params(Section):
     """All of ``params.yaml``; relative paths are resolved against ``root``."""
 
@@ -187,6 +237,8 @@ class Params(Section):
     gate: GateConfig = GateConfig()
     tracking: TrackingConfig = TrackingConfig()
     versioning: VersioningConfig = VersioningConfig()
+    registry: RegistryConfig = RegistryConfig()
+    deploy: DeployConfig = DeployConfig()
 
     def path(self, p: Path | str) -> Path:
         """A configured path made absolute against the directory of params.yaml."""
@@ -199,7 +251,15 @@ class Params(Section):
 
     @property
     def tracking_uri(self) -> str:
-        return self.tracking.uri or f"sqlite:///{self.workspace_dir / 'mlflow.db'}"
+        """``tracking.uri``, else ``FORGETLESS_TRACKING_URI`` from the environment (where a
+        deployed stack puts its endpoint), else the workspace's own SQLite store. Not
+        ``MLFLOW_TRACKING_URI``: ``mlflow.set_tracking_uri`` rewrites that variable in the
+        process, so it would carry one retrain's store into the next and into child processes."""
+        return (
+            self.tracking.uri
+            or os.environ.get("FORGETLESS_TRACKING_URI")
+            or f"sqlite:///{self.workspace_dir / 'mlflow.db'}"
+        )
 
     @property
     def dvc_remote(self) -> str:

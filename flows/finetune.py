@@ -3,18 +3,30 @@
 Runs a ``cf_strategies.ContinualTrainer`` (a transformers ``Trainer``) on the release's
 ``train.jsonl``, loads the strategies' state saved beside the champion (Fisher, importances,
 buffers), merges the adapter, and writes the candidate folder atomically: weights, tokenizer and
-``strategy_state/`` for the next release. On a GPU it trains in bf16; on the CPU in fp32.
+``strategy_state/`` for the next release. On a GPU it trains in bf16; on the CPU in fp32; the
+weights are stored in that dtype (``save_candidate``).
+
+Every ``train.checkpoint_steps`` steps the Trainer checkpoints into ``<run>/trainer/`` (the LoRA
+adapter, optimizer, scheduler, RNG states, step counter and the strategies' state, running sums
+included: ``cf_strategies.trainer``). A retry of the step on the same run folder (a Prefect
+retry, ``forgetless resume``, the DVC stage again) resumes from the latest complete checkpoint of
+the same setup (``checkpoint_to_resume``); the checkpoints are deleted once the candidate is
+written.
 
 With a parameter-isolation strategy (packnet, progressive) nothing is merged: the folder keeps
 the base weights, the strategies' state holds every release's parameters, and ``tasks.json``
 says how to rebuild them (``flows/serving.py``: ``TaskRouter``). The next release then needs the
 same isolation strategy; a champion of another kind is refused before training.
+
+With ``train.num_processes`` above one the step runs on that many processes (DDP, or FSDP with
+``train.fsdp``): ``flows/launch.py`` starts them, every rank trains, rank 0 writes the candidate.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -24,12 +36,19 @@ from peft import LoraConfig, get_peft_model
 from transformers import DataCollatorForSeq2Seq, TrainingArguments, set_seed
 
 import cf_strategies
+from flows import launch
 from flows.config import Params
 from flows.data import load_release, read_jsonl
 from flows.demo_data import build_demo
 from flows.modeling import format_prompt, load_model, tokenize_for_training
 from flows.records import ChampionRef, TrainResult
-from flows.serving import STRATEGY_STATE, TASKS_FILE, tasks_spec
+from flows.serving import ADAPTER_PARENT, STRATEGY_STATE, TASKS_FILE, content_hash, tasks_spec
+
+CANDIDATE_DIR = "candidate_model"  # the candidate folder in a run folder
+CHECKPOINT_DIR = "trainer"  # the Trainer's checkpoints in a run folder, while it trains
+CHECKPOINTS_KEPT = 2  # a save killed half-way leaves the one before it whole
+
+log = logging.getLogger(__name__)
 
 
 def rehearsal_prompt_file(params: Params) -> Path:
@@ -68,15 +87,12 @@ def task_context(params: Params, tokenizer, release_dir: Path) -> cf_strategies.
     )
 
 
-def check_single_process() -> None:
-    """Refuse a distributed launch: every rank would train, save and register its own
-    candidate, and EWC's Fisher would not be reduced across ranks."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 or (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        raise RuntimeError(
-            f"the fine-tune step runs in one process, not {world}: multi-process training "
-            "(accelerate launch, torchrun) is not supported yet; run it without a launcher"
-        )
+def check_ranks(params: Params) -> None:
+    """Inside a rank of a multi-process launch (``flows.launch``, or accelerate launch /
+    torchrun started by hand): refuse what several processes cannot train correctly
+    (``launch.check_ranks``), then put this rank on its own GPU. Rank 0 alone saves."""
+    launch.check_ranks(params.train, launch.launched_world())
+    launch.enter_rank()
 
 
 def isolating_spec(spec: str) -> str:
@@ -126,7 +142,9 @@ def write_tasks_file(folder: Path, params: Params, strategies: list) -> None:
 def finetune(
     params: Params, champion: ChampionRef, release_dir: Path, run_dir: Path
 ) -> TrainResult:
-    check_single_process()
+    if launch.wants_ranks(params):  # train.num_processes > 1: this step again, on every rank
+        return launch.run_ranks(params, champion, release_dir, run_dir)
+    check_ranks(params)
     cfg = params.train
     check_champion_kind(champion.model_dir, cfg.strategy)
     set_seed(cfg.seed)
@@ -159,14 +177,16 @@ def finetune(
     gpu = torch.cuda.is_available()
     model.to("cuda" if gpu else "cpu")
     args = TrainingArguments(
-        output_dir=str(run_dir / "trainer"),
+        output_dir=str(run_dir / CHECKPOINT_DIR),
         max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size,
         learning_rate=cfg.learning_rate,
         warmup_steps=cfg.warmup_steps,
         lr_scheduler_type="linear",
         logging_steps=cfg.logging_steps,
-        save_strategy="no",
+        save_strategy="steps" if cfg.checkpoint_steps else "no",
+        save_steps=cfg.checkpoint_steps or None,
+        save_total_limit=CHECKPOINTS_KEPT,
         report_to=[],
         seed=cfg.seed,
         bf16=gpu and torch.cuda.is_bf16_supported(),
@@ -180,29 +200,119 @@ def finetune(
         train_dataset=train_set,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
         strategies=strategies,
+        checkpoint_tag=checkpoint_tag(params, champion, release_dir),
     )
+    resume = checkpoint_to_resume(run_dir / CHECKPOINT_DIR, trainer.checkpoint_tag)
     start = time.perf_counter()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - start
 
-    out = run_dir / "candidate_model"
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    cf_strategies.save_strategies(strategies, tmp / STRATEGY_STATE)
-    if isolating_spec(cfg.strategy):  # keep the base; the state rebuilds every task
-        for s in strategies:
-            s.use_task(trainer.model, cf_strategies.BASE)  # progressive: columns off
-        trainer.model.unload().save_pretrained(tmp)
-        write_tasks_file(tmp, params, strategies)
-    else:
-        trainer.model.merge_and_unload().save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    if not launch.saves_candidate(trainer, strategies, run_dir, champion.model_dir):
+        return TrainResult(  # another rank: rank 0 writes the candidate and the result
+            model_dir=run_dir / CANDIDATE_DIR,
+            strategy=cfg.strategy,
+            steps=trainer.state.global_step,
+            train_seconds=seconds,
+        )
+    out, dtype = save_candidate(params, trainer, tokenizer, strategies, run_dir, champion)
+    shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)  # the candidate supersedes them
     return TrainResult(
         model_dir=out,
         strategy=cfg.strategy,
         steps=trainer.state.global_step,
         train_seconds=seconds,
         log_history=[h for h in trainer.state.log_history if "loss" in h],
+        resumed_from_step=trainer.resumed_from_step,
+        weights_dtype=dtype,
     )
+
+
+def checkpoint_tag(params: Params, champion: ChampionRef, release_dir: Path) -> str:
+    """What a checkpoint was trained for, hashed: the model and train sections of the params
+    (but ``checkpoint_steps``), the champion and the release. A checkpoint of another setup
+    (params changed, another champion) is not resumed."""
+    setup = {
+        "model": params.model.model_dump(mode="json"),
+        "train": params.train.model_dump(mode="json", exclude={"checkpoint_steps"}),
+        "champion": champion.model_dump(mode="json"),
+        "release": str(Path(release_dir).resolve()),
+    }
+    return hashlib.sha256(json.dumps(setup, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def checkpoint_to_resume(folder: Path, tag: str) -> Path | None:
+    """The latest complete checkpoint in ``folder`` written for ``tag`` (None: train from the
+    start). Every other checkpoint, incomplete, of another setup or older, is deleted, so the
+    Trainer's rotation sees only those of this run."""
+    checkpoint, skipped = cf_strategies.latest_checkpoint(folder, tag)
+    for passed, why in skipped.items():
+        log.warning(f"fine-tune: not resuming from {passed}: {why}")
+    if checkpoint is not None:
+        log.warning(f"fine-tune: resuming from {checkpoint} (a retry after a crash)")
+    cf_strategies.remove_checkpoints(folder, keep=checkpoint)
+    return checkpoint
+
+
+def trained_dtype(args: TrainingArguments) -> torch.dtype:
+    """The dtype training computed in: bf16 (or fp16) under mixed precision on a GPU, else
+    fp32. The fp32 master weights are cast to it once, when the candidate is saved."""
+    if args.bf16:
+        return torch.bfloat16
+    if args.fp16:
+        return torch.float16
+    return torch.float32
+
+
+def save_candidate(
+    params: Params,
+    trainer,
+    tokenizer,
+    strategies: list,
+    run_dir: Path,
+    champion: ChampionRef | None = None,
+) -> tuple[Path, str]:
+    """Write ``run_dir/candidate_model`` atomically (a ``.partial`` folder renamed): the merged
+    weights (or, with a parameter-isolation strategy, the base weights and ``tasks.json``) in
+    the dtype training computed in, the tokenizer and ``strategy_state/``. With
+    ``registry.weights: adapter`` the LoRA adapter is kept unmerged instead, with ``parent.json``
+    naming ``champion`` (its version or base model, and content hash). Returns the folder and
+    the dtype's name ("bfloat16", "float32"), which ``config.json`` (``parent.json``) records."""
+    dtype = trained_dtype(trainer.args)
+    out = run_dir / CANDIDATE_DIR
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cf_strategies.save_strategies(strategies, tmp / STRATEGY_STATE)
+    dtype_name = str(dtype).removeprefix("torch.")
+    if isolating_spec(params.train.strategy):  # keep the base; the state rebuilds every task
+        for s in strategies:
+            s.use_task(trainer.model, cf_strategies.BASE)  # progressive: columns off
+        trainer.model.unload().to(dtype).save_pretrained(tmp)
+        write_tasks_file(tmp, params, strategies)
+    elif params.registry.weights == "adapter" and champion is not None:
+        trainer.model.save_pretrained(tmp)  # adapter_model.safetensors, adapter_config.json
+        link = {"parent": parent_reference(params, champion), "dtype": dtype_name}
+        (tmp / ADAPTER_PARENT).write_text(json.dumps(link, indent=1))
+    else:  # merged in the fp32 master weights, then cast
+        trainer.model.merge_and_unload().to(dtype).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out, dtype_name
+
+
+def parent_reference(params: Params, champion: ChampionRef) -> dict:
+    """What an adapter was trained on, for ``parent.json``: the champion's registered version,
+    or the base model (its folder, or a hub id), with the content hash of its folder."""
+    folder = Path(champion.model_dir)
+    digest = content_hash(folder) if folder.is_dir() else None
+    if champion.version is not None:
+        name = params.model.registered_name
+        return {
+            "kind": "registered",
+            "name": name,
+            "version": champion.version,
+            "model_uri": f"models:/{name}/{champion.version}",
+            "content_sha256": digest,
+        }
+    model = str(folder.resolve()) if folder.is_dir() else str(champion.model_dir)
+    return {"kind": "base", "model": model, "content_sha256": digest}

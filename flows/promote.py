@@ -25,7 +25,15 @@ from datetime import UTC, datetime
 from flows.config import Params
 from flows.locks import promotion_lock
 from flows.records import GateDecision, Promotion, Registration
-from flows.tracking import CHAMPION, PENDING, champion_version, client, tracking_errors
+from flows.tracking import (
+    CHAMPION,
+    PENDING,
+    WEIGHTS_REMOVED_TAG,
+    WEIGHTS_TAG,
+    champion_version,
+    client,
+    tracking_errors,
+)
 
 
 def promote(
@@ -232,6 +240,8 @@ def force_promote(params: Params, version: str, force: bool, reason: str | None)
         target_mv = _get_version(c, name, target)
         if target == current:
             raise RegistryActionError(f"{name} v{target} is already the champion")
+        if target_mv.tags.get(WEIGHTS_TAG) == "removed":  # flows/retention.py
+            raise RegistryActionError(target_mv.tags.get(WEIGHTS_REMOVED_TAG, "weights removed"))
         if target in champion_chain(c, name, current):
             raise RegistryActionError(
                 f"{name} v{target} was champion before v{current}; go back to it with: "

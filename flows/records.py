@@ -106,6 +106,8 @@ class TrainResult(Record):
     steps: int
     train_seconds: float
     log_history: list[dict] = []
+    resumed_from_step: int | None = None  # a retry resumed from this step's checkpoint
+    weights_dtype: str = "float32"  # the dtype training computed in, which the weights keep
 
 
 class TaskRetention(Record):

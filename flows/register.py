@@ -16,12 +16,18 @@ oldest version and delete the younger (``keep_oldest``).
 A new version is created with all its tags at once, ``promotion=pending`` among them, which the
 promote step replaces: a retrain that stops between the two leaves a version tagged ``pending``
 and the champion as it was.
+
+The weights are then kept once: the run folder's candidate gives way to a pointer to the
+registered copy (``release_run_weights``), and the retention policy runs
+(``flows/retention.py``). With ``registry.weights: adapter`` the candidate folder, and so the
+registered artifact, is a LoRA adapter with a reference to its parent (``flows/serving.py``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import time
 import warnings
@@ -30,7 +36,7 @@ from pathlib import Path
 import pandas as pd
 
 import cf_strategies
-from flows import serving
+from flows import retention, serving
 from flows.config import Params
 from flows.data import read_jsonl
 from flows.records import (
@@ -41,7 +47,16 @@ from flows.records import (
     TrainResult,
     VersionedRelease,
 )
-from flows.tracking import PENDING, client, experiment_id, tracking_errors
+from flows.tracking import (
+    PENDING,
+    candidate_dir,
+    candidate_pointer,
+    client,
+    experiment_id,
+    read_candidate_pointer,
+    tracking_errors,
+    version_store,
+)
 
 # What flows/serving.py, the registered model's whole code, imports (pandas comes with mlflow).
 PIP_REQUIREMENTS = ["torch==2.13.0", "transformers==5.24.0", "mlflow==3.17.2"]
@@ -49,12 +64,33 @@ PIP_REQUIREMENTS = ["torch==2.13.0", "transformers==5.24.0", "mlflow==3.17.2"]
 TASK_REQUIREMENTS = ["peft==0.21.2", "accelerate==1.15.0", "pydantic>=2.7"]
 
 
+# An adapter registered unmerged is merged onto its parents with peft when it loads.
+ADAPTER_REQUIREMENTS = ["peft==0.21.2", "accelerate==1.15.0"]
+
+
 def model_code(model_dir: Path) -> tuple[list[str] | None, list[str]]:
     """``code_paths`` and pip requirements of the registered model: ``cf_strategies`` and its
-    dependencies only for a model served by task (``tasks.json`` in its folder)."""
-    if serving.tasks_spec(model_dir) is None:
-        return None, PIP_REQUIREMENTS
-    return [str(Path(cf_strategies.__file__).parent)], PIP_REQUIREMENTS + TASK_REQUIREMENTS
+    dependencies only for a model served by task (``tasks.json`` in its folder), peft for an
+    adapter (``parent.json``)."""
+    if serving.tasks_spec(model_dir) is not None:
+        return [str(Path(cf_strategies.__file__).parent)], PIP_REQUIREMENTS + TASK_REQUIREMENTS
+    if (Path(model_dir) / serving.ADAPTER_PARENT).is_file():
+        return None, PIP_REQUIREMENTS + ADAPTER_REQUIREMENTS
+    return None, PIP_REQUIREMENTS
+
+
+def weights_tags(model_dir: Path) -> dict[str, str]:
+    """How a version's weights are stored: ``weights_format`` merged or adapter, and for an
+    adapter on a registered version that version (``parent_version``, which the retention
+    policy then keeps)."""
+    link_file = Path(model_dir) / serving.ADAPTER_PARENT
+    if not link_file.is_file():
+        return {"weights_format": "merged"}
+    parent = json.loads(link_file.read_text())["parent"]
+    tags = {"weights_format": "adapter", "parent": serving.describe(parent)}
+    if parent.get("kind") == "registered":
+        tags[retention.PARENT_TAG] = str(parent["version"])
+    return tags
 
 
 def code_commit() -> str:
@@ -113,16 +149,25 @@ def weights_hash(model_dir: Path) -> str:
     return digest.hexdigest()
 
 
+def candidate_weights_hash(model_dir: Path) -> str:
+    """``weights_hash`` of a run's candidate, read from its pointer once the run folder's copy
+    gave way to the registered one (``release_run_weights``)."""
+    pointer = read_candidate_pointer(model_dir)
+    return pointer["weights_sha256"] if pointer else weights_hash(model_dir)
+
+
 def idempotency_key(
     params: Params,
     release: VersionedRelease,
     probe_set: ProbeSet,
     train: TrainResult,
     decision: GateDecision,
+    weights: str | None = None,
 ) -> str:
     """What makes a registration the same one: the release's content, the champion it started
-    from, the strategy with its options, the training seed, the weights it ended with, and the
-    gate decision the version is tagged with (each check: value, threshold, verdict)."""
+    from, the strategy with its options, the training seed, the weights it ended with (their
+    hash ``weights``, computed when not given), and the gate decision the version is tagged
+    with (each check: value, threshold, verdict)."""
     strategies = cf_strategies.validate_spec(train.strategy)
     payload = {
         "release_dvc_hash": release.dvc_hash,
@@ -130,7 +175,7 @@ def idempotency_key(
         "strategy": train.strategy,
         "strategy_params": {n: params.train.strategy_params.get(n, {}) for n in strategies},
         "train_seed": params.train.seed,
-        "weights": weights_hash(train.model_dir),
+        "weights": weights or candidate_weights_hash(train.model_dir),
         "gate": decision.model_dump(mode="json"),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -153,7 +198,8 @@ def register(
 ) -> Registration:
     c = client(params)
     name = params.model.registered_name
-    key = idempotency_key(params, release, probe_set, train, decision)
+    weights = candidate_weights_hash(train.model_dir)
+    key = idempotency_key(params, release, probe_set, train, decision, weights)
     with tracking_errors(
         params,
         f"registering {name} (idempotency key {key[:12]})",
@@ -161,11 +207,65 @@ def register(
     ):
         existing = registered_version(c, name, key)
         if existing is not None:
-            return Registration(
+            done = Registration(
                 name=name, version=str(existing.version), run_id=existing.run_id or ""
             )
-        mine = _register_new(params, release, probe_set, train, report, decision, run_dir, key)
-        return keep_oldest(c, mine, key)
+        else:
+            mine = _register_new(params, release, probe_set, train, report, decision, run_dir, key)
+            done = keep_oldest(c, mine, key)
+        release_run_weights(params, train, run_dir, done, weights)
+    retention.apply_after_registration(params)
+    return done
+
+
+def folder_files(folder: Path) -> dict[str, int]:
+    """Every file under ``folder``: relative path -> size in bytes."""
+    return {
+        f.relative_to(folder).as_posix(): f.stat().st_size for f in folder.rglob("*") if f.is_file()
+    }
+
+
+def release_run_weights(
+    params: Params, train: TrainResult, run_dir: Path, registration: Registration, weights: str
+) -> Path | None:
+    """Keep the candidate's weights once: after its registration the run folder's copy gives
+    way to a pointer, ``candidate_model.json`` (the version, its model URI, the weights' hash
+    that keeps the idempotency key, their dtype and size). Only a folder inside ``run_dir`` (one
+    this run trained) is released, and only when the registered copy holds the same files with
+    the same sizes; anything that needs the weights later reads the registered copy
+    (``tracking.candidate_dir``). Returns the pointer, or None when the folder stays."""
+    model_dir = Path(train.model_dir)
+    if not model_dir.is_dir() or not model_dir.resolve().is_relative_to(Path(run_dir).resolve()):
+        return None
+    pointer = candidate_pointer(model_dir)
+    if pointer.is_file():  # released before, and stopped while removing the folder
+        shutil.rmtree(model_dir)
+        return pointer
+    repo, path = version_store(params, registration.version)
+    files = folder_files(model_dir)
+    if retention.artifact_files(repo, path) != files:
+        warnings.warn(
+            f"{registration.name} v{registration.version} does not hold the same files as "
+            f"{model_dir}; the run folder keeps its copy of the weights",
+            stacklevel=2,
+        )
+        return None
+    record = {
+        "registered_model": registration.name,
+        "version": registration.version,
+        "model_uri": f"models:/{registration.name}/{registration.version}",
+        "run_id": registration.run_id,
+        "weights_sha256": weights,
+        "weights_dtype": train.weights_dtype,
+        "bytes": sum(files.values()),
+        "note": "the weights are the registered version's; this run's copy was removed after "
+        "registration (flows/register.py: release_run_weights)",
+    }
+    tmp = pointer.with_name(pointer.name + ".partial")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(pointer)  # the pointer first: a crash below leaves it beside a partial folder
+    shutil.rmtree(model_dir)
+    return pointer
 
 
 def log_input(dataset, context: str, attempts: int = 3) -> None:
@@ -266,12 +366,13 @@ def _register_new(
         mlflow.log_dict(report.model_dump(mode="json"), "eval_report.json")
         for f in sorted(run_dir.glob("*/*.jsonl")):
             mlflow.log_artifact(str(f), artifact_path=f"outputs/{f.parent.name}")
-        code_paths, requirements = model_code(train.model_dir)
+        model_dir = candidate_dir(params, train.model_dir)  # the registered copy, if released
+        code_paths, requirements = model_code(model_dir)
         info = mlflow.pyfunc.log_model(
             name="model",
             code_paths=code_paths,
             python_model=serving.__file__,
-            artifacts={"model_dir": str(train.model_dir)},
+            artifacts={"model_dir": str(model_dir)},
             model_config={
                 "use_chat_template": params.model.use_chat_template,
                 "trust_remote_code": params.model.trust_remote_code,
@@ -295,6 +396,7 @@ def _register_new(
             "releases_learned": json.dumps(learned),
             "release_dvc_hash": release.dvc_hash,
             "champion_at_start": probe_set.champion.version or "base",
+            **weights_tags(model_dir),
         },
     )
     return Registration(name=name, version=str(mv.version), run_id=run.info.run_id)

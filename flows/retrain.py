@@ -2,7 +2,8 @@
 → register → promote. Each task wraps the plain step function of the module named after it.
 
 Run it with ``forgetless run`` (no server needed: Prefect starts a temporary one) or deploy it
-to a Prefect server with a schedule; ``finetune`` is the step to send to a GPU work pool.
+to a Prefect server with a schedule (``infra/prefect.yaml``); with ``deploy.finetune_remote`` the
+fine-tune step runs as its own flow run on the GPU work pool (``flows/remote_finetune.py``).
 
 When a service fails: a Prefect API set in ``PREFECT_API_URL`` is waited for before the flow
 starts (``check_prefect_api``: after 2, 4 and 8 s), and Prefect's client retries its own calls
@@ -29,9 +30,10 @@ from prefect.tasks import exponential_backoff
 from flows import demo_data, landing
 from flows.config import Params, load_params
 from flows.evaluate import evaluate_candidate
-from flows.finetune import check_champion_kind, finetune
+from flows.finetune import check_champion_kind
 from flows.gate import gate
 from flows.landing import LandedRelease, LandingPick, NoNewRelease
+from flows.launch import RankFailedError
 from flows.probes import create_probe_set
 from flows.promote import promote
 from flows.records import (
@@ -45,6 +47,7 @@ from flows.records import (
     Registration,
 )
 from flows.register import log_candidates, register
+from flows.remote_finetune import RemoteFinetuneFailed, train_candidate
 from flows.report import publish
 from flows.stages import save_params
 from flows.tournament import (
@@ -115,7 +118,22 @@ version_task = task(version_release, name="version", **io)
 champion_task = task(current_champion, name="champion", **io)
 validate_task = task(validate_step, name="validate")
 probes_task = task(create_probe_set, name="probes")
-finetune_task = task(finetune, name="finetune")
+
+
+def crashed(task, task_run, state) -> bool:
+    """Retry a fine-tune that crashed (a rank killed, the GPU pool's flow run lost, an I/O
+    error): the retry resumes from the last checkpoint. Never bad input, a NaN loss or a bug."""
+    try:
+        state.result()
+    except (RankFailedError, RemoteFinetuneFailed, OSError):
+        return True
+    except Exception:
+        return False
+    return False
+
+
+# here, or on the GPU pool (flows/remote_finetune.py)
+finetune_task = task(train_candidate, name="finetune", retries=1, retry_condition_fn=crashed)
 evaluate_task = task(evaluate_candidate, name="evaluate")
 gate_task = task(gate, name="gate")
 register_task = task(register, name="register", **io)
@@ -284,6 +302,8 @@ def retrain(
     else:
         trained = timed("finetune", finetune_task, params, champion, versioned.path, run_dir)
     trained.write(run_dir / FILES["finetune"])
+    if trained.resumed_from_step:
+        log.info(f"fine-tune resumed from its checkpoint at step {trained.resumed_from_step}")
     evaluation = timed(
         "evaluate", evaluate_task, params, trained.model_dir, probe_set, versioned.path, run_dir
     )

@@ -2,7 +2,10 @@
 
 ``mlflow.pyfunc.load_model("models:/forgetless-lm@champion").predict(["What is ...?"])``
 returns the model's greedy answers. The weights are the ``model_dir`` artifact: a plain
-transformers folder (merged LoRA weights, tokenizer, strategy state).
+transformers folder (merged LoRA weights, tokenizer, strategy state), stored and served in the
+dtype training computed in; or, registered with ``registry.weights: adapter``, a LoRA adapter
+whose ``parent.json`` names the model it was trained on, merged onto it when it loads
+(``merge_chain``). A folder whose weights the retention policy removed says so when loaded.
 
 Serving by task. A model trained with a parameter-isolation strategy (packnet, progressive)
 keeps each release's parameters apart instead of merging them: its folder holds the *base*
@@ -25,9 +28,11 @@ and ``generate`` give the same answers as ``flows.scoring.generate`` (a test com
 
 from __future__ import annotations
 
+import hashlib
 import json
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +48,9 @@ INPUT_COLUMN = "prompt"
 TASKS_FILE = "tasks.json"  # beside the weights of a model that keeps parameters per task
 STRATEGY_STATE = "strategy_state"  # the strategies' state, beside the weights
 BASE_TASK = "base"  # the task name a request uses for the base weights
+WEIGHTS_REMOVED = "WEIGHTS_REMOVED.json"  # left where the retention policy removed weights
+ADAPTER_PARENT = "parent.json"  # beside a LoRA adapter registered without merging
+MAX_CHAIN = 1000  # links followed from an adapter to its root before giving up
 INPUT_EXAMPLE = pd.DataFrame({INPUT_COLUMN: ["What is the capital of France?"]})
 
 
@@ -59,21 +67,75 @@ def signature(max_new_tokens: int) -> ModelSignature:
     )
 
 
+class WeightsRemoved(FileNotFoundError):
+    """A registered version whose weights the retention policy removed (``flows/retention.py``)."""
+
+
+def check_weights_kept(model_dir: str | Path) -> None:
+    """Refuse, with the retention policy's own words, a folder whose weights were removed (the
+    policy leaves ``WEIGHTS_REMOVED.json`` in their place)."""
+    marker = Path(model_dir) / WEIGHTS_REMOVED
+    if marker.is_file():
+        raise WeightsRemoved(json.loads(marker.read_text())["message"])
+
+
+def stored_dtype(model_dir: str | Path) -> torch.dtype:
+    """The dtype a model folder's weights are stored in (``dtype`` in its ``config.json``, which
+    ``save_pretrained`` writes, or in an adapter's ``parent.json``; fp32 when it says nothing)."""
+    config = {}
+    for name in ("config.json", ADAPTER_PARENT):  # an adapter records its merged model's dtype
+        if (Path(model_dir) / name).is_file():
+            config = json.loads((Path(model_dir) / name).read_text())
+            break
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def load_dtype(model_dir: str | Path, for_training: bool = False) -> torch.dtype:
+    """fp32 to train (the optimizer keeps its own precision); to answer, the dtype the weights
+    were stored in (a model trained in bf16 answers in bf16, on the CPU too), and an fp32 model
+    in bf16 on a GPU that supports it."""
+    if for_training:
+        return torch.float32
+    stored = stored_dtype(model_dir)
+    if stored != torch.float32:
+        return stored
+    on_gpu = torch.cuda.is_available()
+    return torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
+
+
 def load(model_dir: str | Path, for_training: bool = False, trust_remote_code: bool = False):
-    """Model and tokenizer from a transformers folder: bf16 on a GPU that supports it (fp32 when
-    ``for_training``: the optimizer keeps its own precision), else fp32; eval mode to answer.
+    """Model and tokenizer from a transformers folder, in ``load_dtype``; eval mode to answer.
     Python code shipped with a model (``auto_map`` in its config) runs only with
     ``trust_remote_code`` (``model.trust_remote_code`` in params.yaml); otherwise such a model
     is refused before any of its code is imported."""
+    check_weights_kept(model_dir)
+    on_gpu = torch.cuda.is_available()
+    if (Path(model_dir) / ADAPTER_PARENT).is_file():  # an adapter: merged onto its parents
+        model, tokenizer = merge_chain(model_dir, trust_remote_code)
+        model.to(load_dtype(model_dir, for_training))
+    else:
+        model, tokenizer = from_pretrained(
+            model_dir, load_dtype(model_dir, for_training), trust_remote_code
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(torch.device("cuda" if on_gpu else "cpu"))
+    if not for_training:
+        model.eval()
+    return model, tokenizer
+
+
+def from_pretrained(model_dir: str | Path, dtype: torch.dtype, trust_remote_code: bool):
+    """Model and tokenizer of a plain transformers folder, in ``dtype``, on the CPU."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             str(model_dir), trust_remote_code=trust_remote_code
         )
-        on_gpu = torch.cuda.is_available()
-        bf16 = on_gpu and torch.cuda.is_bf16_supported() and not for_training
         model = AutoModelForCausalLM.from_pretrained(  # safetensors only: never unpickle weights
             str(model_dir),
-            dtype=torch.bfloat16 if bf16 else torch.float32,
+            dtype=dtype,
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
         )
@@ -85,11 +147,122 @@ def load(model_dir: str | Path, for_training: bool = False, trust_remote_code: b
             "which is not run by default; set model.trust_remote_code: true in params.yaml only "
             "if you trust that code"
         ) from err
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model.to(torch.device("cuda" if on_gpu else "cpu"))
-    if not for_training:
-        model.eval()
+    return model, tokenizer
+
+
+# Adapter registration (``registry.weights: adapter``): a model folder holds a LoRA adapter, its
+# tokenizer and strategy state, and ``parent.json``: the model it was trained on (a registered
+# version, or the base model) with that model's content hash, and the dtype the merged model is
+# stored in. Loading follows the links back to a full model and merges each adapter in turn.
+
+
+def content_hash(folder: str | Path) -> str:
+    """sha256 of every file under ``folder`` (relative paths and contents, in path order): the
+    same as the score cache's model key (``flows/score_cache.py``)."""
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(f.relative_to(folder).as_posix().encode() + b"\0")
+        with f.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def describe(ref: dict[str, Any]) -> str:
+    """A parent reference in words."""
+    if ref.get("kind") == "registered":
+        return f"{ref['name']} v{ref['version']} ({ref['model_uri']})"
+    return f"the base model {ref.get('model')!r}"
+
+
+def registered_weights(name: str, version: str, downloads: ExitStack) -> Path:
+    """The weights folder (``model_dir`` artifact) of a registered version: read in place from
+    an artifact store on this machine, else downloaded into a temporary folder that
+    ``downloads`` removes."""
+    from mlflow import MlflowClient
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+    from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+
+    location = MlflowClient().get_model_version_download_uri(name, version)
+    repo = get_artifact_repository(location)
+    tmp = Path(downloads.enter_context(tempfile.TemporaryDirectory()))
+    weights = model_dir_artifact(Path(repo.download_artifacts("MLmodel", str(tmp))).parent)
+    if isinstance(repo, LocalArtifactRepository):
+        return Path(repo.artifact_dir) / weights
+    return Path(repo.download_artifacts(weights, str(tmp / "weights")))
+
+
+def parent_folder(ref: dict[str, Any], child: Path, downloads: ExitStack) -> Path:
+    """The folder of the model an adapter was trained on; a link that cannot be followed is an
+    error naming the adapter, the parent and what to do."""
+    if ref.get("kind") == "registered":
+        try:
+            return registered_weights(ref["name"], str(ref["version"]), downloads)
+        except Exception as exc:
+            raise FileNotFoundError(
+                f"the adapter at {child} builds on {describe(ref)}, which the registry at "
+                f"{mlflow.get_registry_uri()} cannot give ({type(exc).__name__}: {exc}); the "
+                "chain is broken: restore that version (or point MLFLOW_TRACKING_URI at its "
+                "registry), or register models with registry.weights: merged"
+            ) from exc
+    model = str(ref.get("model"))
+    if Path(model).is_dir():
+        return Path(model)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model))
+    except Exception as exc:
+        raise FileNotFoundError(
+            f"the adapter chain of {child} starts at the base model {model!r}, which is neither "
+            f"a folder on this machine nor in the Hugging Face cache ({type(exc).__name__}: "
+            f"{exc}); put the base model there, or register models with registry.weights: merged"
+        ) from exc
+
+
+def adapter_chain(model_dir: str | Path, downloads: ExitStack) -> list[Path]:
+    """The folders a model is built from, root (a full model) first and ``model_dir`` last,
+    following ``parent.json`` links; each parent's content hash must be the one its adapter
+    recorded when it was trained."""
+    chain = [Path(model_dir)]
+    while (chain[-1] / ADAPTER_PARENT).is_file():
+        if len(chain) > MAX_CHAIN:
+            raise ValueError(f"the adapter chain of {model_dir} is over {MAX_CHAIN} links long")
+        ref = json.loads((chain[-1] / ADAPTER_PARENT).read_text())["parent"]
+        parent = parent_folder(ref, chain[-1], downloads)
+        check_weights_kept(parent)
+        expected, found = ref.get("content_sha256"), content_hash(parent)
+        if expected and found != expected:
+            raise ValueError(
+                f"the adapter at {chain[-1]} was trained on {describe(ref)} with content hash "
+                f"{expected[:12]}, but {parent} now hashes to {found[:12]}: its parent changed, "
+                "so the adapter no longer gives the model that was registered"
+            )
+        chain.append(parent)
+    return chain[::-1]
+
+
+def merge_chain(model_dir: str | Path, trust_remote_code: bool = False):
+    """Model (fp32) and tokenizer of an adapter folder: its root loaded in fp32, then each
+    adapter merged and rounded to the dtype its merged model is stored in, as a merged
+    registration would have stored it; the tokenizer is the last adapter's."""
+    from peft import PeftModel
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with ExitStack() as downloads:
+        root, *adapters = adapter_chain(model_dir, downloads)
+        model, _ = from_pretrained(root, torch.float32, trust_remote_code)
+        model.to(device)  # merged where the candidate was: the same bits
+        devices = list(range(torch.cuda.device_count()))
+        with torch.random.fork_rng(devices=devices):  # training after this draws as if merged
+            for adapter in adapters:
+                check_weights_kept(adapter)
+                model = PeftModel.from_pretrained(
+                    model, str(adapter), low_cpu_mem_usage=True
+                ).merge_and_unload()
+                model.to(stored_dtype(adapter)).to(torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     return model, tokenizer
 
 
@@ -140,6 +313,13 @@ class TaskRouter:
 
         with cf_strategies.using_task(self.strategies, self.model, self.resolve(task)):
             yield self.model
+
+
+def model_dir_artifact(model_root: str | Path) -> str:
+    """The path of the weights folder (the ``model_dir`` artifact) in a registered pyfunc model's
+    folder, read from its ``MLmodel``."""
+    flavor = mlflow.models.Model.load(str(model_root)).flavors["python_function"]
+    return flavor["artifacts"]["model_dir"]["path"]
 
 
 def tasks_spec(model_dir: str | Path) -> dict[str, Any] | None:

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from flows.config import Params
 from flows.evaluate import evaluate_candidate
-from flows.finetune import finetune
 from flows.gate import gate
 from flows.landing import record_processed
 from flows.probes import create_probe_set
@@ -33,8 +32,9 @@ from flows.records import (
     VersionedRelease,
 )
 from flows.register import register
+from flows.remote_finetune import train_candidate
 from flows.report import publish
-from flows.tracking import current_champion
+from flows.tracking import candidate_dir, current_champion
 from flows.validate import ValidationFailed, validate_step
 from flows.version import version_release
 
@@ -76,11 +76,11 @@ def run_stage(name: str, params: Params, run_dir: Path, release_dir: Path | None
             )
         probe_set = read(ProbeSet, "probes")
         versioned = read(VersionedRelease, "version")
-        record = finetune(params, probe_set.champion, versioned.path, run_dir)
+        record = train_candidate(params, probe_set.champion, versioned.path, run_dir)
     elif name == "evaluate":
         record = evaluate_candidate(
             params,
-            read(TrainResult, "finetune").model_dir,
+            candidate_dir(params, read(TrainResult, "finetune").model_dir),  # or registered copy
             read(ProbeSet, "probes"),
             read(VersionedRelease, "version").path,
             run_dir,

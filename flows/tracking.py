@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -160,23 +161,84 @@ def champion_version(params: Params) -> str | None:
         raise
 
 
-def model_version_dir(params: Params, version: str) -> Path:
-    """A local folder with the weights of a registered version (downloaded once, cached)."""
-    import mlflow
+WEIGHTS_TAG = "weights"  # "removed" once the retention policy removed a version's weights
+WEIGHTS_REMOVED_TAG = "weights_removed"  # ... and what it did, when and why (its message)
 
+
+def version_store(params: Params, version: str):
+    """The artifact repository holding a registered version's pyfunc model, and the path in it
+    of the version's weights folder (the ``model_dir`` artifact, e.g. ``artifacts/candidate_model``)."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    from flows import serving
+
+    uri = params.tracking_uri
+    location = client(params).get_model_version_download_uri(params.model.registered_name, version)
+    repo = get_artifact_repository(location, tracking_uri=uri, registry_uri=uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        mlmodel = Path(repo.download_artifacts("MLmodel", tmp))
+        return repo, serving.model_dir_artifact(mlmodel.parent)
+
+
+def local_folder(repo) -> Path | None:
+    """The folder of an artifact repository on this machine's file system, or None (remote)."""
+    from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+
+    return Path(repo.artifact_dir) if isinstance(repo, LocalArtifactRepository) else None
+
+
+def check_weights_kept(params: Params, version: str) -> None:
+    """Refuse a version whose weights the retention policy removed, in the policy's words."""
+    from flows import serving
+
+    mv = client(params).get_model_version(params.model.registered_name, version)
+    if mv.tags.get(WEIGHTS_TAG) == "removed":
+        raise serving.WeightsRemoved(mv.tags.get(WEIGHTS_REMOVED_TAG, "weights removed"))
+
+
+def model_version_dir(params: Params, version: str) -> Path:
+    """A local folder with the weights of a registered version. With the artifact store on this
+    machine (the default, ``mlartifacts/`` beside the SQLite store) it is the store's own
+    folder, read in place: nothing is copied. From a remote store the weights folder is
+    downloaded once into ``workspace/cache/models/<name>-v<N>``. A version whose weights the
+    retention policy removed is an error that says so (``flows/retention.py``)."""
+    check_weights_kept(params, version)
+    repo, weights = version_store(params, version)
+    folder = local_folder(repo)
+    if folder is not None:
+        return folder / weights
     cache = params.workspace_dir / "cache" / "models" / f"{params.model.registered_name}-v{version}"
-    if not (cache / "config.json").exists():
+    if not cache.is_dir():
         tmp = cache.with_name(cache.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        uri = f"models:/{params.model.registered_name}/{version}"
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp)))
-        flavor = mlflow.models.Model.load(str(local)).flavors["python_function"]
-        weights = local / flavor["artifacts"]["model_dir"]["path"]  # the weights folder
-        shutil.rmtree(cache, ignore_errors=True)
-        weights.rename(cache)
+        local = Path(repo.download_artifacts(weights, str(tmp)))
+        local.rename(cache)  # atomic: a download cut short never stands as the cache
         shutil.rmtree(tmp, ignore_errors=True)
     return cache
+
+
+# After a registration the run folder's candidate gives way to a pointer (``register.py``):
+# ``candidate_model.json`` beside where ``candidate_model/`` was, naming the registered version.
+def candidate_pointer(model_dir: Path) -> Path:
+    """Where the pointer of a run's candidate folder is written: ``<folder>.json`` beside it."""
+    model_dir = Path(model_dir)
+    return model_dir.with_name(model_dir.name + ".json")
+
+
+def read_candidate_pointer(model_dir: Path) -> dict | None:
+    """The pointer left for a candidate folder whose weights are the registered copy, or None."""
+    pointer = candidate_pointer(model_dir)
+    return json.loads(pointer.read_text()) if pointer.is_file() else None
+
+
+def candidate_dir(params: Params, model_dir: Path) -> Path:
+    """A run's candidate folder, or, once registered, the registered version's weights folder
+    (what ``evaluate`` reads when ``forgetless resume`` runs it again)."""
+    pointer = read_candidate_pointer(model_dir)
+    if pointer is None:
+        return Path(model_dir)
+    return model_version_dir(params, pointer["version"])
 
 
 def current_champion(params: Params) -> ChampionRef:

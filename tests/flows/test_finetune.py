@@ -74,14 +74,14 @@ def test_ewc_protects_general_knowledge_from_the_first_release_and_reanchors_on_
     assert losses(second)[0] == pytest.approx(losses(plain2)[0], abs=1e-4)
 
 
-def test_a_multi_process_launch_is_refused_before_anything_is_trained(
+def test_a_half_set_launch_environment_is_refused_before_anything_is_trained(
     params_file, tiny_model_dir, demo_dir, tmp_path, monkeypatch
 ):
-    """Under torchrun / accelerate launch every rank would save and register its own candidate:
-    until multi-process training exists, the step refuses it."""
+    """WORLD_SIZE without RANK is no launcher's doing: the step refuses rather than wait for
+    ranks that never come (multi-process training: tests/flows/test_distributed.py)."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     params = load_params(params_file, {"train.max_steps": 1})
     run_dir = tmp_path / "run"
-    with pytest.raises(RuntimeError, match="runs in one process, not 2"):
+    with pytest.raises(RuntimeError, match="WORLD_SIZE is 2 but RANK is not set"):
         finetune(params, champion(tiny_model_dir), demo_dir / "releases" / "wiki-topics-1", run_dir)
     assert not run_dir.exists()

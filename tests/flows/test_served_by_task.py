@@ -20,6 +20,7 @@ from flows.config import load_params
 from flows.data import read_jsonl
 from flows.evaluate import read_results
 from flows.retrain import retrain
+from flows.tracking import candidate_dir
 from tests.conftest import write_params
 from tests.flows.conftest import ROOT
 
@@ -101,8 +102,9 @@ def test_each_old_task_is_scored_through_its_own_parameters(two_releases, tiny_m
     new_items = read_results(second.run_dir / "candidate" / "new_task.jsonl")
     assert {r["answered_by"] for r in new_items} == {"wiki-topics-2"}
 
-    # Nothing merged: the candidate's weights are the base model's, bit for bit.
-    folder = second.run_dir / "candidate_model"
+    # Nothing merged: the candidate's weights are the base model's, bit for bit (registered:
+    # the run folder keeps a pointer to them).
+    folder = candidate_dir(load_params(params_file), second.run_dir / "candidate_model")
     kept = json.loads((folder / serving.TASKS_FILE).read_text())
     assert kept["tasks"] == ["wiki-topics-1", "wiki-topics-2"]
     base = load_file(tiny_model_dir / "model.safetensors")
@@ -140,7 +142,7 @@ def test_registered_model_answers_by_task_in_a_fresh_process(
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads((tmp_path / "answers.json").read_text())
 
-    v2_dir, v1_dir = second.run_dir / "candidate_model", first.run_dir / "candidate_model"
+    v2_dir, v1_dir = (candidate_dir(params, r.run_dir / "candidate_model") for r in (second, first))
     for task in tasks:  # the served model answers as the pipeline scored it
         assert out[task] == answers(v2_dir, prompts, task), task
     assert out["no task"] == out["wiki-topics-2"]  # the default: the latest release

@@ -1,0 +1,284 @@
+"""The fine-tune step on several processes: DDP, or FSDP with ``train.fsdp``.
+
+The flow calls ``finetune`` in its own process as always. When ``train.num_processes`` is above
+one ("auto": one per visible GPU), ``finetune`` hands over to ``run_ranks`` before loading
+anything: it writes the step's inputs to ``<run_dir>/launch/inputs.json`` and runs
+
+    accelerate launch --multi_gpu --num_processes N [FSDP options] -m flows.launch inputs.json
+
+Each rank runs ``finetune`` on the same inputs. The Trainer gives every rank its share of each
+global batch (``train.batch_size`` per process, so the global batch is N times it) and averages
+the gradients; on the CPU over gloo, on GPUs over NCCL (accelerate picks). The strategies combine
+what they measure across ranks (``cf_strategies.distributed``); ``saves_candidate`` checks that
+their state agrees on every rank, then rank 0 alone writes the candidate folder, the strategies'
+state and ``launch/result.json`` while the others wait at a barrier. ``run_ranks`` returns the
+``TrainResult`` it reads there, so the flow goes on as after a one-process step.
+
+Every rank's stderr (Python's: warnings, logs, progress, tracebacks) is also kept in
+``launch/rank<r>.log``, and a rank that fails writes its error to ``launch/rank<r>.error``. The
+flow then raises :class:`RankFailedError` with the failed ranks' errors and the tail of the log
+of the first of them.
+
+FSDP (``train.fsdp``, for a model that does not fit one GPU) shards the weights over the ranks
+(accelerate's FSDP2, one shard unit per transformer block). Only strategies that reach the
+weights through the model's forward pass run under it (``Strategy.shard_safe``); the adapter is
+gathered on every rank at the end (``Trainer.save_model``, a collective) and rank 0 puts it on
+the champion again, on the CPU, to write the candidate. accelerate shards only on accelerators,
+so FSDP needs GPUs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+import cf_strategies
+from cf_strategies import distributed
+from flows.config import Params, TrainConfig
+from flows.records import ChampionRef, TrainResult
+
+LAUNCH_DIR = "launch"  # in the run folder: inputs, result, each rank's log and error
+INPUTS, RESULT, FINGERPRINTS = "inputs.json", "result.json", "state_fingerprints.json"
+LOG_TAIL_LINES = 40
+
+
+class RankFailedError(RuntimeError):
+    """A rank of a multi-process fine-tune failed; the message holds its error and log tail."""
+
+
+def process_count(train: TrainConfig) -> int:
+    """The processes ``train.num_processes`` asks for: "auto" is one per visible GPU (1 on a
+    machine without one)."""
+    if train.num_processes == "auto":
+        return max(1, torch.cuda.device_count())
+    return int(train.num_processes)
+
+
+def launched_world() -> int:
+    """The number of ranks of the launch this process is part of (1 outside a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def wants_ranks(params: Params) -> bool:
+    """True in the flow's process when the step is to run on several processes; False inside a
+    rank (which trains itself) and for one process."""
+    return launched_world() == 1 and process_count(params.train) > 1
+
+
+def check_ranks(train: TrainConfig, world: int) -> None:
+    """Refuse, before anything is trained, what several processes cannot run correctly: a
+    strategy not made rank-safe (its state would differ between ranks, and rank 0's alone would
+    be saved), FSDP without GPUs or with a strategy that reads the weights itself, more ranks
+    than GPUs, or a half-set launch environment."""
+    if world <= 1:
+        return
+    if "RANK" not in os.environ and launched_world() > 1:
+        raise RuntimeError(
+            f"WORLD_SIZE is {launched_world()} but RANK is not set: not a complete distributed "
+            "launch. Set train.num_processes in params.yaml instead of launching the step "
+            "yourself, or launch it with accelerate launch / torchrun"
+        )
+    names = cf_strategies.split_spec(train.strategy)
+    unsafe = [n for n in names if not cf_strategies.STRATEGIES[n].rank_safe]
+    if unsafe:
+        safe = sorted(n for n, cls in cf_strategies.STRATEGIES.items() if cls.rank_safe)
+        raise RuntimeError(
+            f"strategy {'+'.join(unsafe)} does not run on several processes yet ({world} "
+            f"asked): its state would differ between ranks. Set train.num_processes: 1, or use "
+            f"strategies that do: {', '.join(safe)}"
+        )
+    gpus = torch.cuda.device_count()
+    if gpus and world > gpus:
+        raise RuntimeError(
+            f"train.num_processes is {world} but {gpus} GPU(s) are visible: one process per GPU"
+        )
+    if train.fsdp:
+        if not gpus:
+            raise RuntimeError(
+                "train.fsdp shards the model over GPUs and none is visible (accelerate runs FSDP "
+                "on accelerators only); set train.fsdp: false to train with DDP on the CPU"
+            )
+        unsharded = [n for n in names if not cf_strategies.STRATEGIES[n].shard_safe]
+        if unsharded:
+            raise RuntimeError(
+                f"strategy {'+'.join(unsharded)} reads or keeps the weights itself, which FSDP "
+                "shards over the ranks; set train.fsdp: false (DDP: every rank holds the whole "
+                "model) or use strategies that reach the weights only through the model: "
+                + ", ".join(sorted(n for n, c in cf_strategies.STRATEGIES.items() if c.shard_safe))
+            )
+
+
+def enter_rank() -> None:
+    """Inside a rank on GPUs: make this rank's GPU the current one, so that every ``"cuda"``
+    placement (loading the champion included) lands on it rather than on GPU 0."""
+    if launched_world() > 1 and torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def free_port() -> int:
+    """A TCP port free now on this machine, for the ranks' rendezvous (two launches at once,
+    e.g. parallel candidates, must not share one)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_command(inputs: Path, processes: int, fsdp: bool, port: int) -> list[str]:
+    """The ``accelerate launch`` command line that runs ``python -m flows.launch inputs``."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    cmd += ["--num_processes", str(processes), "--num_machines", "1"]
+    cmd += ["--main_process_port", str(port), "--mixed_precision", "no"]  # bf16: TrainingArguments
+    cmd += ["--dynamo_backend", "no"]
+    if fsdp:
+        cmd += ["--use_fsdp", "--fsdp_version", "2"]
+        cmd += ["--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP"]  # the model's block class
+        cmd += ["--fsdp_state_dict_type", "FULL_STATE_DICT"]
+    else:
+        cmd += ["--multi_gpu"]  # DDP: on GPUs over NCCL, else on the CPU over gloo
+    return [*cmd, "-m", "flows.launch", str(inputs)]
+
+
+def run_ranks(
+    params: Params, champion: ChampionRef, release_dir: Path, run_dir: Path
+) -> TrainResult:
+    """Run the fine-tune step on ``process_count`` ranks and return rank 0's result."""
+    processes = process_count(params.train)
+    check_ranks(params.train, processes)
+    folder = Path(run_dir) / LAUNCH_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in [*folder.glob("rank*.error"), folder / RESULT]:
+        stale.unlink(missing_ok=True)
+    inputs = folder / INPUTS
+    inputs.write_text(
+        json.dumps(
+            {
+                "params": params.model_dump(mode="json"),
+                "champion": champion.model_dump(mode="json"),
+                "release_dir": str(Path(release_dir).resolve()),
+                "run_dir": str(Path(run_dir).resolve()),
+            },
+            indent=1,
+        )
+    )
+    env = {**os.environ, "PYTHONPATH": _import_path()}
+    env.setdefault("OMP_NUM_THREADS", "1")  # torch's threads × ranks would oversubscribe
+    cmd = launch_command(inputs, processes, params.train.fsdp, free_port())
+    done = subprocess.run(cmd, env=env, check=False)
+    if done.returncode != 0 or not (folder / RESULT).exists():
+        raise RankFailedError(failure_report(folder, processes, done.returncode))
+    return TrainResult.read(folder / RESULT)
+
+
+def _import_path() -> str:
+    """PYTHONPATH for the ranks: this checkout first, so ``-m flows.launch`` is this code."""
+    root = str(Path(__file__).resolve().parents[1])
+    return os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
+def failure_report(folder: Path, processes: int, returncode: int) -> str:
+    """What went wrong: each failed rank's error, then the tail of the first failed rank's log
+    (of every rank's when none wrote an error, e.g. one was killed)."""
+    failed = sorted(int(f.stem.removeprefix("rank")) for f in folder.glob("rank*.error"))
+    parts = [
+        f"the fine-tune step failed on {len(failed) or 'some'} of {processes} ranks "
+        f"(launcher exit code {returncode}); every rank's log is in {folder}"
+    ]
+    parts += [f"rank {r} failed: {(folder / f'rank{r}.error').read_text().strip()}" for r in failed]
+    for r in failed[:1] or range(processes):
+        log = folder / f"rank{r}.log"
+        tail = (
+            log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:] if log.exists() else []
+        )
+        parts.append(f"--- rank {r} stderr, last {len(tail)} lines ---\n" + "\n".join(tail))
+    return "\n".join(parts)
+
+
+class _Tee:
+    """A text stream that writes to two (a rank's stderr: the console and its log file)."""
+
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for s in self.streams:
+            s.write(text)
+            s.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        for s in self.streams:
+            s.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+def saves_candidate(trainer, strategies: list, run_dir: Path, champion_dir: Path) -> bool:
+    """After training: True on the rank that writes the candidate (rank 0, or the only one).
+
+    Several ranks: the strategies' state must be the same on every rank (fingerprints,
+    written to ``launch/state_fingerprints.json``); under FSDP the adapter is gathered (every
+    rank takes part) and rank 0's ``trainer.model`` becomes the champion with that adapter, on
+    the CPU, for the candidate to be written from."""
+    if not distributed.is_distributed():
+        return True
+    prints = distributed.state_fingerprints(strategies)
+    if trainer.is_fsdp_enabled:
+        adapter = Path(run_dir) / LAUNCH_DIR / "fsdp_adapter"
+        trainer.save_model(str(adapter))  # the full adapter, gathered, written by rank 0
+        distributed.barrier()
+        if distributed.rank() == 0:  # the champion's own code (auto_map) already ran here
+            config = trainer.accelerator.unwrap_model(trainer.model).get_base_model().config
+            champion = AutoModelForCausalLM.from_pretrained(
+                str(champion_dir),
+                dtype=torch.float32,
+                trust_remote_code=bool(getattr(config, "auto_map", None)),
+            )
+            trainer.model = PeftModel.from_pretrained(champion, str(adapter))
+    if distributed.rank() != 0:
+        return False
+    (Path(run_dir) / LAUNCH_DIR / FINGERPRINTS).write_text(json.dumps(prints, indent=1))
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One rank: run ``finetune`` on the inputs ``run_ranks`` wrote; rank 0 writes the result."""
+    inputs = Path((argv if argv is not None else sys.argv[1:])[0])
+    folder = inputs.parent
+    rank = int(os.environ.get("RANK", "0"))
+    log = (folder / f"rank{rank}.log").open("w", encoding="utf-8")
+    sys.stderr = _Tee(sys.__stderr__, log)  # before the imports: loggers bind to it
+    try:
+        from flows.finetune import finetune
+
+        spec = json.loads(inputs.read_text())
+        result = finetune(
+            Params.model_validate(spec["params"]),
+            ChampionRef.model_validate(spec["champion"]),
+            Path(spec["release_dir"]),
+            Path(spec["run_dir"]),
+        )
+        distributed.barrier()  # the other ranks wait for rank 0's candidate
+        if rank == 0:
+            result.write(folder / RESULT)
+    except BaseException as err:
+        log.write("".join(traceback.format_exception(err)))
+        (folder / f"rank{rank}.error").write_text(f"{type(err).__name__}: {err}\n")
+        raise
+    finally:
+        sys.stderr = sys.__stderr__
+        log.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

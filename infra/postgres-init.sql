@@ -1,0 +1,2 @@
+-- The second database of the stack: MLflow uses `mlflow` (POSTGRES_DB), Prefect this one.
+CREATE DATABASE prefect;

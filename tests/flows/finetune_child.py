@@ -1,0 +1,26 @@
+"""The fine-tune step in a process of its own, for tests/flows/test_checkpoint_resume.py to kill:
+
+    python -m tests.flows.finetune_child PARAMS_FILE CHAMPION_JSON RELEASE_DIR RUN_DIR
+
+It runs ``flows.finetune.finetune`` as the pipeline does and writes the step's record to
+``RUN_DIR/train_result.json`` when it finishes.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from flows.config import load_params
+from flows.finetune import finetune
+from flows.records import ChampionRef
+
+
+def main(params_file: str, champion_json: str, release_dir: str, run_dir: str) -> None:
+    champion = ChampionRef.read(Path(champion_json))
+    result = finetune(load_params(params_file), champion, Path(release_dir), Path(run_dir))
+    result.write(Path(run_dir) / "train_result.json")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
