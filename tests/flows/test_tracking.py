@@ -77,9 +77,11 @@ def test_artifacts_stay_in_their_workspace(tmp_path, tiny_model_dir, demo_dir, m
         stored = c.get_model_version_download_uri(reg.name, reg.version)  # the logged model
         assert stored.startswith(root.as_uri() + "/models/")
         found[name] = {p.relative_to(root) for p in root.rglob("*")}
-        # The weights come back from the registry as the folder that was registered.
+        # The weights come back from the registry as the folder that was registered, read in
+        # place from this workspace's local artifact store (no second copy in cache/).
         weights = model_version_dir(params, reg.version)
-        assert weights.parent.parent == params.workspace_dir / "cache"
+        assert weights.is_relative_to(root / "models")
+        assert not (params.workspace_dir / "cache" / "models").exists()
         assert {p.name for p in weights.iterdir()} == {p.name for p in tiny_model_dir.iterdir()}
         assert (weights / "model.safetensors").read_bytes() == (
             tiny_model_dir / "model.safetensors"
