@@ -200,6 +200,7 @@ class DeployConfig(Section):
     cpu_pool: NonEmptyStr = "cpu"  # the retrain flow: version, validate, probes, gate, register...
     gpu_pool: NonEmptyStr = "gpu"  # the fine-tune flow
     finetune_remote: bool = False  # fine-tune with run_deployment on gpu_pool, not in-process
+    evaluate_remote: bool = False  # the GPU flow run also scores the candidate (the test part)
     finetune_deployment: NonEmptyStr = "forgetless-finetune/finetune"  # flow/deployment
     handoff: str | None = None  # fsspec URL where the pools exchange files (s3://bucket/handoff/)
     timeout_minutes: float = Field(360, gt=0)  # longest wait for the fine-tune flow run
@@ -221,6 +222,10 @@ class DeployConfig(Section):
                 "finetune_remote needs deploy.handoff: the URL where the pools exchange the "
                 "release and the candidate (s3://bucket/handoff/)"
             )
+        if self.evaluate_remote and not self.finetune_remote:
+            raise ValueError(
+                "evaluate_remote needs finetune_remote: the GPU evaluates what it trained"
+            )
         return self
 
 
@@ -239,6 +244,15 @@ class Params(Section):
     versioning: VersioningConfig = VersioningConfig()
     registry: RegistryConfig = RegistryConfig()
     deploy: DeployConfig = DeployConfig()
+
+    @model_validator(mode="after")
+    def _remote_evaluation_without_tournament(self) -> Params:
+        if self.deploy.evaluate_remote and self.train.candidates:
+            raise ValueError(
+                "deploy.evaluate_remote with train.candidates: a tournament scores its "
+                "candidates on the dev probes here; set deploy.evaluate_remote: false"
+            )
+        return self
 
     def path(self, p: Path | str) -> Path:
         """A configured path made absolute against the directory of params.yaml."""

@@ -11,7 +11,10 @@ process. It puts the release into ``deploy.handoff`` (a URL both pools reach, e.
 3. writes the candidate folder and ``train_result.json`` back to the handoff folder.
 
 Only URIs cross the pools, never a local path. The retrain then copies the candidate into its
-run folder and goes on (evaluate, gate, register, promote) as in one process. Without
+run folder and goes on (evaluate, gate, register, promote) as in one process. With
+``deploy.evaluate_remote`` the GPU flow run also scores the candidate on the probe set's test
+part and the new task (the probe files and the champion's per-item results go up with the
+release), and the evaluate step copies its report and per-item results back. Without
 ``deploy.finetune_remote`` the fine-tune runs in the retrain's process (``train_candidate``).
 """
 
@@ -28,12 +31,14 @@ from prefect import flow, get_run_logger
 from prefect.exceptions import MissingContextError
 
 from flows.config import Params
+from flows.evaluate import evaluate_candidate
 from flows.finetune import finetune
 from flows.model_source import resolve_model
-from flows.records import FILES, ChampionRef, TrainResult
+from flows.records import FILES, ChampionRef, EvalReport, ProbeSet, TrainResult
 from flows.tracking import model_version_dir
 
 CANDIDATE = "candidate_model"
+EVALUATION = "evaluation"  # the GPU's scores of the candidate (deploy.evaluate_remote)
 
 
 class RemoteFinetuneFailed(RuntimeError):
@@ -67,13 +72,45 @@ def run_logger() -> logging.Logger | logging.LoggerAdapter:
         return logging.getLogger(__name__)
 
 
+def run_key(params: Params, run_dir: Path) -> str:
+    """The run folder's name under ``workspace/runs`` (a tournament candidate's included): one
+    handoff folder per run, never shared by two retrains."""
+    runs = params.workspace_dir / "runs"
+    run_dir = Path(run_dir).resolve()
+    return run_dir.relative_to(runs).as_posix() if run_dir.is_relative_to(runs) else run_dir.name
+
+
 def train_candidate(
-    params: Params, champion: ChampionRef, release_dir: Path, run_dir: Path
+    params: Params,
+    champion: ChampionRef,
+    release_dir: Path,
+    run_dir: Path,
+    probe_set: ProbeSet | None = None,
 ) -> TrainResult:
-    """The fine-tune step, here or on the GPU pool (``deploy.finetune_remote``)."""
+    """The fine-tune step, here or on the GPU pool (``deploy.finetune_remote``; with
+    ``deploy.evaluate_remote`` the GPU also scores the candidate on ``probe_set``'s test part)."""
     if not params.deploy.finetune_remote:
         return finetune(params, champion, release_dir, run_dir)
-    return finetune_on_gpu_pool(params, champion, release_dir, run_dir)
+    return finetune_on_gpu_pool(params, champion, release_dir, run_dir, probe_set)
+
+
+def evaluate_where_trained(
+    params: Params,
+    candidate_dir: Path,
+    probe_set: ProbeSet,
+    release_dir: Path,
+    run_dir: Path,
+    part: str = "test",
+    out_dir: Path | None = None,
+) -> EvalReport:
+    """The evaluate step: the GPU pool's scores when it evaluated (``deploy.evaluate_remote``),
+    copied into the run folder; otherwise ``evaluate_candidate`` here."""
+    if params.deploy.evaluate_remote and part == "test" and out_dir is None:
+        url = f"{handoff_url(params, 'runs', run_key(params, run_dir))}/{EVALUATION}"
+        download(f"{url}/candidate", run_dir / "candidate")
+        fs, path = url_to_fs(f"{url}/{FILES['evaluate']}")
+        return EvalReport.model_validate_json(fs.cat_file(path))
+    return evaluate_candidate(params, candidate_dir, probe_set, release_dir, run_dir, part, out_dir)
 
 
 def check_deployment_pool(params: Params) -> None:
@@ -100,15 +137,26 @@ def check_deployment_pool(params: Params) -> None:
 
 
 def finetune_on_gpu_pool(
-    params: Params, champion: ChampionRef, release_dir: Path, run_dir: Path
+    params: Params,
+    champion: ChampionRef,
+    release_dir: Path,
+    run_dir: Path,
+    probe_set: ProbeSet | None = None,
 ) -> TrainResult:
     """Start the fine-tune flow on the GPU pool, wait for it, and copy its candidate here."""
     from prefect.deployments import run_deployment
 
     check_deployment_pool(params)
     log = run_logger()
-    release_url = upload(release_dir, handoff_url(params, "releases", run_dir.name))
-    out_url = handoff_url(params, "runs", run_dir.name)
+    key = run_key(params, run_dir)
+    # under its own name: the release's name is the new task's name (scores, task routes)
+    release_url = upload(release_dir, handoff_url(params, "releases", key, release_dir.name))
+    out_url = handoff_url(params, "runs", key)
+    probes = None
+    if params.deploy.evaluate_remote:
+        if probe_set is None:
+            raise ValueError("deploy.evaluate_remote: the fine-tune step needs the probe set")
+        probes = upload_probes(probe_set, handoff_url(params, "probes", key))
     log.info(f"fine-tune on work pool {params.deploy.gpu_pool}: {release_url} -> {out_url}")
     run = run_deployment(
         params.deploy.finetune_deployment,
@@ -118,8 +166,9 @@ def finetune_on_gpu_pool(
             "champion_releases": champion.releases,
             "release_url": release_url,
             "out_url": out_url,
+            "probes": probes,
         },
-        flow_run_name=f"finetune-{run_dir.name}",
+        flow_run_name=f"finetune-{key.replace('/', '-')}",
         timeout=params.deploy.timeout_minutes * 60,
     )
     state = run.state
@@ -134,6 +183,28 @@ def finetune_on_gpu_pool(
     fs, path = url_to_fs(f"{out_url}/{FILES['finetune']}")
     result = TrainResult.model_validate_json(fs.cat_file(path))
     return result.model_copy(update={"model_dir": local})
+
+
+def upload_probes(probe_set: ProbeSet, url: str) -> dict[str, Any]:
+    """The probe set's test part and the champion's per-item results, for the GPU to evaluate
+    on; returns the probe set record with those parts as URLs."""
+    fs, path = url_to_fs(f"{url}/test.jsonl")
+    fs.put_file(str(probe_set.path), path)
+    record = probe_set.model_dump(mode="json") | {"path": f"{url}/test.jsonl", "dev_path": None}
+    if probe_set.champion_results is not None:
+        record["champion_results"] = upload(probe_set.champion_results, f"{url}/champion")
+    return record
+
+
+def probes_here(record: dict[str, Any], folder: Path) -> ProbeSet:
+    """The uploaded probe set, copied to this node, as a record with local paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fs, path = url_to_fs(record["path"])
+    fs.get_file(path, str(folder / "test.jsonl"))
+    local = record | {"path": str(folder / "test.jsonl")}
+    if record.get("champion_results"):
+        local["champion_results"] = str(download(record["champion_results"], folder / "champion"))
+    return ProbeSet.model_validate(local)
 
 
 def champion_here(params: Params, version: str | None, releases: list[str]) -> ChampionRef:
@@ -153,17 +224,27 @@ def finetune_flow(
     champion_releases: list[str],
     release_url: str,
     out_url: str,
+    probes: dict[str, Any] | None = None,
 ) -> str:
     """Fine-tune on this worker (the GPU pool): the release from ``release_url``, the champion
-    from the registry; the candidate and its ``train_result.json`` go to ``out_url``."""
+    from the registry; the candidate and its ``train_result.json`` go to ``out_url``. With
+    ``probes`` (``deploy.evaluate_remote``) the candidate is also scored here on the test part,
+    its per-item results and ``eval_report.json`` in ``out_url/evaluation``."""
     log = run_logger()
     config = Params.model_validate(params | {"root": str(Path.cwd())})
     # this node's own folder for the run (a retry of the flow run resumes from its checkpoints)
-    work = Path(tempfile.gettempdir()) / "forgetless-gpu-runs" / out_url.rstrip("/").split("/")[-1]
-    release = download(release_url, work / "release")
+    work = Path(tempfile.gettempdir()) / "forgetless-gpu-runs" / out_url.split("/runs/", 1)[-1]
+    release = download(release_url, work / release_url.rstrip("/").rsplit("/", 1)[-1])
     champion = champion_here(config, champion_version, champion_releases)
     log.info(f"fine-tune {config.train.strategy} from champion {champion_version or 'base'}")
     result = finetune(config, champion, release, work)
+    if probes is not None:
+        probe_set = probes_here(probes, work / "probes")
+        report = evaluate_candidate(config, result.model_dir, probe_set, release, work)
+        log.info(f"evaluated here: new task {report.new_task_score:.3f}, {report.retention}")
+        upload(work / "candidate", f"{out_url}/{EVALUATION}/candidate")
+        fs, path = url_to_fs(f"{out_url}/{EVALUATION}/{FILES['evaluate']}")
+        fs.pipe_file(path, report.model_dump_json().encode())
     upload(result.model_dir, f"{out_url}/{CANDIDATE}")
     fs, path = url_to_fs(f"{out_url}/{FILES['finetune']}")
     fs.pipe_file(path, result.model_dump_json().encode())  # last: the candidate is complete

@@ -29,7 +29,6 @@ from prefect.tasks import exponential_backoff
 
 from flows import demo_data, landing
 from flows.config import Params, load_params
-from flows.evaluate import evaluate_candidate
 from flows.finetune import check_champion_kind
 from flows.gate import gate
 from flows.landing import LandedRelease, LandingPick, NoNewRelease
@@ -47,7 +46,7 @@ from flows.records import (
     Registration,
 )
 from flows.register import log_candidates, register
-from flows.remote_finetune import RemoteFinetuneFailed, train_candidate
+from flows.remote_finetune import RemoteFinetuneFailed, evaluate_where_trained, train_candidate
 from flows.report import publish
 from flows.stages import save_params
 from flows.tournament import (
@@ -134,7 +133,7 @@ def crashed(task, task_run, state) -> bool:
 
 # here, or on the GPU pool (flows/remote_finetune.py)
 finetune_task = task(train_candidate, name="finetune", retries=1, retry_condition_fn=crashed)
-evaluate_task = task(evaluate_candidate, name="evaluate")
+evaluate_task = task(evaluate_where_trained, name="evaluate")  # or read from the GPU pool
 gate_task = task(gate, name="gate")
 register_task = task(register, name="register", **io)
 promote_task = task(promote, name="promote", **io)  # a repeat is safe: flows/promote.py
@@ -300,7 +299,9 @@ def retrain(
         params, trained = candidate_params(params, winner.candidate), winner.trained
         save_params(run_dir, params)
     else:
-        trained = timed("finetune", finetune_task, params, champion, versioned.path, run_dir)
+        trained = timed(
+            "finetune", finetune_task, params, champion, versioned.path, run_dir, probe_set
+        )
     trained.write(run_dir / FILES["finetune"])
     if trained.resumed_from_step:
         log.info(f"fine-tune resumed from its checkpoint at step {trained.resumed_from_step}")

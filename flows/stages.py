@@ -14,7 +14,6 @@ import json
 from pathlib import Path
 
 from flows.config import Params
-from flows.evaluate import evaluate_candidate
 from flows.gate import gate
 from flows.landing import record_processed
 from flows.probes import create_probe_set
@@ -32,7 +31,7 @@ from flows.records import (
     VersionedRelease,
 )
 from flows.register import register
-from flows.remote_finetune import train_candidate
+from flows.remote_finetune import evaluate_where_trained, train_candidate
 from flows.report import publish
 from flows.tracking import candidate_dir, current_champion
 from flows.validate import ValidationFailed, validate_step
@@ -76,9 +75,9 @@ def run_stage(name: str, params: Params, run_dir: Path, release_dir: Path | None
             )
         probe_set = read(ProbeSet, "probes")
         versioned = read(VersionedRelease, "version")
-        record = train_candidate(params, probe_set.champion, versioned.path, run_dir)
+        record = train_candidate(params, probe_set.champion, versioned.path, run_dir, probe_set)
     elif name == "evaluate":
-        record = evaluate_candidate(
+        record = evaluate_where_trained(
             params,
             candidate_dir(params, read(TrainResult, "finetune").model_dir),  # or registered copy
             read(ProbeSet, "probes"),

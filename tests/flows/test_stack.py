@@ -93,9 +93,16 @@ class Stack:
             assert time.time() < deadline, f"{deployment}: {[r['state_name'] for r in runs]}"
             time.sleep(2)
 
-    def logs(self, flow_run_id: str) -> str:
-        rows = self.post("/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}}})
-        return "\n".join(r["message"] for r in rows)
+    def logs(self, flow_run_id: str, expect: str = "", seconds: float = 60) -> str:
+        """A flow run's logs; with ``expect``, once they hold it (or ``seconds`` pass): the
+        API stores logs in batches, a little after the run."""
+        deadline = time.time() + seconds
+        while True:
+            rows = self.post("/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}}})
+            text = "\n".join(r["message"] for r in rows)
+            if expect in text or time.time() > deadline:
+                return text
+            time.sleep(1)
 
     def registry(self) -> MlflowClient:
         uri = self.env["MLFLOW_TRACKING_URI"]
@@ -150,7 +157,11 @@ def stack(tiny_model_dir, demo_dir):
         gate={"min_retention": 0.0, "min_new_task_score": 0.0, "beat_champion": True},
         tracking={"promote_lock": "prefect"},
         versioning={"remote": f"s3://{BUCKET}/dvc"},
-        deploy={"finetune_remote": True, "handoff": f"s3://{BUCKET}/handoff"},
+        deploy={
+            "finetune_remote": True,
+            "evaluate_remote": True,
+            "handoff": f"s3://{BUCKET}/handoff",
+        },
     )
     base_env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     base_env |= {
@@ -204,7 +215,7 @@ def test_landed_releases_retrain_on_the_stack_with_the_fine_tune_on_the_gpu_pool
     first = stack.forgetless("submit", str(demo_dir / "releases" / "wiki-topics-1"))
     assert "landed" in first.stdout, first.stdout
     (retrain,) = stack.wait_runs("forgetless-retrain/retrain", 1)
-    logs = stack.logs(retrain["id"])
+    logs = stack.logs(retrain["id"], expect="gate passed")
     assert retrain["state_type"] == "COMPLETED", logs
     (tuned,) = stack.wait_runs("forgetless-finetune/finetune", 1)
     assert tuned["state_type"] == "COMPLETED" and tuned["work_pool_name"] == "gpu"
@@ -226,8 +237,14 @@ def test_landed_releases_retrain_on_the_stack_with_the_fine_tune_on_the_gpu_pool
     assert f"dvc/files/md5/{dvc_md5[:2]}/{dvc_md5[2:]}" in dvc_keys, dvc_keys[:10]
     # only URLs crossed the pools: the release went up, the candidate came back
     handoff = stack.s3_keys("handoff/")
-    assert any("/releases/" in k and k.endswith("train.jsonl") for k in handoff), handoff
+    assert any(k.endswith("/wiki-topics-1/train.jsonl") for k in handoff), handoff
     assert any(k.endswith("candidate_model/config.json") for k in handoff), handoff
+    # the GPU pool also scored the candidate (deploy.evaluate_remote); its per-item results
+    # came back into the run folder, where register logs them
+    assert "evaluated here" in stack.logs(tuned["id"], expect="evaluated here")
+    assert any(k.endswith("evaluation/eval_report.json") for k in handoff), handoff
+    (run_dir,) = (ws / "runs").glob("wiki-topics-1-*")
+    assert (run_dir / "candidate" / "probes.jsonl").read_text().strip()
     # credentials stay in the environment: not in MLflow params, tags or the flow's logs
     run = client.get_run(v1.run_id)
     logged = json.dumps([run.data.params, run.data.tags]) + logs
@@ -237,7 +254,9 @@ def test_landed_releases_retrain_on_the_stack_with_the_fine_tune_on_the_gpu_pool
     # A scheduled tick with nothing new: completed, nothing trained or registered.
     stack.run(str(BIN / "prefect"), "deployment", "run", "forgetless-retrain/retrain")
     tick = stack.wait_runs("forgetless-retrain/retrain", 2)[-1]
-    assert tick["state_type"] == "COMPLETED" and "no new release" in stack.logs(tick["id"])
+    assert tick["state_type"] == "COMPLETED" and "no new release" in stack.logs(
+        tick["id"], expect="no new release"
+    )
     assert len(stack.flow_runs("forgetless-finetune/finetune")) == 1
     assert len(client.search_model_versions(f"name='{MODEL}'")) == 1
 
@@ -276,7 +295,7 @@ def test_an_mlflow_outage_mid_run_fails_clearly_and_resume_finishes_it(stack, de
               str(stack.home / "stack"))  # fmt: skip
     failed = stack.wait_runs("forgetless-retrain/retrain", before + 1)[-1]
     assert failed["state_type"] == "FAILED"
-    logs = stack.logs(failed["id"])
+    logs = stack.logs(failed["id"], expect="unreachable")
     assert "MLflow tracking server" in logs and "unreachable" in logs, logs[-3000:]
     assert "nothing was registered or promoted" in logs
     count("service fault", "MLflow server stopped mid-run on the stack")
