@@ -296,6 +296,13 @@ class Strategy:
     #: True when it also works on sharded parameters (FSDP): it reaches the weights only through
     #: the model's forward pass and never reads, keeps or changes a parameter itself.
     shard_safe: ClassVar[bool] = False
+    #: True when it stays correct on a padding-free batch (``DataCollatorWithFlattening``: the
+    #: examples concatenated into one row, ``position_ids`` restarting at each, no attention
+    #: mask): it reads the batch only through the model's outputs at the label positions or not
+    #: at all. False for what needs one row per example: rows added to the batch (replay, DER,
+    #: iLoRA, self-rehearsal), per-example passes over the task's batches (EWC's Fisher).
+    #: ``train.padding_free`` refuses a strategy without it; an instance may narrow it (LwF).
+    flattening_safe: bool = False
 
     def prepare(self, context: TaskContext) -> None:
         """Called before ``before_task`` by a pipeline, with what it knows about the task."""

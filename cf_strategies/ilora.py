@@ -72,13 +72,15 @@ def consistency_loss(
     ``one_sided``), over the positions where ``mask`` (B, T) is true and every feature.
     Gradients flow into ``fast`` only: 2·(h_f − t)/N, toward the slow learner."""
     terms = []
+    # the kept positions found once (one host sync), not by a boolean index per hidden state
+    kept = None if mask is None else mask.bool().flatten().nonzero().squeeze(1)
     for f, s in zip(fast, slow, strict=True):
         diff = f.float() - s.detach().float()
         if one_sided:  # h_f − max(h_f, h_s) = min(h_f − h_s, 0)
             diff = diff.clamp(max=0)
         squared = diff.square()
-        if mask is not None:
-            squared = squared[mask.bool()]
+        if kept is not None:  # the rows squared[mask], in the same order
+            squared = squared.flatten(0, 1).index_select(0, kept)
         terms.append(squared.mean())
     return torch.stack(terms).mean()
 

@@ -28,6 +28,7 @@ class L2(Strategy):
     name = "l2"
     stores = "nothing (its anchor is the weights at the task's start, held only while training)"
     rank_safe = True  # the anchor is the weights, the same on every rank
+    flattening_safe = True  # a term on the weights alone
 
     def __init__(self, lambda_: float = 1.0) -> None:
         self.lambda_ = float(lambda_)

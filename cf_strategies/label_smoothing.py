@@ -30,6 +30,7 @@ class LabelSmoothing(Strategy):
     name = "label_smoothing"
     stores = "nothing"
     rank_safe = shard_safe = True  # a term on the logits of the rank's own batch
+    flattening_safe = True  # the same label positions, however the batch is laid out
 
     def __init__(self, epsilon: Annotated[float, Field(ge=0, le=1)] = 0.1):
         self.epsilon = epsilon

@@ -69,6 +69,7 @@ class LwF(Strategy):
     name = "lwf"
     stores = "nothing (a task count; for classifiers, the seen class and head ids)"
     rank_safe = shard_safe = True  # the teacher runs on each rank's own batch (module doc)
+    flattening_safe = True  # positions="labels", one head (narrowed in __init__)
 
     def __init__(
         self,
@@ -84,6 +85,8 @@ class LwF(Strategy):
         if non_target and (positions != "labels" or multi_head):
             raise ValueError("non_target needs positions='labels' and one head (every row a label)")
         self.non_target = non_target
+        # a flattened batch has no attention_mask ("all") and no task ids (multi_head)
+        self.flattening_safe = positions == "labels" and not multi_head
         self.alpha, self.temperature = alpha, temperature
         self.positions, self.classes, self.multi_head = positions, classes, multi_head
         self.teacher = teacher

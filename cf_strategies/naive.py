@@ -11,3 +11,4 @@ class Naive(Strategy):
     name = "naive"
     stores = "nothing"
     rank_safe = shard_safe = True
+    flattening_safe = True  # the task loss alone

@@ -89,6 +89,7 @@ class PackNet(Strategy):
     isolates_tasks = True
     state_on_adapter = True
     stores = "masks (an int16 owner map per weight) and a copy of the packed weights"
+    flattening_safe = True  # masks from gradients and magnitudes, never from the batch
 
     def __init__(
         self,

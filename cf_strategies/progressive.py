@@ -126,6 +126,7 @@ class Progressive(Strategy):
     name = "progressive"
     isolates_tasks = True
     stores = "columns: low-rank A, B and laterals U per task and target layer"
+    flattening_safe = True  # columns act per token; the batch is never read
 
     def __init__(
         self,

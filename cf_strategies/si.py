@@ -56,6 +56,7 @@ class SynapticIntelligence(ImportanceRegulariser):
 
     name = "si"
     stores = "per-weight importances (path integral Ω) and anchor weights θ*"
+    flattening_safe = True  # Ω from the step's summed gradients; general data batched itself
 
     def __init__(
         self, c: Annotated[float, Field(ge=0)] = 1.0, xi: Annotated[float, Field(gt=0)] = 1e-3

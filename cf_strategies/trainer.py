@@ -106,6 +106,8 @@ def total_loss(
             loss = loss + extra
     if share is not None:  # in the loss's dtype: share 1 leaves it bit for bit as it was
         loss = loss * torch.as_tensor(share(original, batch), dtype=loss.dtype)
+    # the one host sync of the hooks per micro-batch, on purpose: stop before a NaN reaches the
+    # weights (the Trainer's logging_nan_inf_filter already syncs on the same loss each step)
     if not torch.isfinite(loss.detach()).all():
         raise NonFiniteLossError(
             f"loss is {loss.detach().item()} at step {step}; stopping before the weights are "

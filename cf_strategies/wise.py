@@ -34,6 +34,7 @@ class WiSE(Strategy):
     name = "wise"
     stores = "nothing (the task's starting weights, held only while training)"
     rank_safe = True  # interpolates weights that are the same on every rank
+    flattening_safe = True  # acts on the weights, after the task
 
     def __init__(self, mix: Annotated[float, Field(ge=0, le=1)] = 0.5) -> None:
         self.mix = mix

@@ -118,6 +118,8 @@ class TrainConfig(Section):
     # processes the fine-tune step trains on (DDP; flows/launch.py): "auto" = one per GPU
     num_processes: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
     fsdp: bool = False  # with several processes on GPUs: shard the model (FSDP) instead of DDP
+    # one row per batch, no padding (DataCollatorWithFlattening); flattening-safe strategies only
+    padding_free: bool = False
 
     @field_validator("num_processes", mode="before")
     @classmethod

@@ -33,11 +33,16 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import DataCollatorForSeq2Seq, TrainingArguments, set_seed
+from transformers import (
+    DataCollatorForSeq2Seq,
+    DataCollatorWithFlattening,
+    TrainingArguments,
+    set_seed,
+)
 
 import cf_strategies
 from flows import launch
-from flows.config import Params
+from flows.config import Params, TrainConfig
 from flows.data import load_release, read_jsonl
 from flows.demo_data import build_demo
 from flows.modeling import format_prompt, load_model, tokenize_for_training
@@ -95,6 +100,34 @@ def check_ranks(params: Params) -> None:
     launch.enter_rank()
 
 
+def check_padding_free(cfg: TrainConfig) -> None:
+    """``train.padding_free`` flattens each batch into one row (``DataCollatorWithFlattening``);
+    refuse it, before any training, with a strategy that needs one row per example
+    (``Strategy.flattening_safe``)."""
+    if not cfg.padding_free:
+        return
+    strategies = cf_strategies.build_strategies(cfg.strategy, cfg.strategy_params)
+    unsafe = [s.name for s in strategies if not s.flattening_safe]
+    if unsafe:
+        safe = sorted(n for n, c in cf_strategies.STRATEGIES.items() if c.flattening_safe)
+        raise ValueError(
+            f"train.padding_free: {', '.join(unsafe)} need one row per example (rows added to "
+            "the batch, per-example passes or options such as lwf positions='all') and cannot "
+            f"train on a flattened batch; set train.padding_free: false, or use {', '.join(safe)}"
+        )
+
+
+def collator(tokenizer, padding_free: bool = False):
+    """The fine-tune step's batches: padded rows, or with ``train.padding_free`` one row of the
+    examples end to end, ``position_ids`` restarting at each (transformers then masks attention
+    block-diagonally, sdpa or eager) and the label at each boundary -100: the same loss over
+    the same label tokens without computing padding. The mask is built only without a KV
+    cache: the Trainer sets ``config.use_cache = args.use_cache`` (False)."""
+    if padding_free:
+        return DataCollatorWithFlattening()
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+
+
 def isolating_spec(spec: str) -> str:
     """The parameter-isolation strategies of a spec, joined ("" when there are none)."""
     names = cf_strategies.split_spec(spec)
@@ -142,6 +175,7 @@ def write_tasks_file(folder: Path, params: Params, strategies: list) -> None:
 def finetune(
     params: Params, champion: ChampionRef, release_dir: Path, run_dir: Path
 ) -> TrainResult:
+    check_padding_free(params.train)
     if launch.wants_ranks(params):  # train.num_processes > 1: this step again, on every rank
         return launch.run_ranks(params, champion, release_dir, run_dir)
     check_ranks(params)
@@ -198,7 +232,7 @@ def finetune(
         model=model,
         args=args,
         train_dataset=train_set,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        data_collator=collator(tokenizer, cfg.padding_free),
         strategies=strategies,
         checkpoint_tag=checkpoint_tag(params, champion, release_dir),
     )
