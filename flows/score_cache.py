@@ -31,6 +31,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from flows.data import Example
+from flows.serving import content_hash
 
 
 def model_key(model_dir: Path) -> str:
@@ -38,13 +39,7 @@ def model_key(model_dir: Path) -> str:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ValueError(f"{model_dir} is not a model folder: only local folders are cached")
-    digest = hashlib.sha256()
-    for f in sorted(p for p in model_dir.rglob("*") if p.is_file()):
-        digest.update(f.relative_to(model_dir).as_posix().encode() + b"\0")
-        with f.open("rb") as fh:
-            while chunk := fh.read(1 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()
+    return content_hash(model_dir)
 
 
 def item_key(ex: Example, route: str | None, max_new_tokens: int, chat: bool) -> str:

@@ -157,8 +157,8 @@ def from_pretrained(model_dir: str | Path, dtype: torch.dtype, trust_remote_code
 
 
 def content_hash(folder: str | Path) -> str:
-    """sha256 of every file under ``folder`` (relative paths and contents, in path order): the
-    same as the score cache's model key (``flows/score_cache.py``)."""
+    """sha256 of every file under ``folder`` (relative paths and contents, in path order); also
+    the score cache's model key (``flows/score_cache.py``)."""
     folder = Path(folder)
     digest = hashlib.sha256()
     for f in sorted(p for p in folder.rglob("*") if p.is_file()):
