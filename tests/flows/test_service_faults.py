@@ -90,9 +90,11 @@ def hand_made_run(
     run_dir: Path,
     dvc_hash: str,
     passed: bool = True,
+    champion: str | None = None,
 ) -> None:
     """The records of a run that got as far as the gate, written by hand (no training):
-    ``model_dir`` is the candidate, ``dvc_hash`` tells releases apart, the base is champion."""
+    ``model_dir`` is the candidate, ``dvc_hash`` tells releases apart, ``champion`` is the
+    version it started from (None: the base)."""
     release = VersionedRelease(
         name=RELEASE,
         path=demo_dir / "releases" / RELEASE,
@@ -107,7 +109,7 @@ def hand_made_run(
         tasks=["general-knowledge"],
         baseline={"general-knowledge": 0.5},
         new_task_baseline=0.1,
-        champion=ChampionRef(version=None, model_dir=model_dir),
+        champion=ChampionRef(version=champion, model_dir=model_dir),
     )
     train = TrainResult(model_dir=model_dir, strategy="naive", steps=1, train_seconds=1.0)
     report = EvalReport(

@@ -34,7 +34,6 @@ from flows.records import (
     GateDecision,
     ProbeSet,
     TrainResult,
-    ValidationReport,
     VersionedRelease,
 )
 from flows.register import register
@@ -49,6 +48,7 @@ from flows.tracking import (
 from tests.conftest import ALL_LINEAR, write_params
 from tests.flows.conftest import ROOT
 from tests.flows.mlflow_server import MlflowServer
+from tests.flows.test_service_faults import hand_made_run
 from tests.flows.test_serving import prompts_of
 
 RELEASE = "wiki-topics-1"
@@ -152,51 +152,6 @@ def write_candidate(model_dir: Path, out: Path, seed: int | None) -> Path:
     return out
 
 
-def hand_made_run(
-    params, demo_dir: Path, run_dir: Path, candidate: Path, dvc_hash: str, champion=None
-) -> None:
-    """The records of a run that stopped after the gate (it passed), written by hand: its
-    candidate is ``candidate``, its champion ``champion`` (a version; None: the base)."""
-    release = VersionedRelease(
-        name=RELEASE,
-        path=demo_dir / "releases" / RELEASE,
-        dvc_hash=dvc_hash,
-        git_commit="2" * 40,
-        remote=params.dvc_remote,
-    )
-    probe_set = ProbeSet(
-        path=demo_dir / "probes" / "general_knowledge.jsonl",
-        dvc_hash="0" * 32,
-        n_items=1,
-        tasks=["general-knowledge"],
-        baseline={"general-knowledge": 0.5},
-        new_task_baseline=0.1,
-        champion=ChampionRef(version=champion, model_dir=params.workspace_dir),
-    )
-    train = TrainResult(model_dir=candidate, strategy="naive", steps=1, train_seconds=1.0)
-    report = EvalReport(
-        scores={"general-knowledge": 0.5},
-        baseline={"general-knowledge": 0.5},
-        retention={"general-knowledge": 1.0},
-        new_task=RELEASE,
-        new_task_score=0.2,
-        new_task_baseline=0.1,
-        eval_seconds=1.0,
-    )
-    decision = GateDecision(
-        passed=True, checks=[GateCheck(name="x", value=1, threshold=0.5, passed=True)]
-    )
-    for stage, record in {
-        "version": release,
-        "validate": ValidationReport(release=RELEASE, passed=True),
-        "probes": probe_set,
-        "finetune": train,
-        "evaluate": report,
-        "gate": decision,
-    }.items():
-        record.write(run_dir / FILES[stage])
-
-
 def cli(params_file: Path, *args: str) -> tuple[int, str]:
     console = Console(width=300, record=True, force_terminal=False)
     original, flows_cli.console = flows_cli.console, console
@@ -220,7 +175,7 @@ def test_a_registered_candidate_is_stored_once_and_resume_promote_rollback_still
     first = ws / "runs" / "first"
     candidate = write_candidate(tiny_model_dir, first / "candidate_model", seed=1)
     content = model_key(candidate)
-    hand_made_run(params, demo_dir, first, candidate, "a" * 32)
+    hand_made_run(params, candidate, demo_dir, first, "a" * 32)
     assert len(weight_copies(ws, size)) == 1
     code, out = cli(params_file, "resume", str(first))
     assert code == 0 and "v1 is now champion" in out, out
@@ -253,9 +208,9 @@ def test_a_registered_candidate_is_stored_once_and_resume_promote_rollback_still
     start = champion_version(params)
     hand_made_run(
         params,
+        write_candidate(tiny_model_dir, second / "candidate_model", seed=2),
         demo_dir,
         second,
-        write_candidate(tiny_model_dir, second / "candidate_model", seed=2),
         "b" * 32,
         champion=start,
     )
@@ -309,9 +264,9 @@ def test_with_a_tracking_server_the_weights_live_in_its_store_and_are_fetched_on
         first = ws / "runs" / "first"
         hand_made_run(
             params,
+            write_candidate(tiny_model_dir, first / "candidate_model", seed=1),
             demo_dir,
             first,
-            write_candidate(tiny_model_dir, first / "candidate_model", seed=1),
             "a" * 32,
         )
         code, out = cli(params_file, "resume", str(first))
