@@ -41,7 +41,7 @@ from transformers import (
 )
 
 import cf_strategies
-from flows import launch
+from flows import launch, modeling
 from flows.config import Params, TrainConfig
 from flows.data import load_release, read_jsonl
 from flows.demo_data import build_demo
@@ -182,8 +182,13 @@ def finetune(
     cfg = params.train
     check_champion_kind(champion.model_dir, cfg.strategy)
     set_seed(cfg.seed)
+    # under FSDP every rank reads the champion on the CPU and accelerate shards it onto the GPUs
+    device = "cpu" if launch.sharded() else str(modeling.device())
     model, tokenizer = load_model(
-        champion.model_dir, for_training=True, trust_remote_code=params.model.trust_remote_code
+        champion.model_dir,
+        for_training=True,
+        trust_remote_code=params.model.trust_remote_code,
+        device=device,
     )
     chat = params.model.use_chat_template
     train_set = [
@@ -209,7 +214,7 @@ def finetune(
         s.prepare(context)
 
     gpu = torch.cuda.is_available()
-    model.to("cuda" if gpu else "cpu")
+    model.to(device)
     args = TrainingArguments(
         output_dir=str(run_dir / CHECKPOINT_DIR),
         max_steps=cfg.max_steps,

@@ -20,11 +20,17 @@ flow then raises :class:`RankFailedError` with the failed ranks' errors and the 
 of the first of them.
 
 FSDP (``train.fsdp``, for a model that does not fit one GPU) shards the weights over the ranks
-(accelerate's FSDP2, one shard unit per transformer block). Only strategies that reach the
-weights through the model's forward pass run under it (``Strategy.shard_safe``); the adapter is
-gathered on every rank at the end (``Trainer.save_model``, a collective) and rank 0 puts it on
-the champion again, on the CPU, to write the candidate. accelerate shards only on accelerators,
-so FSDP needs GPUs.
+(accelerate's FSDP2, one shard unit per transformer block). The ranks read the champion on the
+CPU (``sharded``) and accelerate moves each rank's shard to its GPU, after broadcasting rank 0's
+weights (``--fsdp_cpu_ram_efficient_loading``), so no GPU ever holds the whole model. Only
+strategies that reach the weights through the model's forward pass run under it
+(``Strategy.shard_safe``). At the end the adapter's shards are gathered (``gathered_adapter``)
+and rank 0 puts them on the champion, on the CPU, to write the candidate.
+
+accelerate shards only on accelerators; torch's FSDP2 also runs on CPU ranks over gloo.
+``FORGETLESS_FSDP_ON_CPU=1`` lets the ranks do that (``allow_fsdp_on_cpu``): slow, but the same
+sharding, loading and gathering as on GPUs, for the tests and for trying ``train.fsdp`` on a
+machine without one.
 """
 
 from __future__ import annotations
@@ -38,7 +44,8 @@ import traceback
 from pathlib import Path
 
 import torch
-from peft import PeftModel
+from peft import PeftModel, get_peft_model
+from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM
 
 import cf_strategies
@@ -48,7 +55,9 @@ from flows.records import ChampionRef, TrainResult
 
 LAUNCH_DIR = "launch"  # in the run folder: inputs, result, each rank's log and error
 INPUTS, RESULT, FINGERPRINTS = "inputs.json", "result.json", "state_fingerprints.json"
+SHARDS = "shards.json"  # under FSDP: the parameters each rank held
 LOG_TAIL_LINES = 40
+FSDP_ON_CPU = "FORGETLESS_FSDP_ON_CPU"  # "1": FSDP on CPU ranks over gloo (module doc)
 
 
 class RankFailedError(RuntimeError):
@@ -102,10 +111,11 @@ def check_ranks(train: TrainConfig, world: int) -> None:
             f"train.num_processes is {world} but {gpus} GPU(s) are visible: one process per GPU"
         )
     if train.fsdp:
-        if not gpus:
+        if not gpus and os.environ.get(FSDP_ON_CPU) != "1":
             raise RuntimeError(
                 "train.fsdp shards the model over GPUs and none is visible (accelerate runs FSDP "
-                "on accelerators only); set train.fsdp: false to train with DDP on the CPU"
+                f"on accelerators only); set train.fsdp: false to train with DDP on the CPU, or "
+                f"{FSDP_ON_CPU}=1 to try the sharded path on CPU ranks (slow)"
             )
         unsharded = [n for n in names if not cf_strategies.STRATEGIES[n].shard_safe]
         if unsharded:
@@ -122,6 +132,31 @@ def enter_rank() -> None:
     placement (loading the champion included) lands on it rather than on GPU 0."""
     if launched_world() > 1 and torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def sharded() -> bool:
+    """True inside a rank of an FSDP launch: the model is loaded on the CPU and accelerate
+    shards it onto the GPUs (module doc)."""
+    return launched_world() > 1 and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+
+
+def allow_fsdp_on_cpu() -> None:
+    """Let accelerate run FSDP on CPU ranks (gloo), which torch's FSDP2 supports but accelerate
+    does not offer: its state marks a launch without accelerators as multi-CPU DDP even with an
+    FSDP plugin; this marks it FSDP with that plugin, as it does on GPUs. Inside a rank only,
+    with ``FORGETLESS_FSDP_ON_CPU=1`` (module doc)."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    init = AcceleratorState.__init__
+
+    def init_with_fsdp(self, *args, fsdp_plugin=None, **kwargs):
+        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if self.distributed_type == DistributedType.MULTI_CPU and fsdp_plugin is not None:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+
+    AcceleratorState.__init__ = init_with_fsdp
 
 
 def free_port() -> int:
@@ -142,6 +177,7 @@ def launch_command(inputs: Path, processes: int, fsdp: bool, port: int) -> list[
         cmd += ["--use_fsdp", "--fsdp_version", "2"]
         cmd += ["--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP"]  # the model's block class
         cmd += ["--fsdp_state_dict_type", "FULL_STATE_DICT"]
+        cmd += ["--fsdp_cpu_ram_efficient_loading", "true"]  # rank 0's weights, broadcast
     else:
         cmd += ["--multi_gpu"]  # DDP: on GPUs over NCCL, else on the CPU over gloo
     return [*cmd, "-m", "flows.launch", str(inputs)]
@@ -226,28 +262,65 @@ def saves_candidate(trainer, strategies: list, run_dir: Path, champion_dir: Path
     """After training: True on the rank that writes the candidate (rank 0, or the only one).
 
     Several ranks: the strategies' state must be the same on every rank (fingerprints,
-    written to ``launch/state_fingerprints.json``); under FSDP the adapter is gathered (every
-    rank takes part) and rank 0's ``trainer.model`` becomes the champion with that adapter, on
-    the CPU, for the candidate to be written from."""
+    written to ``launch/state_fingerprints.json``). Under FSDP every rank holds a shard of each
+    adapter matrix: ``gathered_adapter`` puts them together (a collective, every rank takes
+    part) and rank 0's ``trainer.model`` becomes the champion, read again on the CPU, with the
+    gathered adapter, for the candidate to be written from."""
     if not distributed.is_distributed():
         return True
     prints = distributed.state_fingerprints(strategies)
+    folder = Path(run_dir) / LAUNCH_DIR
     if trainer.is_fsdp_enabled:
-        adapter = Path(run_dir) / LAUNCH_DIR / "fsdp_adapter"
-        trainer.save_model(str(adapter))  # the full adapter, gathered, written by rank 0
-        distributed.barrier()
-        if distributed.rank() == 0:  # the champion's own code (auto_map) already ran here
-            config = trainer.accelerator.unwrap_model(trainer.model).get_base_model().config
-            champion = AutoModelForCausalLM.from_pretrained(
-                str(champion_dir),
-                dtype=torch.float32,
-                trust_remote_code=bool(getattr(config, "auto_map", None)),
-            )
-            trainer.model = PeftModel.from_pretrained(champion, str(adapter))
+        shares = distributed.all_gather_objects(parameter_share(trainer.model))
+        adapter = gathered_adapter(trainer.model)
+        if distributed.rank() == 0:
+            trainer.model = champion_with_adapter(trainer.model, adapter, champion_dir)
+            (folder / SHARDS).write_text(json.dumps(shares, indent=1))
     if distributed.rank() != 0:
         return False
-    (Path(run_dir) / LAUNCH_DIR / FINGERPRINTS).write_text(json.dumps(prints, indent=1))
+    (folder / FINGERPRINTS).write_text(json.dumps(prints, indent=1))
     return True
+
+
+def parameter_share(model: torch.nn.Module) -> dict[str, int]:
+    """How many of the model's parameters this rank holds (its shards) of how many in all."""
+    params = list(model.parameters())
+    held = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params)
+    return {"held": held, "total": sum(p.numel() for p in params)}
+
+
+def gathered_adapter(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters (the LoRA adapter) whole, on the CPU, from every rank's shards
+    (``DTensor.full_tensor``, an all-gather: every rank calls it, in the same order). The
+    adapter is small, so each rank briefly holding all of it costs little; the frozen model
+    stays sharded."""
+    full = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            whole = param.full_tensor() if isinstance(param, DTensor) else param
+            full[name] = whole.detach().to("cpu", copy=True)
+    return full
+
+
+def champion_with_adapter(
+    trained: torch.nn.Module, adapter: dict[str, torch.Tensor], champion_dir: Path
+) -> PeftModel:
+    """The champion, loaded on the CPU in float32, with the trained model's LoRA config and
+    the gathered ``adapter`` weights in it (every adapter tensor must find its place)."""
+    config = trained.get_base_model().config
+    champion = AutoModelForCausalLM.from_pretrained(  # the champion's own code already ran here
+        str(champion_dir),
+        dtype=torch.float32,
+        trust_remote_code=bool(getattr(config, "auto_map", None)),
+    )
+    model = get_peft_model(champion, trained.peft_config["default"])
+    missing = set(adapter) - {n for n, p in model.named_parameters() if p.requires_grad}
+    if missing:
+        raise RuntimeError(
+            f"gathered adapter tensors with no place in the model: {sorted(missing)}"
+        )
+    model.load_state_dict(adapter, strict=False)
+    return model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     log = (folder / f"rank{rank}.log").open("w", encoding="utf-8")
     sys.stderr = _Tee(sys.__stderr__, log)  # before the imports: loggers bind to it
     try:
+        if os.environ.get(FSDP_ON_CPU) == "1":
+            allow_fsdp_on_cpu()
         from flows.finetune import finetune
 
         spec = json.loads(inputs.read_text())

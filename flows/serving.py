@@ -105,13 +105,19 @@ def load_dtype(model_dir: str | Path, for_training: bool = False) -> torch.dtype
     return torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
 
 
-def load(model_dir: str | Path, for_training: bool = False, trust_remote_code: bool = False):
-    """Model and tokenizer from a transformers folder, in ``load_dtype``; eval mode to answer.
+def load(
+    model_dir: str | Path,
+    for_training: bool = False,
+    trust_remote_code: bool = False,
+    device: str | None = None,
+):
+    """Model and tokenizer from a transformers folder, in ``load_dtype``, on ``device`` (the
+    GPU when there is one, else the CPU); eval mode to answer.
     Python code shipped with a model (``auto_map`` in its config) runs only with
     ``trust_remote_code`` (``model.trust_remote_code`` in params.yaml); otherwise such a model
     is refused before any of its code is imported."""
     check_weights_kept(model_dir)
-    on_gpu = torch.cuda.is_available()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if (Path(model_dir) / ADAPTER_PARENT).is_file():  # an adapter: merged onto its parents
         model, tokenizer = merge_chain(model_dir, trust_remote_code)
         model.to(load_dtype(model_dir, for_training))
@@ -121,7 +127,7 @@ def load(model_dir: str | Path, for_training: bool = False, trust_remote_code: b
         )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.to(torch.device("cuda" if on_gpu else "cpu"))
+    model.to(torch.device(device))
     if not for_training:
         model.eval()
     return model, tokenizer

@@ -1,0 +1,100 @@
+"""The fine-tune step sharded with FSDP on two CPU ranks (gloo) against one process.
+
+accelerate offers FSDP on accelerators only; torch's FSDP2 also shards over gloo, and
+``FORGETLESS_FSDP_ON_CPU=1`` lets the ranks use it (``flows.launch.allow_fsdp_on_cpu``). What
+runs is the path a GPU launch takes: every rank reads the champion on the CPU, accelerate moves
+it to the meta device, shards it block by block and loads rank 0's weights into the shards
+(``--fsdp_cpu_ram_efficient_loading``); at the end ``gathered_adapter`` all-gathers the LoRA
+shards and rank 0 writes the candidate. On GPUs only the device of the shards differs.
+
+The release is the second of a chain, from a champion with a full replay buffer, so every step
+of ``lwf+replay`` distils on the rank's own rows and replays its share of one draw. 2 ranks × B
+against 1 process × 2B, as in ``test_distributed``: what is left is float rounding (measured
+below); one process at B, the control, is far off.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from flows import launch
+from flows.finetune import finetune
+from flows.records import ChampionRef
+from tests.flows.pretrained_tiny import write_new_release
+from tests.flows.test_distributed import ADAPTER_RTOL, N_TRAIN, B, _deltas, _params, _relative
+
+SPEC = "lwf+replay"
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(tmp_path_factory, tiny_model_dir, demo_dir) -> dict[str, Path]:
+    """Candidates of the second release: ``fsdp`` (2 ranks × B, sharded), ``one`` (1 × 2B),
+    ``control`` (1 × B), all from ``champion`` (1 × 2B on the first release)."""
+    root = tmp_path_factory.mktemp("fsdp")
+    first = write_new_release(root / "first", n_train=N_TRAIN, n_eval=4, seed=1)
+    second = write_new_release(root / "second", n_train=N_TRAIN, n_eval=4, seed=2)
+
+    def run(name: str, champion: ChampionRef, release: Path, batch: int, processes: int) -> Path:
+        params = _params(root / name, tiny_model_dir, demo_dir, batch, processes)
+        params = params.with_overrides(
+            {
+                "train.strategy": SPEC,
+                "train.strategy_params": {"replay": {"buffer_size": 16}},
+                "train.fsdp": processes > 1,
+            }
+        )
+        return finetune(params, champion, release, root / name / "run").model_dir
+
+    out = {
+        "champion": run(
+            "champion", ChampionRef(version=None, model_dir=tiny_model_dir), first, 2 * B, 1
+        )
+    }
+    champion = ChampionRef(version="1", model_dir=out["champion"])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(launch.FSDP_ON_CPU, "1")
+        out["fsdp"] = run("fsdp", champion, second, B, 2)
+    out["one"] = run("one", champion, second, 2 * B, 1)
+    out["control"] = run("control", champion, second, B, 1)
+    return out
+
+
+def test_two_sharded_ranks_train_the_adapter_one_process_trains_on_the_global_batch(sharded_runs):
+    start = load_file(str(sharded_runs["champion"] / "model.safetensors"))
+    fsdp, one, control = (_deltas(sharded_runs[k], start) for k in ("fsdp", "one", "control"))
+    assert max(float(d.abs().max()) for d in one.values()) > 1e-3  # the adapter did learn
+    measured = _relative(fsdp, one)
+    assert measured < ADAPTER_RTOL, measured  # measured 9.3e-6
+    assert _relative(control, one) > 1000 * ADAPTER_RTOL  # the control, measured 0.87
+
+
+def test_each_rank_held_half_the_model_and_the_state_agreed(sharded_runs):
+    folder = sharded_runs["fsdp"].parent / launch.LAUNCH_DIR
+    shares = json.loads((folder / launch.SHARDS).read_text())
+    assert len(shares) == 2 and shares[0]["total"] == shares[1]["total"]
+    assert shares[0]["held"] + shares[1]["held"] == shares[0]["total"]  # disjoint shards
+    for share in shares:  # half each, give or take a row of an odd-sized matrix
+        assert abs(share["held"] / share["total"] - 0.5) < 0.01, share
+    prints = json.loads((folder / launch.FINGERPRINTS).read_text())
+    assert prints[0] == prints[1] and set(prints[0]) == {"lwf", "replay"}
+    replay = json.loads((sharded_runs["fsdp"] / "strategy_state" / "replay.json").read_text())
+    alone = json.loads((sharded_runs["one"] / "strategy_state" / "replay.json").read_text())
+    assert replay == alone  # the same buffer, saved once
+
+
+def test_fsdp_needs_gpus_unless_cpu_ranks_are_asked_for(tmp_path, tiny_model_dir, demo_dir):
+    params = _params(tmp_path, tiny_model_dir, demo_dir, B, 2).with_overrides(
+        {"train.strategy": "naive", "train.strategy_params": {}, "train.fsdp": True}
+    )
+    with pytest.raises(RuntimeError, match="FORGETLESS_FSDP_ON_CPU=1 to try the sharded path"):
+        launch.check_ranks(params.train, 2)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(launch.FSDP_ON_CPU, "1")
+        launch.check_ranks(params.train, 2)  # allowed
+        ewc = params.with_overrides({"train.strategy": "ewc"})
+        with pytest.raises(RuntimeError, match="strategy ewc reads or keeps the weights itself"):
+            launch.check_ranks(ewc.train, 2)
