@@ -128,6 +128,41 @@ def collator(tokenizer, padding_free: bool = False):
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
 
 
+def lora_config(cfg: TrainConfig) -> LoraConfig:
+    """The adapter the step trains on the champion (``train.lora``)."""
+    return LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=list(cfg.lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+
+
+def training_arguments(cfg: TrainConfig, output_dir: Path) -> TrainingArguments:
+    """The Trainer's arguments of the step: ``train`` in params.yaml, checkpoints into
+    ``output_dir``, bf16 on a GPU that has it (fp32 on the CPU). Benchmarks reuse it."""
+    gpu = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        warmup_steps=cfg.warmup_steps,
+        lr_scheduler_type="linear",
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps" if cfg.checkpoint_steps else "no",
+        save_steps=cfg.checkpoint_steps or None,
+        save_total_limit=CHECKPOINTS_KEPT,
+        report_to=[],
+        seed=cfg.seed,
+        bf16=gpu and torch.cuda.is_bf16_supported(),
+        use_cpu=not gpu,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+    )
+
+
 def isolating_spec(spec: str) -> str:
     """The parameter-isolation strategies of a spec, joined ("" when there are none)."""
     names = cf_strategies.split_spec(spec)
@@ -195,14 +230,7 @@ def finetune(
         tokenize_for_training(tokenizer, ex, chat, cfg.max_length)
         for ex in load_release(release_dir, "train")
     ]
-    lora = LoraConfig(
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
-        target_modules=list(cfg.lora.target_modules),
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(model, lora)
+    model = get_peft_model(model, lora_config(cfg))
     strategies = cf_strategies.build_strategies(cfg.strategy, cfg.strategy_params)
     state_dir = Path(champion.model_dir) / STRATEGY_STATE
     if state_dir.is_dir():
@@ -213,26 +241,8 @@ def finetune(
     for s in strategies:
         s.prepare(context)
 
-    gpu = torch.cuda.is_available()
     model.to(device)
-    args = TrainingArguments(
-        output_dir=str(run_dir / CHECKPOINT_DIR),
-        max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.batch_size,
-        learning_rate=cfg.learning_rate,
-        warmup_steps=cfg.warmup_steps,
-        lr_scheduler_type="linear",
-        logging_steps=cfg.logging_steps,
-        save_strategy="steps" if cfg.checkpoint_steps else "no",
-        save_steps=cfg.checkpoint_steps or None,
-        save_total_limit=CHECKPOINTS_KEPT,
-        report_to=[],
-        seed=cfg.seed,
-        bf16=gpu and torch.cuda.is_bf16_supported(),
-        use_cpu=not gpu,
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-    )
+    args = training_arguments(cfg, run_dir / CHECKPOINT_DIR)
     trainer = cf_strategies.ContinualTrainer(
         model=model,
         args=args,
