@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -133,18 +134,26 @@ def load(
     return model, tokenizer
 
 
+# transformers' from_pretrained swaps process-wide state while it builds a model (torch's default
+# dtype, PreTrainedModel.tie_weights, the init functions): two loads in threads at once (parallel
+# candidates, parallel scoring) leave lm_head on the meta device or weights in the other load's
+# dtype (every one of 30 mixed-dtype loads in 6 threads, measured). One load at a time.
+_LOADING = threading.Lock()
+
+
 def from_pretrained(model_dir: str | Path, dtype: torch.dtype, trust_remote_code: bool):
     """Model and tokenizer of a plain transformers folder, in ``dtype``, on the CPU."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             str(model_dir), trust_remote_code=trust_remote_code
         )
-        model = AutoModelForCausalLM.from_pretrained(  # safetensors only: never unpickle weights
-            str(model_dir),
-            dtype=dtype,
-            use_safetensors=True,
-            trust_remote_code=trust_remote_code,
-        )
+        with _LOADING:
+            model = AutoModelForCausalLM.from_pretrained(  # safetensors only: never unpickle
+                str(model_dir),
+                dtype=dtype,
+                use_safetensors=True,
+                trust_remote_code=trust_remote_code,
+            )
     except ValueError as err:
         if "trust_remote_code" not in str(err) or trust_remote_code:
             raise

@@ -9,11 +9,13 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from flows import serving
@@ -30,6 +32,7 @@ from tests.flows.test_tracking import free_port
 # repository's other packages, with ``sys.modules[name] = None``, so any import of them fails.
 LOAD_OUTSIDE = """
 import sys
+import threading
 for name in ("flows", "cf_strategies", "tests", "benchmarks"):
     sys.modules[name] = None
 sys.path[:] = [p for p in sys.path if p.rstrip("/") != {root!r}]
@@ -165,3 +168,30 @@ def test_chat_template_answers_match_the_pipeline(tiny_model_dir, demo_dir, tmp_
     model, tok = serving.load(model_dir)
     assert serving.generate(model, tok, prompts, True, 8, 2) == expected
     assert serving.generate(model, tok, prompts, False, 8, 2) == plain
+
+
+def test_models_loaded_in_threads_at_once_are_whole_and_in_their_dtype(tiny_model_dir):
+    """Parallel candidates load in threads; transformers swaps process-wide state while it
+    loads (torch's default dtype, tie_weights). Without the lock every one of these loads came
+    back with lm_head on the meta device or weights in the other thread's dtype."""
+    broken: list[str] = []
+
+    def load_five(dtype: torch.dtype) -> None:
+        for _ in range(5):
+            model, _ = serving.from_pretrained(tiny_model_dir, dtype, trust_remote_code=False)
+            for name, param in model.named_parameters():
+                if param.device.type == "meta" or param.dtype != dtype:
+                    broken.append(f"{dtype} {name}: {param.device} {param.dtype}")
+            embeddings = model.get_input_embeddings().weight
+            if model.config.tie_word_embeddings and model.lm_head.weight is not embeddings:
+                broken.append(f"{dtype}: lm_head not tied")
+
+    threads = [
+        threading.Thread(target=load_five, args=(torch.bfloat16 if i % 2 else torch.float32,))
+        for i in range(6)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert broken == []
