@@ -368,6 +368,11 @@ class Strategy:
         learner, PackNet's masks). Empty here: the hooks keep nothing between steps."""
         return {}
 
+    def agree_task_state(self) -> None:
+        """Several processes: make the running state (``task_state_dict``) the same on every
+        rank before a checkpoint, which saves rank 0's. A collective, called on every rank at
+        every save. Nothing to do when the running state does not depend on the rank's data."""
+
     def load_task_state_dict(self, model: nn.Module, state: Mapping[str, Any]) -> None:
         """Continue a task from a checkpoint: called after ``before_task``, once ``model`` holds
         the checkpoint's weights, with what ``task_state_dict`` returned."""

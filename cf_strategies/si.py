@@ -168,6 +168,13 @@ class SynapticIntelligence(ImportanceRegulariser):
         self._start, self._prev, self._grad, self._path = [], [], [], []
         self.tasks += 1
 
+    def agree_task_state(self) -> None:
+        """ω averaged over the ranks at a checkpoint rather than only at the task's end: the
+        mean is linear, mean_r(ω̄_k + ω_r,after) = mean_r(ω_r), so the end result is unchanged
+        and rank 0's checkpoint holds the global ω a resumed run must start from."""
+        if self._path:
+            all_reduce_mean_(self._path)
+
     def task_state_dict(self) -> dict[str, Any]:
         """The path integral ω and θ at the task's start, by site name (a fresh adapter's start,
         ΔW = 0, is not stored); θ before the next step is the checkpoint's weights."""

@@ -166,6 +166,8 @@ class _CheckpointCallback(TrainerCallback):
         self.trainer.resumed_from_step = state.global_step
 
     def on_save(self, args, state, control, **kwargs):
+        for s in self.trainer.strategies:  # every rank: the running state rank 0 saves is global
+            s.agree_task_state()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()  # every rank's files (its RNG state) are written
         if args.should_save:

@@ -35,8 +35,10 @@ machine without one.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -57,6 +59,7 @@ LAUNCH_DIR = "launch"  # in the run folder: inputs, result, each rank's log and 
 INPUTS, RESULT, FINGERPRINTS = "inputs.json", "result.json", "state_fingerprints.json"
 SHARDS = "shards.json"  # under FSDP: the parameters each rank held
 LOG_TAIL_LINES = 40
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 FSDP_ON_CPU = "FORGETLESS_FSDP_ON_CPU"  # "1": FSDP on CPU ranks over gloo (module doc)
 
 
@@ -208,10 +211,24 @@ def run_ranks(
     env = {**os.environ, "PYTHONPATH": _import_path()}
     env.setdefault("OMP_NUM_THREADS", "1")  # torch's threads × ranks would oversubscribe
     cmd = launch_command(inputs, processes, params.train.fsdp, free_port())
-    done = subprocess.run(cmd, env=env, check=False)
+    done = subprocess.run(cmd, env=env, check=False, preexec_fn=die_with_parent)
     if done.returncode != 0 or not (folder / RESULT).exists():
         raise RankFailedError(failure_report(folder, processes, done.returncode))
     return TrainResult.read(folder / RESULT)
+
+
+def die_with_parent() -> None:
+    """Linux: have the kernel SIGKILL this process when its parent dies (``prctl``
+    PR_SET_PDEATHSIG). The launcher gets it from the flow's process and every rank from the
+    launcher (torch starts ranks in sessions of their own, out of reach of a process-group
+    kill), so a killed flow leaves no rank training on and writing into the run folder a
+    retry resumes from. A no-op elsewhere."""
+    if sys.platform != "linux":
+        return
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _import_path() -> str:
@@ -328,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     inputs = Path((argv if argv is not None else sys.argv[1:])[0])
     folder = inputs.parent
     rank = int(os.environ.get("RANK", "0"))
+    die_with_parent()
     log = (folder / f"rank{rank}.log").open("w", encoding="utf-8")
     sys.stderr = _Tee(sys.__stderr__, log)  # before the imports: loggers bind to it
     try:

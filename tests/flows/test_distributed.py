@@ -28,7 +28,12 @@ rests on both using the same kernels).
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -38,20 +43,21 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 import cf_strategies
-from cf_strategies import distributed
+from cf_strategies import distributed, latest_checkpoint
 from cf_strategies.buffer import ReservoirBuffer
 from cf_strategies.replay import Replay
 from cf_strategies.trainer import label_tokens
 from flows import launch
 from flows.config import load_params
 from flows.data import load_release
-from flows.finetune import finetune
+from flows.finetune import CHECKPOINT_DIR, checkpoint_tag, finetune
 from flows.modeling import tokenize_for_training
 from flows.records import ChampionRef
 from tests.conftest import write_params
 from tests.flows.pretrained_tiny import write_new_release
 from tests.flows.rank_child import examples, rank_checks
 
+ROOT = Path(__file__).resolve().parents[2]
 B = 4  # examples per process and step
 N_TRAIN = 32  # one epoch: 4 steps of the global batch 2·B
 STEPS = 4
@@ -353,3 +359,80 @@ def test_the_launch_command_picks_ddp_or_fsdp(tmp_path):
     assert "--use_fsdp" in fsdp and "--multi_gpu" not in fsdp
     assert fsdp[fsdp.index("--fsdp_version") + 1] == "2"
     assert ddp[-3:] == ["-m", "flows.launch", str(tmp_path / "inputs.json")]
+
+
+# ---- a two-process run killed after a checkpoint resumes as the uninterrupted run ------------
+def processes_reading(path: str) -> list[int]:
+    """Live processes with ``path`` on their command line (the launcher's and ranks' inputs)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            running = proc.name.isdigit() and (proc / "stat").read_text().split()[2] != "Z"
+            if running and path in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_two_ranks_killed_after_a_checkpoint_resume_with_the_global_path_integral(
+    tmp_path, tiny_model_dir, demo_dir
+):
+    """SI's path integral ω is measured on each rank's own batches and averaged at the task's
+    end. A checkpoint must hold the average so far (``agree_task_state``): holding rank 0's
+    alone, the resumed ranks started from it and the final Ω was off (measured below). The
+    step's process is SIGKILLed after the first complete checkpoint: the launcher and both ranks
+    die with it (``launch.die_with_parent``; torch starts ranks in sessions of their own), and
+    none trains on into the run folder the retry resumes from."""
+    steps = 12
+    train = {
+        "strategy": "si",
+        "general_importance_prompts": 0,
+        "batch_size": B,
+        "max_steps": steps,
+        "warmup_steps": 0,
+        "checkpoint_steps": 2,
+        "num_processes": 2,
+    }
+    params_file = write_params(tmp_path, tiny_model_dir, demo_dir, train=train)
+    params = load_params(params_file)
+    release = write_new_release(tmp_path / "releases", n_train=N_TRAIN, n_eval=4, seed=3)
+    champion = ChampionRef(version=None, model_dir=tiny_model_dir)
+    champion_file = champion.write(tmp_path / "champion.json")
+    crashed = tmp_path / "crashed"
+    tag = checkpoint_tag(params, champion, release)
+
+    command = [sys.executable, "-m", "tests.flows.finetune_child", str(params_file)]
+    command += [str(champion_file), str(release), str(crashed)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    with (tmp_path / "child.log").open("w") as log:
+        child = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 180
+        while latest_checkpoint(crashed / CHECKPOINT_DIR, tag)[0] is None:
+            assert child.poll() is None, (tmp_path / "child.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint after 180 s"
+            time.sleep(0.01)
+        os.kill(child.pid, signal.SIGKILL)  # the step's process alone
+    finally:
+        if child.poll() is None:
+            os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    inputs = str(crashed / launch.LAUNCH_DIR / launch.INPUTS)
+    deadline = time.monotonic() + 30
+    while left := processes_reading(inputs):  # the launcher and the ranks follow it
+        assert time.monotonic() < deadline, f"still running after the step was killed: {left}"
+        time.sleep(0.1)
+    assert not (crashed / "candidate_model").exists()
+
+    resumed = finetune(params, champion, release, crashed)
+    reference = finetune(params, champion, release, tmp_path / "uninterrupted")
+    assert resumed.steps == reference.steps == steps
+    assert resumed.resumed_from_step is not None and 2 <= resumed.resumed_from_step < steps
+    si = {
+        k: load_file(str(r.model_dir / "strategy_state" / "si.safetensors"))
+        for k, r in (("resumed", resumed), ("reference", reference))
+    }
+    keys = [k for k in si["reference"] if k.startswith("importance.")]
+    measured = _relative({k: si["resumed"][k] for k in keys}, {k: si["reference"][k] for k in keys})
+    assert measured < 1e-4, measured  # measured 0.0; rank 0's ω alone in the checkpoint: 0.44
