@@ -14,8 +14,9 @@ Only URIs cross the pools, never a local path. The retrain then copies the candi
 run folder and goes on (evaluate, gate, register, promote) as in one process. With
 ``deploy.evaluate_remote`` the GPU flow run also scores the candidate on the probe set's test
 part and the new task (the probe files and the champion's per-item results go up with the
-release), and the evaluate step copies its report and per-item results back. Without
-``deploy.finetune_remote`` the fine-tune runs in the retrain's process (``train_candidate``).
+release), and the evaluate step copies its report and per-item results back. Once copied
+here, the handoff's copies of the weights, the release and the probes are deleted; the GPU run's
+records (``train_result.json``, ``evaluation/``) stay. Without ``deploy.finetune_remote`` the fine-tune runs in the retrain's process (``train_candidate``).
 """
 
 from __future__ import annotations
@@ -64,6 +65,14 @@ def download(url: str, local: Path) -> Path:
     return local
 
 
+def remove(*urls: str) -> None:
+    """Delete folders of the handoff (those that exist)."""
+    for url in urls:
+        fs, path = url_to_fs(url)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+
+
 def run_logger() -> logging.Logger | logging.LoggerAdapter:
     """The flow run's logger, or this module's outside a flow (``forgetless step``)."""
     try:
@@ -109,7 +118,9 @@ def evaluate_where_trained(
         url = f"{handoff_url(params, 'runs', run_key(params, run_dir))}/{EVALUATION}"
         download(f"{url}/candidate", run_dir / "candidate")
         fs, path = url_to_fs(f"{url}/{FILES['evaluate']}")
-        return EvalReport.model_validate_json(fs.cat_file(path))
+        report = EvalReport.model_validate_json(fs.cat_file(path))
+        remove(handoff_url(params, "probes", run_key(params, run_dir)))  # scored: not needed
+        return report
     return evaluate_candidate(params, candidate_dir, probe_set, release_dir, run_dir, part, out_dir)
 
 
@@ -182,6 +193,9 @@ def finetune_on_gpu_pool(
     local = download(f"{out_url}/{CANDIDATE}", run_dir / CANDIDATE)
     fs, path = url_to_fs(f"{out_url}/{FILES['finetune']}")
     result = TrainResult.model_validate_json(fs.cat_file(path))
+    # the weights are here now: the handoff keeps the GPU run's records, not a copy of them
+    remove(f"{out_url}/{CANDIDATE}", handoff_url(params, "releases", key))
+    log.info(f"candidate copied to {local}; its handoff copy and the release's were removed")
     return result.model_copy(update={"model_dir": local})
 
 
