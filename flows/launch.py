@@ -179,7 +179,9 @@ def launch_command(inputs: Path, processes: int, fsdp: bool, port: int) -> list[
     if fsdp:
         cmd += ["--use_fsdp", "--fsdp_version", "2"]
         cmd += ["--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP"]  # the model's block class
-        cmd += ["--fsdp_state_dict_type", "FULL_STATE_DICT"]
+        # checkpoints: each rank writes its shards of the adapter and the optimizer state (torch's
+        # distributed checkpoint); the candidate's adapter is gathered apart (gathered_adapter)
+        cmd += ["--fsdp_state_dict_type", "SHARDED_STATE_DICT"]
         cmd += ["--fsdp_cpu_ram_efficient_loading", "true"]  # rank 0's weights, broadcast
     else:
         cmd += ["--multi_gpu"]  # DDP: on GPUs over NCCL, else on the CPU over gloo

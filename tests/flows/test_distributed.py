@@ -375,15 +375,49 @@ def processes_reading(path: str) -> list[int]:
     return found
 
 
+def kill_after_a_checkpoint(
+    params_file: Path, champion: ChampionRef, release: Path, run_dir: Path
+) -> None:
+    """Run the step in a process of its own (``tests.flows.finetune_child``) and SIGKILL that
+    process alone once a complete checkpoint is written; then wait until the launcher and the
+    ranks have followed it (``launch.die_with_parent``: torch starts ranks in sessions of their
+    own, out of reach of a process-group kill) and check that no candidate was written."""
+    params = load_params(params_file)
+    tag = checkpoint_tag(params, champion, release)
+    champion_file = champion.write(run_dir.parent / f"{run_dir.name}-champion.json")
+    command = [sys.executable, "-m", "tests.flows.finetune_child", str(params_file)]
+    command += [str(champion_file), str(release), str(run_dir)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    log_file = run_dir.parent / f"{run_dir.name}-child.log"
+    with log_file.open("w") as log:
+        child = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 180
+        while latest_checkpoint(run_dir / CHECKPOINT_DIR, tag)[0] is None:
+            assert child.poll() is None, log_file.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint after 180 s"
+            time.sleep(0.01)
+        os.kill(child.pid, signal.SIGKILL)  # the step's process alone
+    finally:
+        if child.poll() is None:
+            os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    inputs = str(run_dir / launch.LAUNCH_DIR / launch.INPUTS)
+    deadline = time.monotonic() + 30
+    while left := processes_reading(inputs):  # the launcher and the ranks follow it
+        assert time.monotonic() < deadline, f"still running after the step was killed: {left}"
+        time.sleep(0.1)
+    assert not (run_dir / "candidate_model").exists()
+
+
 def test_two_ranks_killed_after_a_checkpoint_resume_with_the_global_path_integral(
     tmp_path, tiny_model_dir, demo_dir
 ):
     """SI's path integral ω is measured on each rank's own batches and averaged at the task's
     end. A checkpoint must hold the average so far (``agree_task_state``): holding rank 0's
-    alone, the resumed ranks started from it and the final Ω was off (measured below). The
-    step's process is SIGKILLed after the first complete checkpoint: the launcher and both ranks
-    die with it (``launch.die_with_parent``; torch starts ranks in sessions of their own), and
-    none trains on into the run folder the retry resumes from."""
+    alone, the resumed ranks started from it and the final Ω was off (measured below). Without
+    ``die_with_parent`` the ranks trained on after the step was killed and wrote the candidate
+    into the folder the retry resumes from."""
     steps = 12
     train = {
         "strategy": "si",
@@ -398,32 +432,8 @@ def test_two_ranks_killed_after_a_checkpoint_resume_with_the_global_path_integra
     params = load_params(params_file)
     release = write_new_release(tmp_path / "releases", n_train=N_TRAIN, n_eval=4, seed=3)
     champion = ChampionRef(version=None, model_dir=tiny_model_dir)
-    champion_file = champion.write(tmp_path / "champion.json")
     crashed = tmp_path / "crashed"
-    tag = checkpoint_tag(params, champion, release)
-
-    command = [sys.executable, "-m", "tests.flows.finetune_child", str(params_file)]
-    command += [str(champion_file), str(release), str(crashed)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    with (tmp_path / "child.log").open("w") as log:
-        child = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log)
-    try:
-        deadline = time.monotonic() + 180
-        while latest_checkpoint(crashed / CHECKPOINT_DIR, tag)[0] is None:
-            assert child.poll() is None, (tmp_path / "child.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no checkpoint after 180 s"
-            time.sleep(0.01)
-        os.kill(child.pid, signal.SIGKILL)  # the step's process alone
-    finally:
-        if child.poll() is None:
-            os.kill(child.pid, signal.SIGKILL)
-        child.wait()
-    inputs = str(crashed / launch.LAUNCH_DIR / launch.INPUTS)
-    deadline = time.monotonic() + 30
-    while left := processes_reading(inputs):  # the launcher and the ranks follow it
-        assert time.monotonic() < deadline, f"still running after the step was killed: {left}"
-        time.sleep(0.1)
-    assert not (crashed / "candidate_model").exists()
+    kill_after_a_checkpoint(params_file, champion, release, crashed)
 
     resumed = finetune(params, champion, release, crashed)
     reference = finetune(params, champion, release, tmp_path / "uninterrupted")

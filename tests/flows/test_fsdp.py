@@ -22,10 +22,20 @@ import pytest
 from safetensors.torch import load_file
 
 from flows import launch
-from flows.finetune import finetune
+from flows.config import load_params
+from flows.finetune import CHECKPOINT_DIR, finetune
 from flows.records import ChampionRef
+from tests.conftest import write_params
 from tests.flows.pretrained_tiny import write_new_release
-from tests.flows.test_distributed import ADAPTER_RTOL, N_TRAIN, B, _deltas, _params, _relative
+from tests.flows.test_distributed import (
+    ADAPTER_RTOL,
+    N_TRAIN,
+    B,
+    _deltas,
+    _params,
+    _relative,
+    kill_after_a_checkpoint,
+)
 
 SPEC = "lwf+replay"
 
@@ -98,3 +108,45 @@ def test_fsdp_needs_gpus_unless_cpu_ranks_are_asked_for(tmp_path, tiny_model_dir
         ewc = params.with_overrides({"train.strategy": "ewc"})
         with pytest.raises(RuntimeError, match="strategy ewc reads or keeps the weights itself"):
             launch.check_ranks(ewc.train, 2)
+
+
+def test_two_sharded_ranks_killed_after_a_checkpoint_resume_as_an_uninterrupted_run(
+    tmp_path, tiny_model_dir, demo_dir, monkeypatch
+):
+    """Under FSDP a checkpoint holds each rank's shards of the adapter and of the optimizer's
+    state (``SHARDED_STATE_DICT``, adapter only: torch's distributed checkpoint, every rank
+    writes its own) beside the strategies' state; the step is SIGKILLed after the first one, and the retry
+    resumes there and ends with the uninterrupted run's adapter and replay buffer."""
+    monkeypatch.setenv(launch.FSDP_ON_CPU, "1")  # inherited by the killed step's process
+    steps = 12
+    train = {
+        "strategy": SPEC,
+        "strategy_params": {"replay": {"buffer_size": 16}},
+        "batch_size": B,
+        "max_steps": steps,
+        "warmup_steps": 0,
+        "checkpoint_steps": 2,
+        "num_processes": 2,
+        "fsdp": True,
+    }
+    params_file = write_params(tmp_path, tiny_model_dir, demo_dir, train=train)
+    params = load_params(params_file)
+    release = write_new_release(tmp_path / "releases", n_train=N_TRAIN, n_eval=4, seed=3)
+    champion = ChampionRef(version=None, model_dir=tiny_model_dir)
+    kill_after_a_checkpoint(params_file, champion, release, tmp_path / "crashed")
+
+    resumed = finetune(params, champion, release, tmp_path / "crashed")
+    reference = finetune(params, champion, release, tmp_path / "uninterrupted")
+    assert resumed.steps == reference.steps == steps
+    assert resumed.resumed_from_step is not None and 2 <= resumed.resumed_from_step < steps
+    start = load_file(str(tiny_model_dir / "model.safetensors"))
+    trained, expected = (_deltas(r.model_dir, start) for r in (resumed, reference))
+    assert max(float(d.abs().max()) for d in expected.values()) > 1e-3  # it trained
+    measured = _relative(trained, expected)
+    assert measured < ADAPTER_RTOL, measured  # measured 0.0
+    replay, alone = (
+        json.loads((r.model_dir / "strategy_state" / "replay.json").read_text())
+        for r in (resumed, reference)
+    )
+    assert replay == alone
+    assert not (tmp_path / "crashed" / CHECKPOINT_DIR).exists()
