@@ -61,6 +61,7 @@ import json
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -173,15 +174,20 @@ class _CheckpointCallback(TrainerCallback):
         if args.should_save:
             folder = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
             save_checkpoint_state(
-                self.trainer.strategies, folder, state.global_step, self.trainer.checkpoint_tag
+                self.trainer.strategies,
+                folder,
+                state.global_step,
+                self.trainer.checkpoint_tag,
+                self.trainer.seconds_so_far(),
             )
 
 
 def save_checkpoint_state(
-    strategies: Sequence[Strategy], folder: Path, step: int, tag: str = ""
+    strategies: Sequence[Strategy], folder: Path, step: int, tag: str = "", seconds: float = 0.0
 ) -> None:
     """Add the strategies' state to the Trainer's checkpoint ``folder``, then mark it complete:
-    ``checkpoint.json`` (written last, atomically) lists every file with its size."""
+    ``checkpoint.json`` (written last, atomically) lists every file with its size, and the
+    seconds of training up to it (resumed runs included)."""
     target = folder / STRATEGY_CHECKPOINT
     shutil.rmtree(target, ignore_errors=True)
     for s in strategies:
@@ -194,7 +200,8 @@ def save_checkpoint_state(
     }
     manifest = folder / CHECKPOINT_MANIFEST
     partial = manifest.with_name(manifest.name + ".partial")
-    partial.write_text(json.dumps({"step": step, "tag": tag, "files": files}, indent=1))
+    listed = {"step": step, "tag": tag, "train_seconds": round(seconds, 3), "files": files}
+    partial.write_text(json.dumps(listed, indent=1))
     os.replace(partial, manifest)
 
 
@@ -202,6 +209,11 @@ def checkpoint_step(folder: Path) -> int | None:
     """N of a ``checkpoint-N`` folder (None for any other name)."""
     match = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", folder.name)
     return int(match.group(1)) if match else None
+
+
+def checkpoint_seconds(folder: Path) -> float:
+    """The seconds of training a complete checkpoint records (0 for one that does not)."""
+    return float(json.loads((folder / CHECKPOINT_MANIFEST).read_text()).get("train_seconds", 0))
 
 
 def checkpoint_problem(folder: Path, tag: str = "") -> str | None:
@@ -277,15 +289,24 @@ class ContinualTrainer(Trainer):
         self.strategies = list(strategies)
         self.checkpoint_tag = checkpoint_tag
         self.resumed_from_step: int | None = None  # the step of the checkpoint resumed from
+        self.train_seconds = 0.0  # of the last train(), with the runs it resumed from
+        self._clock = (time.perf_counter(), 0.0)  # this run's start, the seconds before it
         self._strategy_callback = _StrategyCallback(self.strategies)
         self._strategy_callback.model = self.model
         self.add_callback(self._strategy_callback)
         self._checkpoint_callback = _CheckpointCallback(self)
         self.add_callback(self._checkpoint_callback)
 
+    def seconds_so_far(self) -> float:
+        """Seconds of training of the current ``train()``, with those of the runs it resumed."""
+        start, before = self._clock
+        return before + time.perf_counter() - start
+
     def train(self, resume_from_checkpoint: str | Path | bool | None = None, **kwargs):
         data = self.get_train_dataloader()
         checkpoint = self._checkpoint_to_resume(resume_from_checkpoint)
+        before = 0.0 if checkpoint is None else checkpoint_seconds(checkpoint)
+        self._clock = (time.perf_counter(), before)
         if checkpoint is not None:  # the state as of the checkpoint, before before_task
             saved = checkpoint / STRATEGY_CHECKPOINT
             for s in self.strategies:
@@ -302,6 +323,7 @@ class ContinualTrainer(Trainer):
             result = super().train(resume_from_checkpoint=resume, **kwargs)
         for s in self.strategies:
             s.after_task(self.model, self.get_train_dataloader())
+        self.train_seconds = self.seconds_so_far()
         return result
 
     def _trained_through(self, checkpoint: Path) -> bool:

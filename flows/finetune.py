@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -252,9 +251,8 @@ def finetune(
         checkpoint_tag=checkpoint_tag(params, champion, release_dir),
     )
     resume = checkpoint_to_resume(run_dir / CHECKPOINT_DIR, trainer.checkpoint_tag)
-    start = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
-    seconds = time.perf_counter() - start
+    seconds = trainer.train_seconds  # a resumed run's included
 
     if not launch.saves_candidate(trainer, strategies, run_dir, champion.model_dir):
         return TrainResult(  # another rank: rank 0 writes the candidate and the result

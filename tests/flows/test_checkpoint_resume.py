@@ -139,6 +139,7 @@ def test_a_step_killed_after_a_checkpoint_resumes_there_and_ends_as_an_uninterru
     saved_log = json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
     saved_replay = json.loads((checkpoint / STRATEGY_STATE / "replay.json").read_text())
     saved_si = json.loads((checkpoint / STRATEGY_STATE / "si.json").read_text())
+    saved_seconds = json.loads((checkpoint / "checkpoint.json").read_text())["train_seconds"]
     champion_replay = json.loads((champion.model_dir / STRATEGY_STATE / "replay.json").read_text())
 
     reference = finetune(params, champion, release, tmp_path / "uninterrupted")
@@ -150,6 +151,7 @@ def test_a_step_killed_after_a_checkpoint_resumes_there_and_ends_as_an_uninterru
     assert resumed.resumed_from_step == step and resumed.steps == reference.steps == 10
     assert resumed.log_history[:step] == [h for h in saved_log if "loss" in h]
     assert saved_si["tasks"] == 1
+    assert 0 < saved_seconds < resumed.train_seconds  # the killed run's seconds counted too
     # the buffer in the checkpoint: the champion's examples, its random state moved by the draws
     assert saved_replay["buffer"]["fingerprint"] == champion_replay["buffer"]["fingerprint"]
     assert saved_replay["buffer"]["rng"] != champion_replay["buffer"]["rng"]
@@ -237,8 +239,14 @@ def test_checkpoints_cut_short_or_of_another_setup_are_passed_over_and_deleted(t
 
     assert checkpoint_to_resume(out, "setup-a") == out / "checkpoint-2"
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2"]
+    # training time goes on from the checkpoint's (say the first run took 1000 s to it)
+    manifest = out / "checkpoint-2" / "checkpoint.json"
+    manifest.write_text(json.dumps(json.loads(manifest.read_text()) | {"train_seconds": 1000.0}))
     trainer = small_trainer(out, max_steps=6, tag="setup-a")
     trainer.train(resume_from_checkpoint=out / "checkpoint-2")
     assert trainer.resumed_from_step == 2 and trainer.state.global_step == 6
+    assert 1000 < trainer.train_seconds < 1000 + 120
+    last = json.loads((out / "checkpoint-6" / "checkpoint.json").read_text())["train_seconds"]
+    assert 1000 < last <= trainer.train_seconds
     assert sorted(p.name for p in out.iterdir()) == [f"checkpoint-{s}" for s in (2, 4, 6)]
     assert checkpoint_problem(out / "checkpoint-6", "setup-a") is None
