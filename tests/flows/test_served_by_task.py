@@ -6,9 +6,6 @@ outside the repository."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +20,7 @@ from flows.retrain import retrain
 from flows.tracking import candidate_dir
 from tests.conftest import write_params
 from tests.flows.conftest import ROOT
+from tests.flows.outside_repo import run_outside_repo
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -33,25 +31,16 @@ OPTIONS = {
 
 # Run outside the repository: flows, tests and benchmarks cannot be imported; cf_strategies
 # must come from the model's own logged code.
+NOT_CF_STRATEGIES = ("flows", "tests", "benchmarks")
 SERVE_BY_TASK = """
-import sys
-for name in ("flows", "tests", "benchmarks"):
-    sys.modules[name] = None
-sys.path[:] = [p for p in sys.path if p.rstrip("/") != {root!r}]
-import json
-import mlflow
-
-model = mlflow.pyfunc.load_model("models:/forgetless-lm@champion")
-prompts = json.loads(open("prompts.json").read())
-out = {{task or "": model.predict(prompts, params={{"task": task}}) for task in {tasks!r}}}
+out = {task or "": model.predict(prompts, params={"task": task}) for task in tasks}
 out["no task"] = model.predict(prompts)
 try:
-    model.predict(prompts, params={{"task": "wiki-topics-9"}})
+    model.predict(prompts, params={"task": "wiki-topics-9"})
 except Exception as err:
     out["unknown"] = str(err)
 import cf_strategies
 out["cf_strategies"] = cf_strategies.__file__
-open("answers.json", "w").write(json.dumps(out))
 """
 
 
@@ -132,15 +121,10 @@ def test_registered_model_answers_by_task_in_a_fresh_process(
     records += [r for _, r in read_jsonl(demo_dir / "releases" / "wiki-topics-1" / "eval.jsonl")]
     prompts = [r["prompt"] for r in records[:4]] + [r["prompt"] for r in records[-4:]]
     tasks = ["wiki-topics-1", "wiki-topics-2", "base"]
-    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
-    (tmp_path / "serve.py").write_text(SERVE_BY_TASK.format(root=str(ROOT), tasks=tasks))
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["MLFLOW_TRACKING_URI"] = params.tracking_uri
-    done = subprocess.run(
-        [sys.executable, "serve.py"], cwd=tmp_path, env=env, capture_output=True, text=True
+    inputs = {"prompts": prompts, "tasks": tasks}
+    out = run_outside_repo(
+        SERVE_BY_TASK, tmp_path, params.tracking_uri, inputs, blocked=NOT_CF_STRATEGIES
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads((tmp_path / "answers.json").read_text())
 
     v2_dir, v1_dir = (candidate_dir(params, r.run_dir / "candidate_model") for r in (second, first))
     for task in tasks:  # the served model answers as the pipeline scored it

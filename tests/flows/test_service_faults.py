@@ -22,19 +22,16 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 import flows.register
 from flows.cli import main
-from flows.config import Params, load_params
+from flows.config import load_params
 from flows.records import (
     FILES,
     STAGES,
-    ChampionRef,
     EvalReport,
-    GateCheck,
     GateDecision,
     ProbeSet,
     Promotion,
     Registration,
     TrainResult,
-    ValidationReport,
     VersionedRelease,
 )
 from flows.register import IDEMPOTENCY_TAG, register
@@ -44,6 +41,7 @@ from flows.tracking import TrackingUnavailable, champion_version
 from flows.version import RemoteUnavailable
 from flows.workspace import git
 from tests.conftest import count, write_params
+from tests.flows.conftest import gated_run
 from tests.flows.mlflow_server import MlflowServer, free_port
 
 NAME = "forgetless-lm"
@@ -81,59 +79,6 @@ def records(run_dir: Path) -> dict[str, bytes]:
 def resume_cli(params_file: Path, run_dir: Path, capsys) -> tuple[int, str]:
     code = main(["--params", str(params_file), "resume", str(run_dir)])
     return code, " ".join(capsys.readouterr().out.split())
-
-
-def hand_made_run(
-    params: Params,
-    model_dir: Path,
-    demo_dir: Path,
-    run_dir: Path,
-    dvc_hash: str,
-    passed: bool = True,
-    champion: str | None = None,
-) -> None:
-    """The records of a run that got as far as the gate, written by hand (no training):
-    ``model_dir`` is the candidate, ``dvc_hash`` tells releases apart, ``champion`` is the
-    version it started from (None: the base)."""
-    release = VersionedRelease(
-        name=RELEASE,
-        path=demo_dir / "releases" / RELEASE,
-        dvc_hash=dvc_hash,
-        git_commit="2" * 40,
-        remote=params.dvc_remote,
-    )
-    probe_set = ProbeSet(
-        path=demo_dir / "probes" / "general_knowledge.jsonl",
-        dvc_hash="0" * 32,
-        n_items=1,
-        tasks=["general-knowledge"],
-        baseline={"general-knowledge": 0.5},
-        new_task_baseline=0.1,
-        champion=ChampionRef(version=champion, model_dir=model_dir),
-    )
-    train = TrainResult(model_dir=model_dir, strategy="naive", steps=1, train_seconds=1.0)
-    report = EvalReport(
-        scores={"general-knowledge": 0.5},
-        baseline={"general-knowledge": 0.5},
-        retention={"general-knowledge": 1.0},
-        new_task=RELEASE,
-        new_task_score=0.2,
-        new_task_baseline=0.1,
-        eval_seconds=1.0,
-    )
-    decision = GateDecision(
-        passed=passed,
-        checks=[GateCheck(name="x", value=1 if passed else 0, threshold=0.5, passed=passed)],
-    )
-    for stage, record in {
-        "version": release,
-        "validate": ValidationReport(release=RELEASE, passed=True),
-        "probes": probe_set,
-        "finetune": train,
-        "evaluate": report,
-        "gate": decision,
-    }.items():
-        record.write(run_dir / FILES[stage])
 
 
 def test_tracking_outage_before_register_then_resume(
@@ -209,7 +154,7 @@ def test_outage_between_register_and_promote_leaves_pending(
     params_file = server_params(tmp_path, tiny_model_dir, demo_dir, server.url)
     params = load_params(params_file)
     first = params.workspace_dir / "runs" / "first"
-    hand_made_run(params, tiny_model_dir, demo_dir, first, "a" * 32)
+    gated_run(params, tiny_model_dir, demo_dir, dvc_hash="a" * 32).write(first)
     run_stage("register", params, first)
     (mv,) = versions(server.url)
     assert mv.tags["promotion"] == "pending" and mv.tags["gate"] == "passed"
@@ -233,7 +178,7 @@ def test_outage_between_register_and_promote_leaves_pending(
     # measured against the base, the champion is v1 now, so resume registers nothing new and
     # promotes nothing.
     second = params.workspace_dir / "runs" / "second"
-    hand_made_run(params, tiny_model_dir, demo_dir, second, "b" * 32)
+    gated_run(params, tiny_model_dir, demo_dir, dvc_hash="b" * 32).write(second)
     run_stage("register", params, second)  # ... and the process died here
     count("race", "resume of a run whose champion changed meanwhile")
     assert sorted(str(v.version) for v in versions(server.url)) == ["1", "2"]
@@ -249,7 +194,7 @@ def test_outage_between_register_and_promote_leaves_pending(
     # A run stopped before registering whose gate failed: resume registers it, tagged failed,
     # and promotes nothing.
     third = params.workspace_dir / "runs" / "third"
-    hand_made_run(params, tiny_model_dir, demo_dir, third, "e" * 32, passed=False)
+    gated_run(params, tiny_model_dir, demo_dir, dvc_hash="e" * 32, passed=False).write(third)
     code, out = resume_cli(params_file, third, capsys)
     assert code == 0 and "ran register, promote" in out and "not promoted: gate failed" in out
     v3 = MlflowClient(server.url, server.url).get_model_version(NAME, "3")
@@ -268,7 +213,7 @@ def test_register_never_duplicates_a_version(
 ):
     params = load_params(server_params(tmp_path, tiny_model_dir, demo_dir, server.url))
     run_dir = params.workspace_dir / "runs" / "crash"
-    hand_made_run(params, tiny_model_dir, demo_dir, run_dir, "c" * 32)
+    gated_run(params, tiny_model_dir, demo_dir, dvc_hash="c" * 32).write(run_dir)
 
     # The server goes away right after the model was logged, before the version exists.
     log_model = mlflow.pyfunc.log_model
@@ -299,7 +244,7 @@ def test_register_never_duplicates_a_version(
     assert Registration.read(run_dir / FILES["register"]) == first
     # A re-run that trained the same candidate from the same champion finds it too.
     rerun = params.workspace_dir / "runs" / "rerun"
-    hand_made_run(params, tiny_model_dir, demo_dir, rerun, "c" * 32)
+    gated_run(params, tiny_model_dir, demo_dir, dvc_hash="c" * 32).write(rerun)
     again = register(
         params,
         VersionedRelease.read(rerun / FILES["version"]),
@@ -319,7 +264,7 @@ def test_register_never_duplicates_a_version(
     assert champion(server.url) is None  # registering never promotes
     # Another candidate (another release) is another version.
     other = params.workspace_dir / "runs" / "other"
-    hand_made_run(params, tiny_model_dir, demo_dir, other, "d" * 32)
+    gated_run(params, tiny_model_dir, demo_dir, dvc_hash="d" * 32).write(other)
     run_stage("register", params, other)
     assert sorted(str(v.version) for v in versions(server.url)) == ["1", "2"]
 
@@ -332,7 +277,7 @@ def test_two_registrations_of_one_candidate_racing_keep_one_version(
     params = load_params(server_params(tmp_path, tiny_model_dir, demo_dir, server.url))
     dirs = [params.workspace_dir / "runs" / f"racer-{i}" for i in range(2)]
     for run_dir in dirs:
-        hand_made_run(params, tiny_model_dir, demo_dir, run_dir, "e" * 32)
+        gated_run(params, tiny_model_dir, demo_dir, dvc_hash="e" * 32).write(run_dir)
     barrier = threading.Barrier(2, timeout=120)
     create = flows.register._register_new
 

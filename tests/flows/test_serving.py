@@ -24,33 +24,22 @@ from flows.data import Example, read_jsonl
 from flows.modeling import load_model
 from flows.scoring import generate
 from tests.conftest import write_params
-from tests.flows.conftest import ROOT, register_candidate
+from tests.flows.conftest import register_candidate
+from tests.flows.outside_repo import run_outside_repo
 from tests.flows.test_tracking import free_port
 
-# The flows package is importable anywhere through the editable install's import hook (it is
-# not on sys.path, so PYTHONPATH and cwd alone cannot hide it): the script blocks it, and the
-# repository's other packages, with ``sys.modules[name] = None``, so any import of them fails.
+# What the champion answers outside the repository, and which of its modules it imported.
 LOAD_OUTSIDE = """
-import sys
-import threading
-for name in ("flows", "cf_strategies", "tests", "benchmarks"):
-    sys.modules[name] = None
-sys.path[:] = [p for p in sys.path if p.rstrip("/") != {root!r}]
-import json
-import mlflow
 import pandas as pd
 
-model = mlflow.pyfunc.load_model("models:/forgetless-lm@champion")
-prompts = json.loads(open("prompts.json").read())
-out = {{
+out = {
     "list": model.predict(prompts),
     "string": model.predict(prompts[0]),
-    "frame": model.predict(pd.DataFrame({{"prompt": prompts}})),
-    "longer": model.predict(prompts[:1], params={{"max_new_tokens": 12}}),
+    "frame": model.predict(pd.DataFrame({"prompt": prompts})),
+    "longer": model.predict(prompts[:1], params={"max_new_tokens": 12}),
     "repo_modules": sorted(m for m in sys.modules if m.split(".")[0] in ("flows", "tests")
                            and sys.modules[m] is not None),
-}}
-open("answers.json", "w").write(json.dumps(out))
+}
 """
 
 
@@ -88,17 +77,7 @@ def test_champion_loads_outside_the_repository(champion, tiny_model_dir, demo_di
     ev = champion.evaluate
     expected = pipeline_answers(tiny_model_dir, prompts, False, ev.max_new_tokens, ev.batch_size)
     longer = pipeline_answers(tiny_model_dir, prompts[:1], False, 12, ev.batch_size)
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    (elsewhere / "prompts.json").write_text(json.dumps(prompts))
-    (elsewhere / "load.py").write_text(LOAD_OUTSIDE.format(root=str(ROOT)))
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["MLFLOW_TRACKING_URI"] = champion.tracking_uri
-    done = subprocess.run(
-        [sys.executable, "load.py"], cwd=elsewhere, env=env, capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads((elsewhere / "answers.json").read_text())
+    out = run_outside_repo(LOAD_OUTSIDE, tmp_path, champion.tracking_uri, {"prompts": prompts})
     assert len(set(expected)) > 1 and all(expected)  # real, distinct answers
     assert out["list"] == expected
     assert out["string"] == expected[:1]

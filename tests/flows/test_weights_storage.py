@@ -5,10 +5,7 @@ LoRA adapter on top of its parent."""
 from __future__ import annotations
 
 import json
-import os
 import struct
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,13 +27,8 @@ from flows.records import (
     FILES,
     ChampionRef,
     EvalReport,
-    GateCheck,
-    GateDecision,
-    ProbeSet,
     TrainResult,
-    VersionedRelease,
 )
-from flows.register import register
 from flows.score_cache import model_key
 from flows.tracking import (
     champion_version,
@@ -46,9 +38,9 @@ from flows.tracking import (
     version_store,
 )
 from tests.conftest import ALL_LINEAR, write_params
-from tests.flows.conftest import ROOT
+from tests.flows.conftest import gated_run
 from tests.flows.mlflow_server import MlflowServer
-from tests.flows.test_service_faults import hand_made_run
+from tests.flows.outside_repo import run_outside_repo
 from tests.flows.test_serving import prompts_of
 
 RELEASE = "wiki-topics-1"
@@ -175,7 +167,7 @@ def test_a_registered_candidate_is_stored_once_and_resume_promote_rollback_still
     first = ws / "runs" / "first"
     candidate = write_candidate(tiny_model_dir, first / "candidate_model", seed=1)
     content = model_key(candidate)
-    hand_made_run(params, candidate, demo_dir, first, "a" * 32)
+    gated_run(params, candidate, demo_dir, dvc_hash="a" * 32).write(first)
     assert len(weight_copies(ws, size)) == 1
     code, out = cli(params_file, "resume", str(first))
     assert code == 0 and "v1 is now champion" in out, out
@@ -206,14 +198,8 @@ def test_a_registered_candidate_is_stored_once_and_resume_promote_rollback_still
     # A second release from that champion, then a rollback to the first: every version loads.
     second = ws / "runs" / "second"
     start = champion_version(params)
-    hand_made_run(
-        params,
-        write_candidate(tiny_model_dir, second / "candidate_model", seed=2),
-        demo_dir,
-        second,
-        "b" * 32,
-        champion=start,
-    )
+    candidate = write_candidate(tiny_model_dir, second / "candidate_model", seed=2)
+    gated_run(params, candidate, demo_dir, dvc_hash="b" * 32, champion=start).write(second)
     code, out = cli(params_file, "resume", str(second))
     assert code == 0 and "is now champion" in out, out
     assert not (second / "candidate_model").exists()
@@ -262,13 +248,8 @@ def test_with_a_tracking_server_the_weights_live_in_its_store_and_are_fetched_on
         ws = params.workspace_dir
         size = (tiny_model_dir / "model.safetensors").stat().st_size
         first = ws / "runs" / "first"
-        hand_made_run(
-            params,
-            write_candidate(tiny_model_dir, first / "candidate_model", seed=1),
-            demo_dir,
-            first,
-            "a" * 32,
-        )
+        candidate = write_candidate(tiny_model_dir, first / "candidate_model", seed=1)
+        gated_run(params, candidate, demo_dir, dvc_hash="a" * 32).write(first)
         code, out = cli(params_file, "resume", str(first))
         assert code == 0 and "v1 is now champion" in out, out
         assert (first / "candidate_model.json").is_file()
@@ -292,11 +273,6 @@ def test_with_a_tracking_server_the_weights_live_in_its_store_and_are_fetched_on
 
 # The retention policy: a failed version's weights go once N newer versions exist.
 
-PASSED = GateDecision(passed=True, checks=[GateCheck(name="x", value=1, threshold=0, passed=True)])
-FAILED = GateDecision(
-    passed=False, checks=[GateCheck(name="new_task_score", value=0, threshold=1, passed=False)]
-)
-
 
 def retrain_by_hand(
     params,
@@ -306,43 +282,26 @@ def retrain_by_hand(
     passed: bool,
     train: TrainResult | None = None,
 ) -> str:
-    """Register a candidate of "release-<n>" with the real register step (records written by
-    hand; the candidate is ``train``'s, else the tiny model nudged), from the current champion,
-    and run the real promote step."""
+    """Register a candidate of "release-<n>" with the real register step (records made by
+    ``gated_run``; the candidate is ``train``'s, else the tiny model nudged), from the current
+    champion, and run the real promote step."""
     start = champion_version(params)
-    if train is None:
+    candidate: Path | TrainResult | None = train
+    if candidate is None:
         run_dir = params.workspace_dir / "runs" / f"release-{n}"
         candidate = write_candidate(tiny_model_dir, run_dir / "candidate_model", seed=n)
-        train = TrainResult(model_dir=candidate, strategy="naive", steps=1, train_seconds=1.0)
-    run_dir = Path(train.model_dir).parent
-    release = VersionedRelease(
-        name=f"release-{n}",
-        path=demo_dir / "releases" / RELEASE,
+    run = gated_run(
+        params,
+        candidate,
+        demo_dir,
+        release=f"release-{n}",
         dvc_hash=f"{n:032d}",
-        git_commit="2" * 40,
-        remote=params.dvc_remote,
-    )
-    probe_set = ProbeSet(
-        path=demo_dir / "probes" / "general_knowledge.jsonl",
-        dvc_hash="0" * 32,
-        n_items=1,
-        tasks=["general-knowledge"],
-        baseline={"general-knowledge": 0.5},
-        new_task_baseline=0.1,
-        champion=ChampionRef(version=start, model_dir=tiny_model_dir),
-    )
-    report = EvalReport(
-        scores={"general-knowledge": 0.5},
-        baseline={"general-knowledge": 0.5},
-        retention={"general-knowledge": 1.0},
-        new_task=release.name,
+        champion=start,
+        passed=passed,
         new_task_score=0.2 + n / 100,
-        new_task_baseline=0.1,
-        eval_seconds=1.0,
     )
-    decision = PASSED if passed else FAILED
-    reg = register(params, release, probe_set, train, report, decision, run_dir)
-    promote(params, reg, decision, start)
+    reg = run.register(params, Path(run.train.model_dir).parent)
+    promote(params, reg, run.decision, start)
     return reg.version
 
 
@@ -426,19 +385,6 @@ def test_prune_dry_run_then_prune_spares_pending_forced_and_passed_versions(
 
 # Adapter registration: the LoRA adapter and a reference to its parent, resolved on load.
 
-LOAD_CHAMPION = """
-import sys
-for name in ("flows", "cf_strategies", "tests", "benchmarks"):
-    sys.modules[name] = None
-sys.path[:] = [p for p in sys.path if p.rstrip("/") != {root!r}]
-import json
-import mlflow
-
-model = mlflow.pyfunc.load_model("models:/forgetless-lm@champion")
-prompts = json.loads(open("prompts.json").read())
-open("answers.json", "w").write(json.dumps(model.predict(prompts)))
-"""
-
 
 def two_releases(params, demo_dir: Path, tiny_model_dir: Path) -> list[TrainResult]:
     """Fine-tune (for real) release 1 from the base and release 2 from its champion, each
@@ -503,17 +449,11 @@ def test_a_chain_of_adapters_loads_in_a_fresh_process_like_the_merged_models(
     ev = merged.evaluate
     model, tokenizer = serving.load(merged_dir)
     expected = serving.generate(model, tokenizer, prompts, False, ev.max_new_tokens, ev.batch_size)
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    (elsewhere / "prompts.json").write_text(json.dumps(prompts))
-    (elsewhere / "load.py").write_text(LOAD_CHAMPION.format(root=str(ROOT)))
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["MLFLOW_TRACKING_URI"] = adapter.tracking_uri
-    done = subprocess.run(
-        [sys.executable, "load.py"], cwd=elsewhere, env=env, capture_output=True, text=True
+    body = "out = model.predict(prompts)\n"
+    answers = run_outside_repo(
+        body, tmp_path / "elsewhere", adapter.tracking_uri, {"prompts": prompts}
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads((elsewhere / "answers.json").read_text()) == expected
+    assert answers == expected
     assert len(set(expected)) > 1
 
     # A missing link is an error naming it.
