@@ -33,9 +33,12 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
     """Dequantise a GGUF checkpoint into a normal transformers folder (safetensors, fp32)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from flows.serving import LOADING
+
     folder, name = str(gguf_file.parent), gguf_file.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+    with LOADING:  # one load at a time in the process (flows/serving.py)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
     # A GGUF-loaded model cannot save_pretrained; rebuild a plain model from its config.
     config = loaded.config
     if hasattr(config, "quantization_config"):

@@ -137,8 +137,9 @@ def load(
 # transformers' from_pretrained swaps process-wide state while it builds a model (torch's default
 # dtype, PreTrainedModel.tie_weights, the init functions): two loads in threads at once (parallel
 # candidates, parallel scoring) leave lm_head on the meta device or weights in the other load's
-# dtype (every one of 30 mixed-dtype loads in 6 threads, measured). One load at a time.
-_LOADING = threading.Lock()
+# dtype (every one of 30 mixed-dtype loads in 6 threads, measured); a swap undone out of order
+# leaves tie_weights off for the whole process. One load at a time, flows/model_source.py's too.
+LOADING = threading.Lock()
 
 
 def from_pretrained(model_dir: str | Path, dtype: torch.dtype, trust_remote_code: bool):
@@ -147,7 +148,7 @@ def from_pretrained(model_dir: str | Path, dtype: torch.dtype, trust_remote_code
         tokenizer = AutoTokenizer.from_pretrained(
             str(model_dir), trust_remote_code=trust_remote_code
         )
-        with _LOADING:
+        with LOADING:
             model = AutoModelForCausalLM.from_pretrained(  # safetensors only: never unpickle
                 str(model_dir),
                 dtype=dtype,
