@@ -1,9 +1,7 @@
 """Timing the fine-tune step: its own trainer, its batches counted, each optimizer step timed.
 
-``step_trainer`` builds what ``flows.finetune.finetune`` trains with, from the step's own
-functions (``load_model``, ``lora_config``, ``training_arguments``, ``tokenize_for_training``,
-``collator``, ``task_context``, ``build_strategies``, ``ContinualTrainer``), so a benchmark times
-the step as the pipeline runs it: on the GPU when there is one (bf16 mixed precision where the
+``step_trainer`` is what ``flows.finetune.finetune`` trains with (``build_trainer``), so a
+benchmark times the step as the pipeline runs it: on the GPU when there is one (bf16 mixed precision where the
 GPU has it, fp32 master weights), else fp32 on the CPU. Only what a benchmark must change is
 changed: the number of steps, no checkpoints, the seed.
 
@@ -16,7 +14,7 @@ asynchronously: without it a step's time is the time to queue it) and the step's
 
 from __future__ import annotations
 
-import dataclasses
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,20 +22,20 @@ from pathlib import Path
 import torch
 from peft import get_peft_model
 from torch.utils.data import DataLoader
-from transformers import TrainerCallback, set_seed
+from transformers import TrainerCallback
 
 import cf_strategies
-from flows import modeling
 from flows.config import Params
 from flows.data import load_release
 from flows.finetune import (
+    build_trainer,
     check_padding_free,
     collator,
     lora_config,
     task_context,
-    training_arguments,
 )
 from flows.modeling import load_model, tokenize_for_training
+from flows.serving import STRATEGY_STATE
 
 
 class Counting:
@@ -91,35 +89,38 @@ class StepTimer(TrainerCallback):
             self.peaks.append(torch.cuda.max_memory_allocated())
 
 
-def training_set(params: Params, tokenizer, release_dir: Path) -> list[dict[str, list[int]]]:
-    """The release's training examples as the step tokenizes them."""
-    chat, cfg = params.model.use_chat_template, params.train
-    return [
-        tokenize_for_training(tokenizer, ex, chat, cfg.max_length)
+def carry_over(params: Params, model_dir: Path, release_dir: Path, work: Path) -> Path:
+    """A champion that learned ``release_dir``, as far as the strategies of ``train.strategy``
+    are concerned: ``model_dir``'s files (linked, not copied) and ``strategy_state/`` built by
+    the strategies' own hooks (``prepare`` with that release's context, ``before_task`` and
+    ``after_task`` on its padded training batches: EWC's importance of general knowledge and
+    the release's Fisher; replay's buffer filled with its rows). The step then loads that state
+    as it loads any champion's. The weights are not trained on the release: what a step costs
+    does not depend on their values."""
+    cfg = params.train
+    champion = work / f"champion-{cfg.strategy}"
+    shutil.rmtree(champion, ignore_errors=True)
+    champion.mkdir(parents=True)
+    for f in Path(model_dir).iterdir():
+        if f.name != STRATEGY_STATE:
+            (champion / f.name).symlink_to(f.resolve())
+    model, tokenizer = load_model(
+        model_dir, for_training=True, trust_remote_code=params.model.trust_remote_code
+    )
+    model = get_peft_model(model, lora_config(cfg))
+    rows = [
+        tokenize_for_training(tokenizer, ex, params.model.use_chat_template, cfg.max_length)
         for ex in load_release(release_dir, "train")
     ]
-
-
-def carry_over(params: Params, strategies: list, model, tokenizer, release_dir: Path) -> None:
-    """Give ``strategies`` the state a champion that learned ``release_dir`` keeps in
-    ``strategy_state/``, through their own hooks: ``prepare`` with that release's context,
-    ``before_task`` and ``after_task`` on its padded training batches (EWC: the importance of
-    general knowledge and the release's Fisher; replay: its buffer filled with the release's
-    rows), then ``reanchor`` (the adapter merged, a fresh one on), as ``finetune`` does after
-    loading the state. The weights are not trained on the release: what a step costs does not
-    depend on their values."""
-    batches = DataLoader(
-        training_set(params, tokenizer, release_dir),
-        batch_size=params.train.batch_size,
-        collate_fn=collator(tokenizer, False),
-    )
+    batches = DataLoader(rows, batch_size=cfg.batch_size, collate_fn=collator(tokenizer, False))
+    strategies = cf_strategies.build_strategies(cfg.strategy, cfg.strategy_params)
     context = task_context(params, tokenizer, release_dir)
     for s in strategies:
         s.prepare(context)
         s.before_task(model, batches)
         s.after_task(model, batches)
-    for s in strategies:
-        s.reanchor(model)
+    cf_strategies.save_strategies(strategies, champion / STRATEGY_STATE)
+    return champion
 
 
 def step_trainer(
@@ -134,48 +135,30 @@ def step_trainer(
     seed: int | None = None,
     previous_release: Path | None = None,
 ) -> tuple[cf_strategies.ContinualTrainer, Counting, StepTimer]:
-    """The fine-tune step's trainer: the champion ``model_dir`` with the LoRA of ``params``
-    learning ``release_dir`` with ``strategy`` (``train.strategy`` and ``train.padding_free``
-    set to these), ``steps`` optimizer steps in all (warm-up included), no checkpoints, seeded
-    with ``seed`` (default ``train.seed``: the LoRA initialisation and the data order). With
-    ``previous_release`` the strategies first carry that release's state (``carry_over``), as
-    at the release after it. Call ``trainer.train()``; the counting collator and the step timer
-    (also among the trainer's callbacks) come back with it."""
-    params = params.with_overrides({"train.strategy": strategy, "train.padding_free": padding_free})
-    cfg = params.train
-    check_padding_free(cfg)
-    seed = cfg.seed if seed is None else seed
-    set_seed(seed)  # the LoRA initialisation, as flows.finetune seeds it
-    device = str(modeling.device())
-    model, tokenizer = load_model(
-        model_dir,
-        for_training=True,
-        trust_remote_code=params.model.trust_remote_code,
-        device=device,
-    )
-    train_set = training_set(params, tokenizer, release_dir)
-    model = get_peft_model(model, lora_config(cfg))
-    strategies = cf_strategies.build_strategies(cfg.strategy, cfg.strategy_params)
+    """The fine-tune step's trainer (``flows.finetune.build_trainer``): the champion
+    ``model_dir`` with the LoRA of ``params`` learning ``release_dir`` with ``strategy``
+    (``train.strategy`` and ``train.padding_free`` set to these), ``steps`` optimizer steps in
+    all (warm-up included), no checkpoints, seeded with ``seed`` (default ``train.seed``: the
+    LoRA initialisation and the data order). With ``previous_release`` the champion first
+    carries that release's strategy state (``carry_over``), as at the release after it. Call
+    ``trainer.train()``; the counting collator and the step timer (also among the trainer's
+    callbacks) come back with it."""
+    changes = {
+        "train.strategy": strategy,
+        "train.padding_free": padding_free,
+        "train.max_steps": steps,
+        "train.checkpoint_steps": 0,
+    }
+    if seed is not None:
+        changes["train.seed"] = seed
+    params = params.with_overrides(changes)
+    check_padding_free(params.train)
     if previous_release is not None:
-        carry_over(params, strategies, model, tokenizer, previous_release)
-    context = task_context(params, tokenizer, release_dir)
-    for s in strategies:
-        s.prepare(context)
-    model.to(device)
-    args = dataclasses.replace(
-        training_arguments(cfg, work / "trainer"),
-        max_steps=steps,
-        save_strategy="no",
-        seed=seed,
-    )
-    counting = Counting(collator(tokenizer, cfg.padding_free))
+        model_dir = carry_over(params, model_dir, previous_release, work)
+    trainer, _ = build_trainer(params, model_dir, release_dir, work / "trainer")
+    counting = Counting(trainer.data_collator)
+    trainer.data_collator = counting
     timer = StepTimer(counting)
-    trainer = cf_strategies.ContinualTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_set,
-        data_collator=counting,
-        strategies=strategies,
-        callbacks=[timer, *callbacks],
-    )
+    for callback in (timer, *callbacks):
+        trainer.add_callback(callback)
     return trainer, counting, timer

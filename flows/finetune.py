@@ -35,6 +35,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import (
     DataCollatorForSeq2Seq,
     DataCollatorWithFlattening,
+    PreTrainedTokenizerBase,
     TrainingArguments,
     set_seed,
 )
@@ -206,20 +207,24 @@ def write_tasks_file(folder: Path, params: Params, strategies: list) -> None:
     (folder / TASKS_FILE).write_text(json.dumps(spec, indent=1))
 
 
-def finetune(
-    params: Params, champion: ChampionRef, release_dir: Path, run_dir: Path
-) -> TrainResult:
-    check_padding_free(params.train)
-    if launch.wants_ranks(params):  # train.num_processes > 1: this step again, on every rank
-        return launch.run_ranks(params, champion, release_dir, run_dir)
-    check_ranks(params)
+def build_trainer(
+    params: Params,
+    champion_dir: Path,
+    release_dir: Path,
+    output_dir: Path,
+    tag: str = "",
+) -> tuple[cf_strategies.ContinualTrainer, PreTrainedTokenizerBase]:
+    """The step's trainer and the champion's tokenizer: the champion in ``champion_dir`` with a
+    fresh LoRA adapter (``lora_config``), the strategies of ``train.strategy`` with the state
+    saved beside the champion, prepared for the release, its training examples, and
+    ``training_arguments`` with checkpoints (tagged ``tag``) in ``output_dir``.
+    Seeded with ``train.seed`` (the adapter's initialisation). Under FSDP the model stays on
+    the CPU: accelerate shards it onto the GPUs. Benchmarks time the step with it."""
     cfg = params.train
-    check_champion_kind(champion.model_dir, cfg.strategy)
     set_seed(cfg.seed)
-    # under FSDP every rank reads the champion on the CPU and accelerate shards it onto the GPUs
     device = "cpu" if launch.sharded() else str(modeling.device())
     model, tokenizer = load_model(
-        champion.model_dir,
+        champion_dir,
         for_training=True,
         trust_remote_code=params.model.trust_remote_code,
         device=device,
@@ -231,7 +236,7 @@ def finetune(
     ]
     model = get_peft_model(model, lora_config(cfg))
     strategies = cf_strategies.build_strategies(cfg.strategy, cfg.strategy_params)
-    state_dir = Path(champion.model_dir) / STRATEGY_STATE
+    state_dir = Path(champion_dir) / STRATEGY_STATE
     if state_dir.is_dir():
         cf_strategies.load_strategies(strategies, state_dir)
     for s in strategies:  # the champion's adapter was merged: the fresh one starts where it ended
@@ -239,17 +244,31 @@ def finetune(
     context = task_context(params, tokenizer, release_dir)
     for s in strategies:
         s.prepare(context)
-
     model.to(device)
-    args = training_arguments(cfg, run_dir / CHECKPOINT_DIR)
-    trainer = cf_strategies.ContinualTrainer(
+    return cf_strategies.ContinualTrainer(
         model=model,
-        args=args,
+        args=training_arguments(cfg, output_dir),
         train_dataset=train_set,
         data_collator=collator(tokenizer, cfg.padding_free),
         strategies=strategies,
-        checkpoint_tag=checkpoint_tag(params, champion, release_dir),
+        checkpoint_tag=tag,
+    ), tokenizer
+
+
+def finetune(
+    params: Params, champion: ChampionRef, release_dir: Path, run_dir: Path
+) -> TrainResult:
+    check_padding_free(params.train)
+    if launch.wants_ranks(params):  # train.num_processes > 1: this step again, on every rank
+        return launch.run_ranks(params, champion, release_dir, run_dir)
+    check_ranks(params)
+    cfg = params.train
+    check_champion_kind(champion.model_dir, cfg.strategy)
+    tag = checkpoint_tag(params, champion, release_dir)
+    trainer, tokenizer = build_trainer(
+        params, champion.model_dir, release_dir, run_dir / CHECKPOINT_DIR, tag
     )
+    strategies = trainer.strategies
     resume = checkpoint_to_resume(run_dir / CHECKPOINT_DIR, trainer.checkpoint_tag)
     trainer.train(resume_from_checkpoint=resume)
     seconds = trainer.train_seconds  # a resumed run's included
