@@ -19,11 +19,11 @@ import flows.promote
 from flows.config import load_params
 from flows.locks import lock_kind
 from flows.promote import promote
-from flows.records import GateCheck, GateDecision, Registration
+from flows.records import Registration
+from tests.flows.conftest import PASSED
 
 RACERS = 2
 READ_WINDOW = 5.0  # seconds a racer that read the champion waits for the other's read
-PASS = GateDecision(passed=True, checks=[GateCheck(name="x", value=1, threshold=0, passed=True)])
 
 
 def wait_for(barrier: Path, prefix: str, timeout: float) -> None:
@@ -47,7 +47,7 @@ def main(params_file: str, version: str, champion_at_start: str, barrier: str, o
     (folder / f"ready-{version}").touch()
     wait_for(folder, "ready-", 300)
     name = params.model.registered_name
-    result = promote(params, Registration(name=name, version=version, run_id="r"), PASS, "1")
+    result = promote(params, Registration(name=name, version=version, run_id="r"), PASSED, "1")
     Path(out).write_text(
         json.dumps(
             {

@@ -24,14 +24,14 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from flows.config import ParamsError, load_params
 from flows.locks import LockMisconfigured, LockUnavailable, limit_name, lock_kind
 from flows.promote import promote, promotion_lock, rollback
-from flows.records import GateCheck, GateDecision, Registration
+from flows.records import Registration
 from flows.tracking import CHAMPION, champion_version
 from tests.conftest import count, write_params
+from tests.flows.conftest import PASSED
 from tests.flows.mlflow_server import MlflowServer, free_port
 from tests.flows.prefect_server import PrefectServer
 
 ROOT = Path(__file__).resolve().parents[2]
-PASS = GateDecision(passed=True, checks=[GateCheck(name="x", value=1, threshold=0, passed=True)])
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +228,7 @@ def test_an_unreachable_prefect_api_promotes_nothing(sqlite_registry):
         temporary_settings(updates={PREFECT_API_URL: url}),
         pytest.raises(LockUnavailable) as err,
     ):
-        promote(params, registration, PASS, None)
+        promote(params, registration, PASSED, None)
     message = str(err.value)
     assert f"Prefect API {url} is unreachable" in message
     assert f"the promotion lock {limit_name(params)} cannot be taken" in message
@@ -247,7 +247,7 @@ def test_a_promotion_limit_that_does_not_serialise_is_refused(sqlite_registry, s
         with get_client(sync_client=True) as client:
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=2))
         with pytest.raises(LockMisconfigured) as err:
-            promote(params, registration, PASS, None)
+            promote(params, registration, PASSED, None)
     assert f"{name} at {prefect.url} has limit 2" in str(err.value)
     assert f"prefect gcl update {name} --limit 1 --enable" in str(err.value)
     assert champion_version(params) is None

@@ -26,9 +26,9 @@ from flows.promote import promote, promotion_lock
 from flows.records import GateCheck, GateDecision, Registration
 from flows.tracking import CHAMPION, champion_version, client, experiment_id
 from tests.conftest import write_params
+from tests.flows.conftest import PASSED
 
 NAME = "forgetless-lm"
-PASS = GateDecision(passed=True, checks=[GateCheck(name="x", value=1, threshold=0, passed=True)])
 FAIL = GateDecision(
     passed=False, checks=[GateCheck(name="min_retention", value=0.5, threshold=0.9, passed=False)]
 )
@@ -108,7 +108,7 @@ class Store:
         start = champion_version(self.params)
         version = self.add(release, gate, **kw)
         reg = Registration(name=NAME, version=version, run_id="r")
-        promote(self.params, reg, PASS if gate == "passed" else FAIL, start)
+        promote(self.params, reg, PASSED if gate == "passed" else FAIL, start)
         return version
 
     def tag(self, version: str, key: str) -> str | None:

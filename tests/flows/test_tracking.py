@@ -7,7 +7,7 @@ import pytest
 
 from flows.config import load_params
 from flows.promote import promote
-from flows.records import GateCheck, GateDecision, Registration
+from flows.records import Registration
 from flows.tracking import (
     TrackingUnavailable,
     artifact_location,
@@ -18,7 +18,7 @@ from flows.tracking import (
     model_version_dir,
 )
 from tests.conftest import write_params
-from tests.flows.conftest import register_candidate
+from tests.flows.conftest import PASSED, register_candidate
 from tests.flows.mlflow_server import MlflowServer, free_port
 
 
@@ -55,7 +55,7 @@ def test_registry_and_promotion_over_http(params_file, mlflow_server):
     )
     c.set_model_version_tag("forgetless-lm", mv.version, "gate", "passed")
     reg = Registration(name="forgetless-lm", version=str(mv.version), run_id="r")
-    ok = GateDecision(passed=True, checks=[GateCheck(name="x", value=1, threshold=0, passed=True)])
+    ok = PASSED
     assert promote(params, reg, ok, None).promoted
     assert champion_version(params) == str(mv.version)
 
