@@ -5,7 +5,9 @@ from typing import NamedTuple
 
 import pytest
 from prefect.testing.utilities import prefect_test_harness
+from rich.console import Console
 
+from flows import cli
 from flows.config import Params
 from flows.promote import promote
 from flows.records import (
@@ -139,3 +141,15 @@ def register_candidate(params: Params, model_dir: Path, demo_dir: Path) -> Regis
     registration = run.register(params, run_dir)
     assert promote(params, registration, run.decision, None).promoted
     return registration
+
+
+def run_cli(params_file: Path, *args: str) -> tuple[int, str]:
+    """``forgetless --params PARAMS ARGS``, the command a user types: the exit code and what it
+    printed."""
+    console = Console(width=400, record=True, force_terminal=False)
+    original, cli.console = cli.console, console
+    try:
+        code = cli.main(["--params", str(params_file), *args])
+    finally:
+        cli.console = original
+    return code, console.export_text()

@@ -19,9 +19,7 @@ from fsspec.core import url_to_fs
 from mlflow import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.events.filters import EventFilter, EventNameFilter
-from rich.console import Console
 
-from flows import cli
 from flows.config import load_params
 from flows.data import DataError
 from flows.landing import (
@@ -37,19 +35,9 @@ from flows.landing import (
 from flows.retrain import retrain
 from flows.validate import release_content_hash
 from tests.conftest import count, write_params
+from tests.flows.conftest import run_cli
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
-
-
-def run_cli(params_file: Path, *args: str) -> tuple[int, str]:
-    """``forgetless --params PARAMS ARGS``: the exit code and what it printed."""
-    console = Console(width=400, record=True, force_terminal=False)
-    original, cli.console = cli.console, console
-    try:
-        code = cli.main(["--params", str(params_file), *args])
-    finally:
-        cli.console = original
-    return code, console.export_text()
 
 
 def versions(params_file: Path) -> list:

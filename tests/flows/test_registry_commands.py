@@ -17,16 +17,14 @@ from datetime import UTC, datetime
 
 import mlflow
 import pytest
-from rich.console import Console
 
-from flows import cli
 from flows.config import load_params
 from flows.history import history
 from flows.promote import promote, promotion_lock
 from flows.records import GateCheck, GateDecision, Registration
 from flows.tracking import CHAMPION, champion_version, client, experiment_id
 from tests.conftest import write_params
-from tests.flows.conftest import PASSED
+from tests.flows.conftest import PASSED, run_cli
 
 NAME = "forgetless-lm"
 FAIL = GateDecision(
@@ -129,13 +127,7 @@ class Store:
 
     def cli(self, *args: str) -> tuple[int, str]:
         """Run ``forgetless --params <store> ARGS``; the exit code and what it printed."""
-        console = Console(width=400, record=True, force_terminal=False)
-        original, cli.console = cli.console, console
-        try:
-            code = cli.main(["--params", str(self.params_file), *args])
-        finally:
-            cli.console = original
-        return code, console.export_text()
+        return run_cli(self.params_file, *args)
 
 
 @pytest.fixture

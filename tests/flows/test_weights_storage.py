@@ -13,11 +13,9 @@ import mlflow
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from rich.console import Console
 from safetensors.torch import load_file, save_file
 
 import cf_strategies
-from flows import cli as flows_cli
 from flows import retention, serving
 from flows.config import load_params
 from flows.finetune import finetune, save_candidate
@@ -38,7 +36,7 @@ from flows.tracking import (
     version_store,
 )
 from tests.conftest import ALL_LINEAR, write_params
-from tests.flows.conftest import gated_run
+from tests.flows.conftest import gated_run, run_cli
 from tests.flows.mlflow_server import MlflowServer
 from tests.flows.outside_repo import run_outside_repo
 from tests.flows.test_serving import prompts_of
@@ -144,16 +142,6 @@ def write_candidate(model_dir: Path, out: Path, seed: int | None) -> Path:
     return out
 
 
-def cli(params_file: Path, *args: str) -> tuple[int, str]:
-    console = Console(width=300, record=True, force_terminal=False)
-    original, flows_cli.console = flows_cli.console, console
-    try:
-        code = flows_cli.main(["--params", str(params_file), *args])
-    finally:
-        flows_cli.console = original
-    return code, console.export_text()
-
-
 def test_a_registered_candidate_is_stored_once_and_resume_promote_rollback_still_work(
     tmp_path, tiny_model_dir, demo_dir, monkeypatch
 ):
@@ -169,7 +157,7 @@ def test_a_registered_candidate_is_stored_once_and_resume_promote_rollback_still
     content = model_key(candidate)
     gated_run(params, candidate, demo_dir, dvc_hash="a" * 32).write(first)
     assert len(weight_copies(ws, size)) == 1
-    code, out = cli(params_file, "resume", str(first))
+    code, out = run_cli(params_file, "resume", str(first))
     assert code == 0 and "v1 is now champion" in out, out
     # ... and now they live in the registry alone: the run folder keeps a pointer.
     assert not candidate.exists()
@@ -188,7 +176,7 @@ def test_a_registered_candidate_is_stored_once_and_resume_promote_rollback_still
     # evaluate reads the registered copy.
     for stage in ("evaluate", "register", "promote"):
         (first / FILES[stage]).unlink()
-    code, out = cli(params_file, "resume", str(first))
+    code, out = run_cli(params_file, "resume", str(first))
     assert code == 0 and "ran evaluate, register, promote" in out, out
     eval_report = EvalReport.read(first / FILES["evaluate"])
     assert eval_report.new_task == RELEASE and eval_report.eval_seconds > 0
@@ -200,12 +188,12 @@ def test_a_registered_candidate_is_stored_once_and_resume_promote_rollback_still
     start = champion_version(params)
     candidate = write_candidate(tiny_model_dir, second / "candidate_model", seed=2)
     gated_run(params, candidate, demo_dir, dvc_hash="b" * 32, champion=start).write(second)
-    code, out = cli(params_file, "resume", str(second))
+    code, out = run_cli(params_file, "resume", str(second))
     assert code == 0 and "is now champion" in out, out
     assert not (second / "candidate_model").exists()
     versions = all_versions(client(params), "forgetless-lm")
     assert len(weight_copies(ws, size)) == len(versions)  # one copy per version, no more
-    code, out = cli(params_file, "rollback", "--reason", "test")
+    code, out = run_cli(params_file, "rollback", "--reason", "test")
     assert code == 0 and f"→ v{start}" in out, out
     champion = current_champion(params)
     assert champion.version == start and serving.load(champion.model_dir)[0] is not None
@@ -250,7 +238,7 @@ def test_with_a_tracking_server_the_weights_live_in_its_store_and_are_fetched_on
         first = ws / "runs" / "first"
         candidate = write_candidate(tiny_model_dir, first / "candidate_model", seed=1)
         gated_run(params, candidate, demo_dir, dvc_hash="a" * 32).write(first)
-        code, out = cli(params_file, "resume", str(first))
+        code, out = run_cli(params_file, "resume", str(first))
         assert code == 0 and "v1 is now champion" in out, out
         assert (first / "candidate_model.json").is_file()
         assert weight_copies(ws, size) == []  # in the server's store only
@@ -262,7 +250,7 @@ def test_with_a_tracking_server_the_weights_live_in_its_store_and_are_fetched_on
 
         v2 = retrain_by_hand(params, demo_dir, tiny_model_dir, 2, passed=False)
         v3 = retrain_by_hand(params, demo_dir, tiny_model_dir, 3, passed=True)
-        code, out = cli(params_file, "prune", "--keep", "1")
+        code, out = run_cli(params_file, "prune", "--keep", "1")
         assert code == 0 and "removed the weights of 1 version(s)" in out, out
         assert weights_in_store(params, v2) == [] and weights_in_store(params, v3)
         with pytest.raises(serving.WeightsRemoved, match="retention policy"):
@@ -340,7 +328,7 @@ def test_the_failed_versions_weights_go_after_n_newer_versions_and_nothing_else(
         with pytest.raises(Exception, match=r"retention policy.*keep_failed_weights: 1") as err:
             load()
         assert f"v{v2} has no weights" in str(err.value) and "retrain" in str(err.value)
-    code, out = cli(params.root / "params.yaml", "promote", v2, "--force", "--reason", "x")
+    code, out = run_cli(params.root / "params.yaml", "promote", v2, "--force", "--reason", "x")
     assert code == 2 and "retention policy" in out
 
     # The passed versions (champion, previous champion) keep theirs and still load and answer.
@@ -359,7 +347,7 @@ def test_prune_dry_run_then_prune_spares_pending_forced_and_passed_versions(
     v1 = retrain_by_hand(params, demo_dir, tiny_model_dir, 1, passed=True)
     v2 = retrain_by_hand(params, demo_dir, tiny_model_dir, 2, passed=False)
     v3 = retrain_by_hand(params, demo_dir, tiny_model_dir, 3, passed=False)
-    code, _ = cli(params_file, "promote", v3, "--force", "--reason", "hotfix")  # forced
+    code, _ = run_cli(params_file, "promote", v3, "--force", "--reason", "hotfix")  # forced
     assert code == 0
     v4 = retrain_by_hand(params, demo_dir, tiny_model_dir, 4, passed=False)
     client(params).set_model_version_tag("forgetless-lm", v4, "promotion", "pending")
@@ -369,17 +357,17 @@ def test_prune_dry_run_then_prune_spares_pending_forced_and_passed_versions(
     both = ["model.safetensors", "strategy_state/ewc.safetensors"]
     assert all(files == both for files in kept.values())  # the policy is off: nothing went
 
-    code, out = cli(params_file, "prune", "--keep", "2", "--dry-run")
+    code, out = run_cli(params_file, "prune", "--keep", "2", "--dry-run")
     assert code == 0 and "would remove" in out, out
     assert "would remove the weights of 1 version(s)" in out
     assert {v: weights_in_store(params, v) for v in kept} == kept  # a dry run removes nothing
 
-    code, out = cli(params_file, "prune", "--keep", "2")
+    code, out = run_cli(params_file, "prune", "--keep", "2")
     assert code == 0 and "removed the weights of 1 version(s)" in out, out
     assert weights_in_store(params, v2) == []  # failed, 3 newer
     for v in (v1, v3, v4, v5):  # passed, forced champion, pending, passed
         assert weights_in_store(params, v) == kept[v], v
-    code, out = cli(params_file, "prune", "--keep", "2")  # again: nothing left to remove
+    code, out = run_cli(params_file, "prune", "--keep", "2")  # again: nothing left to remove
     assert code == 0 and "removed the weights of 0 version(s)" in out
 
 
