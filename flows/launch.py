@@ -48,12 +48,12 @@ from pathlib import Path
 import torch
 from peft import PeftModel, get_peft_model
 from torch.distributed.tensor import DTensor
-from transformers import AutoModelForCausalLM
 
 import cf_strategies
 from cf_strategies import distributed
 from flows.config import Params, TrainConfig
 from flows.records import ChampionRef, TrainResult
+from flows.serving import load
 
 LAUNCH_DIR = "launch"  # in the run folder: inputs, result, each rank's log and error
 INPUTS, RESULT, FINGERPRINTS = "inputs.json", "result.json", "state_fingerprints.json"
@@ -324,13 +324,15 @@ def gathered_adapter(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def champion_with_adapter(
     trained: torch.nn.Module, adapter: dict[str, torch.Tensor], champion_dir: Path
 ) -> PeftModel:
-    """The champion, loaded on the CPU in float32, with the trained model's LoRA config and
+    """The champion, loaded on the CPU as the step loads it (``serving.load``: float32, an
+    adapter registration merged onto its parents), with the trained model's LoRA config and
     the gathered ``adapter`` weights in it (every adapter tensor must find its place)."""
     config = trained.get_base_model().config
-    champion = AutoModelForCausalLM.from_pretrained(  # the champion's own code already ran here
-        str(champion_dir),
-        dtype=torch.float32,
+    champion, _ = load(  # the champion's own code (auto_map) already ran in this process
+        champion_dir,
+        for_training=True,
         trust_remote_code=bool(getattr(config, "auto_map", None)),
+        device="cpu",
     )
     model = get_peft_model(champion, trained.peft_config["default"])
     missing = set(adapter) - {n for n, p in model.named_parameters() if p.requires_grad}
