@@ -269,7 +269,7 @@ def finetune(
         params, champion.model_dir, release_dir, run_dir / CHECKPOINT_DIR, tag
     )
     strategies = trainer.strategies
-    resume = checkpoint_to_resume(run_dir / CHECKPOINT_DIR, trainer.checkpoint_tag)
+    resume = checkpoint_to_resume(run_dir / CHECKPOINT_DIR, tag)
     trainer.train(resume_from_checkpoint=resume)
     seconds = trainer.train_seconds  # a resumed run's included
 
