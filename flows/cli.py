@@ -35,16 +35,26 @@ def print_summary(summary) -> None:
     table.add_column("measure")
     table.add_column("champion", justify="right")
     table.add_column("candidate", justify="right")
-    table.add_column("retention", justify="right")
+    table.add_column("kept vs champion", justify="right")
+    table.add_column("kept vs anchor", justify="right")
     table.add_row(
-        f"new task: {ev.new_task}", f"{ev.new_task_baseline:.3f}", f"{ev.new_task_score:.3f}", ""
+        f"new task: {ev.new_task}",
+        f"{ev.new_task_baseline:.3f}",
+        f"{ev.new_task_score:.3f}",
+        "",
+        "",
     )
+
+    def kept(s) -> str:
+        return f"{s.value:.3f} ≥{s.low:.3f} ({s.against})" if s else ""
+
     for t in sorted(ev.baseline):
         table.add_row(
             f"probe: {t}",
             f"{ev.baseline[t]:.3f}",
             f"{ev.scores.get(t, 0):.3f}",
-            f"{ev.retention[t]:.3f}",
+            kept(ev.tasks.get(t)),
+            kept(ev.anchored.get(t)),
         )
     console.print(table)
     verdict = "[green]PASSED[/green]" if gate.passed else "[red]FAILED[/red]"
@@ -229,7 +239,8 @@ def cmd_history(args) -> int:
         ("strategy", "left"),
         ("gate", "left"),
         ("new task", "right"),
-        ("min retention", "right"),
+        ("kept vs champion", "right"),
+        ("kept vs anchor", "right"),
         ("promoted", "left"),
         ("champion", "left"),
     ]:
@@ -245,6 +256,7 @@ def cmd_history(args) -> int:
             escape(gate),
             _score(r.new_task_score),
             _score(r.min_retention),
+            _score(r.min_vs_anchor),
             escape(promoted),
             "[bold]champion[/bold]" if r.champion else "",
         )

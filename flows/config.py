@@ -72,8 +72,8 @@ class DataConfig(Section):
 class ProbesConfig(Section):
     sources: list[Path] = []
     per_category: int = Field(40, ge=1)
-    min_known: int = Field(30, ge=0)
-    dev_fraction: float = Field(0.5, ge=0.0, lt=1.0)
+    min_known: int | None = Field(None, ge=0)  # None: from the gate's design (flows/confidence.py)
+    dev_fraction: float = Field(0.5, ge=0.0, lt=1.0)  # only when a tournament selects on dev
     seed: int = 0
 
 
@@ -163,20 +163,41 @@ class EvaluateConfig(Section):
 
 
 class UncertainPolicy(Section):
-    """What a check decides when its interval straddles the threshold."""
+    """What a new-task check decides when its interval straddles the threshold (retention is
+    always decided by its exact test: ``flows/confidence.py``)."""
 
-    retention: Literal["fail", "point_estimate"] = "fail"
     new_task: Literal["fail", "point_estimate"] = "point_estimate"
 
 
+Retention = Annotated[float, Field(ge=0, lt=1)]  # 1.0 could never be shown by a finite sample
+
+
 class GateConfig(Section):
-    min_retention: float = Field(0.9, ge=0)
-    min_retention_per_task: dict[str, Annotated[float, Field(ge=0)]] = {}
-    min_new_task_score: float = Field(0.5, ge=0)
-    min_new_task_gain: float = Field(0.0, ge=-1)  # a difference of two scores in [0, 1]
+    min_retention: Retention = 0.9  # vs the champion: no step back
+    min_retention_per_task: dict[str, Retention] = {}
+    min_retention_vs_anchor: Retention = 0.85  # vs the anchor: drift over any number of releases
+    min_new_task_score: float = Field(0.5, ge=0, le=1)
+    min_new_task_gain: float = Field(0.0, ge=-1, le=1)  # a difference of two scores in [0, 1]
     beat_champion: bool = True
-    confidence: float = Field(0.9, gt=0.0, lt=1.0)
+    alpha: float = Field(0.05, gt=0.0, lt=0.5)  # level of every one-sided retention test
+    gains_offset_losses: bool = False  # gate the ratio of accuracies instead of the kept share
+    power: float = Field(0.8, gt=0.0, lt=1.0)  # design: a good candidate passes this often
+    design_retention: Retention = 0.97  # what "a good candidate" keeps (sets probes' min_known)
+    too_small: Literal["fail", "decide"] = "fail"  # a task with fewer known items than needed
     when_uncertain: UncertainPolicy = UncertainPolicy()
+
+    def threshold(self, task: str) -> float:
+        return self.min_retention_per_task.get(task, self.min_retention)
+
+    @model_validator(mode="after")
+    def _design_above_thresholds(self) -> GateConfig:
+        top = max([self.min_retention, *self.min_retention_per_task.values()])
+        if self.design_retention <= top:
+            raise ValueError(
+                f"design_retention ({self.design_retention}) must be above every retention "
+                f"threshold ({top}): a candidate at the threshold passes at most alpha of the time"
+            )
+        return self
 
 
 class TrackingConfig(Section):

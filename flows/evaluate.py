@@ -1,8 +1,10 @@
 """Step 5, evaluate: score the candidate on the test probes and the new release's eval set.
 
-Retention per probe task = candidate score / baseline score (the champion's, from step 3), with
-a confidence interval from the paired per-item results of the two models (``flows/confidence.py``),
-and, on the items the champion answers right, the share the candidate still answers right.
+Retention is measured twice per probe task, each time on the paired per-item results of the
+candidate and a reference scored under the same conditions (dtype, device kind, template,
+decoding): against the champion (no step back) and against the task's anchor (the base model
+for general knowledge, the version that learned a release for its items), so that drift cannot
+compound unseen over releases. Each gets the exact one-sided test of ``flows/confidence.py``.
 Per-item outputs are written beside the scores so a reviewer can read what each model said.
 """
 
@@ -15,16 +17,23 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from rich.progress import Progress
 
-from flows.confidence import paired_interval, proportion_interval
-from flows.config import Params
+from flows import confidence
+from flows.config import GateConfig, Params
 from flows.data import Example, load_probes, load_release
-from flows.records import EvalReport, ProbeSet, TaskRetention
+from flows.records import ChampionRef, EvalReport, ProbeSet, ScoringConditions, TaskRetention
 from flows.score_cache import ScoreCache, item_key, model_key
 from flows.scoring import accuracy_by_task, result_of, score_examples
-from flows.serving import BASE_TASK, learned_tasks, load_for_serving
+from flows.serving import BASE_TASK, default_device, learned_tasks, load_dtype, load_for_serving
 from flows.splits import stratified_split
+
+
+def serving_conditions(model_dir: Path) -> ScoringConditions:
+    """How serving answers with this model on this machine: its serving dtype, this device."""
+    dtype = load_dtype(model_dir) if Path(model_dir).is_dir() else torch.float32
+    return ScoringConditions(dtype=str(dtype).removeprefix("torch."), device=default_device())
 
 
 class Scorer:
@@ -37,10 +46,16 @@ class Scorer:
 
     Answers this model version gave before are read from the score cache
     (``flows/score_cache.py``) instead of being computed again; the model itself is loaded only
-    when an item is not in the cache. ``cached`` and ``scored`` count the items of each kind."""
+    when an item is not in the cache. ``cached`` and ``scored`` count the items of each kind.
 
-    def __init__(self, params: Params, model_dir: Path):
+    ``conditions`` (dtype, device) default to how serving answers with this model here; the gate
+    passes the candidate's to the champion's and the anchors' scorers, so all answer alike."""
+
+    def __init__(
+        self, params: Params, model_dir: Path, conditions: ScoringConditions | None = None
+    ):
         self.model_dir = Path(model_dir)
+        self.conditions = conditions or serving_conditions(self.model_dir)
         self.cfg, self.chat = params.evaluate, params.model.use_chat_template
         self.trust_remote_code = params.model.trust_remote_code
         self.tasks = learned_tasks(model_dir)
@@ -54,7 +69,12 @@ class Scorer:
 
     def _load(self) -> tuple:
         if self._loaded is None:
-            self._loaded = load_for_serving(self.model_dir, self.trust_remote_code)
+            self._loaded = load_for_serving(
+                self.model_dir,
+                self.trust_remote_code,
+                getattr(torch, self.conditions.dtype),
+                self.conditions.device,
+            )
         return self._loaded
 
     @property
@@ -82,7 +102,10 @@ class Scorer:
         with Progress(transient=True) as bar:
             job = bar.add_task(f"scoring {self.model_dir.name}", total=len(examples))
             for route, indices in groups.items():
-                keys = {i: item_key(examples[i], route, max_new_tokens, self.chat) for i in indices}
+                keys = {
+                    i: item_key(examples[i], route, max_new_tokens, self.chat, self.conditions)
+                    for i in indices
+                }
                 known = self.cache.lookup(keys.values()) if self.cache else {}
                 todo = [i for i in indices if keys[i] not in known]
                 outputs |= {i: known[keys[i]] for i in indices if keys[i] in known}
@@ -160,28 +183,56 @@ def retention(score: float, baseline: float) -> float:
 
 
 def task_retention(
-    champion: Sequence[bool], candidate: Sequence[bool], min_known: int, confidence: float
+    reference: Sequence[bool],
+    candidate: Sequence[bool],
+    threshold: float,
+    gate: GateConfig,
+    needed_known: int,
+    against: str = "champion",
 ) -> TaskRetention:
-    """Retention of one probe task from the two models' answers to the same items, in order."""
-    known = [c for b, c in zip(champion, candidate, strict=True) if b]
-    lost = len(known) - sum(known)
-    base, cand = sum(champion) / len(champion), sum(candidate) / len(candidate)
-    low, high = paired_interval(champion, candidate, "ratio", confidence)
-    k_low, k_high = proportion_interval(sum(known), len(known), confidence)
+    """Retention of one probe task from two models' answers to the same items, in order, with
+    the exact one-sided test the gate decides on (``flows/confidence.py``)."""
+    pairs = list(zip(reference, candidate, strict=True))
+    known = sum(a for a, _ in pairs)
+    lost = sum(a and not b for a, b in pairs)
+    gained = sum(b and not a for a, b in pairs)
+    ref, cand = known / max(1, len(pairs)), sum(b for _, b in pairs) / max(1, len(pairs))
+    alpha = gate.alpha
+    if gate.gains_offset_losses:
+        bound = confidence.net_bound(known, lost, len(pairs) - known, gained, alpha)
+        method = "ratio of accuracies, Bonferroni of two exact Clopper-Pearson bounds"
+    else:
+        bound = confidence.kept_bound(known, lost, alpha)
+        method = "share of known items kept, exact Clopper-Pearson (binomial test)"
     return TaskRetention(
-        n=len(champion),
-        known=len(known),
+        against=against,
+        n=len(pairs),
+        known=known,
         lost=lost,
-        gained=sum(c and not b for b, c in zip(champion, candidate, strict=True)),
-        champion_score=base,
+        gained=gained,
+        reference_score=ref,
         candidate_score=cand,
-        retention=retention(cand, base),
-        retention_low=low,
-        retention_high=high,
-        known_retained=sum(known) / len(known) if known else 1.0,
-        known_retained_low=k_low,
-        known_retained_high=k_high,
-        too_small=len(known) < min_known,
+        retention=retention(cand, ref),
+        statistic="net" if gate.gains_offset_losses else "kept",
+        value=bound.value,
+        low=bound.low,
+        high=bound.high,
+        threshold=threshold,
+        method=f"{method}, one-sided, alpha {alpha:g}",
+        needed_known=needed_known,
+        passes_reliably_at=confidence.passes_reliably_at(known, threshold, alpha, gate.power),
+        too_small=known < needed_known,
+    )
+
+
+def needed_known(params: Params, task: str, threshold: float | None = None) -> int:
+    """Known items a probe task needs: ``probes.min_known`` when set, else the gate's design
+    (a candidate keeping ``gate.design_retention`` passes with probability ``gate.power``)."""
+    if params.probes.min_known is not None:
+        return params.probes.min_known
+    g = params.gate
+    return confidence.required_known(
+        g.threshold(task) if threshold is None else threshold, g.alpha, g.power, g.design_retention
     )
 
 
@@ -216,6 +267,96 @@ def new_task_items(params: Params, release_dir: Path, part: str) -> list[Example
     return dev if part == "dev" else test
 
 
+def anchor_of(params: Params, champion: ChampionRef, task: str) -> tuple[str, Path]:
+    """A probe task's anchor, what its retention is measured from over any number of releases:
+    for an earlier release's items, the registered version that learned it (its score when
+    learned); for every other task (general knowledge), the base model."""
+    from flows.model_source import resolve_model
+    from flows.tracking import model_version_dir
+
+    if task in champion.releases:
+        version = champion.learned_by.get(task)
+        if version is None:
+            raise ValueError(
+                f"the champion learned release {task!r} but its registry record does not say "
+                "which version learned it (tag learned_by): its anchor is unknown"
+            )
+        if version == champion.version:
+            return f"v{version}", champion.model_dir
+        return f"v{version}", model_version_dir(params, version)
+    return "base", Path(resolve_model(params.model.base, params.path(params.model.cache_dir)))
+
+
+def score_anchors(
+    params: Params,
+    champion: ChampionRef,
+    items: Sequence[Example],
+    champion_results: Sequence[dict],
+    conditions: ScoringConditions,
+) -> tuple[dict[str, str], list[dict]]:
+    """Each task's anchor and the anchors' per-item results on ``items`` (``anchor`` names the
+    model on each row); where the anchor is the champion itself, its results are reused."""
+    by_task: dict[str, list[Example]] = {}
+    for ex in items:
+        by_task.setdefault(ex.task, []).append(ex)
+    mine = {(r["task"], r["id"]): r for r in champion_results}
+    anchors, rows = {}, []
+    models: dict[Path, Scorer] = {}
+    for task, examples in sorted(by_task.items()):
+        label, model_dir = anchor_of(params, champion, task)
+        anchors[task] = label
+        if Path(model_dir).resolve() == Path(champion.model_dir).resolve():
+            got = [mine[(ex.task, ex.id)] for ex in examples]
+        else:
+            scorer = models.setdefault(model_dir, Scorer(params, model_dir, conditions))
+            got = scorer.score(examples)
+        rows += [r | {"anchor": label} for r in got]
+    return anchors, rows
+
+
+def reference_results(
+    params: Params,
+    probe_set: ProbeSet,
+    probes: Sequence[Example],
+    new_task: Sequence[Example],
+    conditions: ScoringConditions,
+) -> tuple[list[dict], list[dict], list[dict]]:
+    """The champion's results on ``probes`` and ``new_task`` and the anchors' on ``probes``,
+    scored under ``conditions``: read from the probe step when it scored them so, else scored
+    again here (a GPU pool that answers in bfloat16 scores the champion in bfloat16 too)."""
+    theirs = probe_set.champion_results
+    same = probe_set.conditions == conditions and theirs is not None
+    if same:
+        return (
+            read_results(theirs / "probes.jsonl"),
+            read_results(theirs / "new_task.jsonl"),
+            read_results(probe_set.anchor_results) if probe_set.anchor_results else [],
+        )
+    scorer = Scorer(params, probe_set.champion.model_dir, conditions)
+    champ_probes = scorer.score(probes)
+    champ_new = scorer.score(new_task, params.evaluate.new_task_max_new_tokens)
+    anchor_rows: list[dict] = []
+    if probe_set.anchors:
+        _, anchor_rows = score_anchors(params, probe_set.champion, probes, champ_probes, conditions)
+    return champ_probes, champ_new, anchor_rows
+
+
+def retention_by_task(
+    params: Params, reference: Sequence[dict], candidate: Sequence[dict], against: str | None
+) -> dict[str, TaskRetention]:
+    """Per task, the test of the candidate against ``reference`` (the champion, threshold
+    ``gate.min_retention``), or against each row's ``anchor`` when ``against`` is None
+    (threshold ``gate.min_retention_vs_anchor``)."""
+    gate = params.gate
+    label = {r["task"]: r.get("anchor", against) for r in reference}
+    out = {}
+    for task, (a, b) in sorted(paired(reference, candidate).items()):
+        threshold = gate.threshold(task) if against else gate.min_retention_vs_anchor
+        need = needed_known(params, task, threshold)
+        out[task] = task_retention(a, b, threshold, gate, need, against or label[task])
+    return out
+
+
 def evaluate_candidate(
     params: Params,
     candidate_dir: Path,
@@ -226,48 +367,49 @@ def evaluate_candidate(
     out_dir: Path | None = None,
 ) -> EvalReport:
     """Score a candidate on one part of the probes and of the new task: ``test`` for the gate,
-    ``dev`` for choosing among candidates. Baselines are the champion's results on the same
-    items, paired item by item (or, without per-item results, the probe set's baseline)."""
+    ``dev`` for choosing among candidates. References are the champion's results on the same
+    items (and on ``test`` each task's anchor's), paired item by item, scored under the
+    candidate's conditions."""
     start = time.perf_counter()
     probe_path = probe_set.path if part == "test" else probe_set.dev_path
     if probe_path is None:
         raise ValueError(f"the probe set has no {part} part")
     scorer = Scorer(params, candidate_dir)
     out = out_dir or run_dir / "candidate"
-    probes = scorer.score(load_probes(probe_path))
-    new_task = scorer.score(
-        new_task_items(params, release_dir, part), params.evaluate.new_task_max_new_tokens
-    )
+    probe_items = load_probes(probe_path)
+    task_items = new_task_items(params, release_dir, part)
+    probes = scorer.score(probe_items)
+    new_task = scorer.score(task_items, params.evaluate.new_task_max_new_tokens)
     write_results(out / "probes.jsonl", probes)
     write_results(out / "new_task.jsonl", new_task)
+    champ_probes, champ_new_rows, anchor_rows = reference_results(
+        params, probe_set, probe_items, task_items, scorer.conditions
+    )
+    if probe_set.conditions != scorer.conditions:  # what the gate compared, for a reviewer
+        write_results(out.parent / "references" / "champion_probes.jsonl", champ_probes)
+        write_results(out.parent / "references" / "champion_new_task.jsonl", champ_new_rows)
+        write_results(out.parent / "references" / "anchors.jsonl", anchor_rows)
     scores = accuracy_by_task(probes)
-    baseline, new_baseline = probe_set.baseline, probe_set.new_task_baseline
-    extra: dict = {}
-    if probe_set.champion_results is not None:  # paired results: baselines on these items
-        level = params.gate.confidence
-        theirs = probe_set.champion_results
-        pairs = paired(read_results(theirs / "probes.jsonl"), probes)
-        new_pairs = paired(read_results(theirs / "new_task.jsonl"), new_task)
-        champ_new, cand_new = next(iter(new_pairs.values()), ([], []))
-        baseline = {t: sum(a) / len(a) for t, (a, _) in sorted(pairs.items())}
-        new_baseline = sum(champ_new) / max(1, len(champ_new))
-        extra = {
-            "confidence": level,
-            "tasks": {
-                t: task_retention(a, b, params.probes.min_known, level)
-                for t, (a, b) in sorted(pairs.items())
-            },
-            "new_task_interval": proportion_interval(sum(cand_new), len(cand_new), level),
-            "new_task_gain_interval": paired_interval(champ_new, cand_new, "difference", level),
-        }
+    pairs = paired(champ_probes, probes)
+    new_pairs = paired(champ_new_rows, new_task)
+    champ_new, cand_new = next(iter(new_pairs.values()), ([], []))
+    baseline = {t: sum(a) / len(a) for t, (a, _) in sorted(pairs.items())}
+    alpha = params.gate.alpha
     return EvalReport(
         scores=scores,
         baseline=baseline,
         retention={t: retention(scores.get(t, 0.0), b) for t, b in baseline.items()},
         new_task=release_dir.name,
         new_task_score=accuracy(new_task),
-        new_task_baseline=new_baseline,
+        new_task_baseline=sum(champ_new) / max(1, len(champ_new)),
         new_task_n=len(new_task),
         eval_seconds=time.perf_counter() - start,
-        **extra,
+        alpha=alpha,
+        tasks=retention_by_task(params, champ_probes, probes, "champion"),
+        anchored=retention_by_task(params, anchor_rows, probes, None)
+        if part == "test" and anchor_rows
+        else {},
+        new_task_interval=confidence.proportion_interval(sum(cand_new), len(cand_new), alpha),
+        new_task_gain_interval=confidence.paired_difference(champ_new, cand_new, alpha),
+        conditions=scorer.conditions,
     )

@@ -25,7 +25,8 @@ class VersionRow:
     gate: str
     gate_reasons: str
     new_task_score: float | None
-    min_retention: float | None
+    min_retention: float | None  # the gated statistic vs the champion, lowest over tasks
+    min_vs_anchor: float | None  # the same vs each task's anchor (base, or who learned it)
     promoted: bool  # has held the champion alias at some time
     promotion: str  # the ``promotion`` tag: when it was promoted, or why not
     champion: bool  # holds the alias now
@@ -139,7 +140,8 @@ def history(params: Params) -> list[VersionRow]:
                 gate=tags.get("gate", "") or run_tags.get("gate", ""),
                 gate_reasons=tags.get("gate_reasons", ""),
                 new_task_score=metrics.get("new_task_score"),
-                min_retention=metrics.get("min_retention"),
+                min_retention=metrics.get("min_kept", metrics.get("min_retention")),
+                min_vs_anchor=metrics.get("min_kept_vs_anchor"),
                 promoted="previous_champion" in tags,
                 promotion=short_times(tags.get("promotion", "")),
                 champion=str(mv.version) == champion,

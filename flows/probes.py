@@ -1,18 +1,23 @@
-"""Step 3, probes: build the frozen old-task probe set, split it into dev and test, and score it
-on the current champion.
+"""Step 3, probes: build the frozen old-task probe set and score it on the current champion and
+on each task's anchor.
 
 The candidates for probe items are every probe source (by default the embedded general-knowledge
 probes) plus the held-out eval items of every release the champion has learned. Per probe task:
 
 1. a stratified sample of ``probes.per_category`` items per (task, category), in a reproducible
    order (``probes.seed``);
-2. scored on the champion; while the task holds fewer items the champion answers right than it
-   needs for ``probes.min_known`` of them to land in the test part, more items are drawn from
-   the rest of its sources (round robin over categories) and scored. A task whose sources run out
-   first is listed in ``too_small``: the gate reports it as too small to decide;
-3. split stratified by (task, category, champion right or wrong) into ``probes/dev.jsonl``
-   (share ``probes.dev_fraction``: for choosing strategies and strengths) and ``probes/test.jsonl``
-   (the only items the gate reads). Both are tracked by DVC.
+2. scored on the champion; while the task holds fewer items the champion answers right than
+   the gate's design needs (``evaluate.needed_known``: ``probes.min_known``, or by default the
+   known items with which a candidate keeping ``gate.design_retention`` passes the exact test
+   with probability ``gate.power``), more items are drawn from the rest of its sources (round
+   robin over categories) and scored. A task whose sources run out first is listed in
+   ``too_small``; the gate blocks on it unless ``gate.too_small: decide``;
+3. only when a tournament selects on dev (``train.candidates``): split stratified by (task,
+   category, champion right or wrong) into ``probes/dev.jsonl`` (share ``probes.dev_fraction``)
+   and ``probes/test.jsonl``; otherwise every item is test, since nothing is chosen on dev.
+   Tracked by DVC;
+4. the test items scored on each task's anchor (``evaluate.anchor_of``: the base model, or the
+   version that learned the release), the reference of the anchored retention check.
 
 The champion's per-item results are the baseline retention is measured against, item by item.
 """
@@ -29,7 +34,14 @@ from pathlib import Path
 from flows.config import Params
 from flows.data import as_probe_record, load_release, probe_example, read_jsonl, write_jsonl
 from flows.demo_data import build_demo
-from flows.evaluate import Scorer, accuracy, read_results, write_results
+from flows.evaluate import (
+    Scorer,
+    accuracy,
+    needed_known,
+    read_results,
+    score_anchors,
+    write_results,
+)
 from flows.records import ChampionRef, ProbeSet
 from flows.scoring import accuracy_by_task
 from flows.splits import stratified_split
@@ -127,17 +139,18 @@ def known_needed(min_known: int, dev_fraction: float) -> int:
 
 
 def sample_with_known(
-    order: dict[str, tuple[list[dict], int]], needed: int, scorer: Scorer
+    order: dict[str, tuple[list[dict], int]], needed: dict[str, int], scorer: Scorer
 ) -> tuple[list[dict], list[dict]]:
     """Draw each task's first sample, then more items in order until the champion answers
-    ``needed`` of them right or the task runs out. Returns (items, the champion's results)."""
+    ``needed[task]`` of them right or the task runs out. Returns (items, the champion's
+    results)."""
     items, results = [], []
-    for queue, take in order.values():
+    for task, (queue, take) in order.items():
         drawn, got = queue[:take], scorer.score([probe_example(r) for r in queue[:take]])
-        while sum(r["correct"] for r in got) < needed and take < len(queue):
+        while sum(r["correct"] for r in got) < needed[task] and take < len(queue):
             known = sum(r["correct"] for r in got)
             rate = max(known / max(1, len(got)), 0.1)  # expected share right among new draws
-            more = min(len(queue) - take, max(16, math.ceil((needed - known) / rate)))
+            more = min(len(queue) - take, max(16, math.ceil((needed[task] - known) / rate)))
             batch = queue[take : take + more]
             drawn, got = drawn + batch, got + scorer.score([probe_example(r) for r in batch])
             take += more
@@ -149,15 +162,21 @@ def sample_with_known(
 def create_probe_set(
     params: Params, release_dir: Path, champion: ChampionRef, run_dir: Path
 ) -> ProbeSet:
-    """Build, score, split and version the probe set; the champion's results are the baseline."""
+    """Build, score, (with a tournament) split and version the probe set; the champion's results
+    are the baseline, each task's anchor's the reference of the anchored check."""
     start = time.perf_counter()
     cfg, ws = params.probes, params.workspace_dir
     order = sampling_order(collect_probe_items(params, champion), cfg.per_category, cfg.seed)
     scorer = Scorer(params, champion.model_dir)
-    needed = known_needed(cfg.min_known, cfg.dev_fraction)
-    items, results = sample_with_known(order, needed, scorer)
+    dev_fraction = cfg.dev_fraction if params.train.candidates else 0.0
+    need = {t: needed_known(params, t) for t in order}
+    items, results = sample_with_known(
+        order, {t: known_needed(n, dev_fraction) for t, n in need.items()}, scorer
+    )
     correct = {(r["task"], r["id"]): bool(r["correct"]) for r in results}
-    dev, test = split_dev_test(items, correct, cfg.dev_fraction, cfg.seed)
+    dev, test = (
+        split_dev_test(items, correct, dev_fraction, cfg.seed) if dev_fraction else ([], items)
+    )
     test_keys = {(r["task"], r["id"]) for r in test}
     split = {k: ("test" if k in test_keys else "dev") for k in correct}
     results = [r | {"split": split[(r["task"], r["id"])]} for r in results]
@@ -165,10 +184,16 @@ def create_probe_set(
     write_results(out / "probes.jsonl", results)
     new_task = write_results(out / "new_task.jsonl", scorer.score_new_task(release_dir))
     test_path = write_jsonl(ws / "probes" / "test.jsonl", test)
-    dev_path = write_jsonl(ws / "probes" / "dev.jsonl", dev)
     dvc_hash = track_file(test_path, ws, f"Probe set (test) for {release_dir.name}")
-    track_file(dev_path, ws, f"Probe set (dev) for {release_dir.name}")
+    dev_path = None
+    if dev:
+        dev_path = write_jsonl(ws / "probes" / "dev.jsonl", dev)
+        track_file(dev_path, ws, f"Probe set (dev) for {release_dir.name}")
     test_results = [r for r in results if r["split"] == "test"]
+    anchors, anchor_rows = score_anchors(
+        params, champion, [probe_example(r) for r in test], test_results, scorer.conditions
+    )
+    anchor_path = write_results(out / "anchors.jsonl", anchor_rows)
     known = {t: sum(r["correct"] for r in test_results if r["task"] == t) for t in sorted(order)}
     return ProbeSet(
         path=test_path,
@@ -179,11 +204,15 @@ def create_probe_set(
         tasks=sorted(order),
         baseline=accuracy_by_task(test_results),
         known=known,
-        too_small=[t for t, k in known.items() if k < cfg.min_known],
+        needed_known=need,
+        too_small=[t for t, k in known.items() if k < need[t]],
         champion_results=out,
         new_task_baseline=accuracy(read_results(new_task)),
         champion=champion,
         baseline_seconds=time.perf_counter() - start,
         baseline_cached=scorer.cached,
         baseline_scored=scorer.scored,
+        anchors=anchors,
+        anchor_results=anchor_path,
+        conditions=scorer.conditions,
     )

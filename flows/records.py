@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -75,11 +76,22 @@ class ChampionRef(Record):
     version: str | None  # None: no champion yet, the base model stands in
     model_dir: Path
     releases: list[str] = []  # releases this model has learned, oldest first
+    learned_by: dict[str, str] = {}  # release -> the registered version that learned it
+
+
+class ScoringConditions(Record):
+    """How a model was asked: the gate pairs only results scored under equal conditions (the
+    prompt template and decoding are part of every item's cache key, flows/score_cache.py)."""
+
+    dtype: str  # torch dtype the weights answered in
+    device: str  # device kind: cpu, cuda, mps
 
 
 class ProbeSet(Record):
-    """Step 3: the frozen probe set, split into a dev part (for selection) and a test part (for
-    the gate), and the champion's scores on it: the baseline retention is measured against."""
+    """Step 3: the frozen probe set, the champion's scores on it (the baseline retention is
+    measured against) and each task's anchor's (the base model for general knowledge, the
+    version that learned a release for its items). Split into dev (for selection) and test (for
+    the gate) only when a tournament selects on dev; otherwise every item is test."""
 
     path: Path  # the test part: the only probes the gate reads
     dvc_hash: str  # of the test part
@@ -87,7 +99,8 @@ class ProbeSet(Record):
     tasks: list[str]
     baseline: dict[str, float]  # task -> the champion's score on the test part
     known: dict[str, int] = {}  # task -> test items the champion answers right
-    too_small: list[str] = []  # tasks with fewer known test items than probes.min_known
+    needed_known: dict[str, int] = {}  # task -> known items the gate's design asks for
+    too_small: list[str] = []  # tasks with fewer known test items than needed
     new_task_baseline: float  # the champion's score on the new release's eval set
     champion: ChampionRef
     baseline_seconds: float = 0.0
@@ -96,6 +109,9 @@ class ProbeSet(Record):
     dev_path: Path | None = None  # the dev part: for choosing strategies, never for the gate
     n_dev: int = 0
     champion_results: Path | None = None  # the champion's per-item results, both parts
+    anchors: dict[str, str] = {}  # task -> its anchor: "base", or the version ("v3")
+    anchor_results: Path | None = None  # per-item results of the anchors on the test part
+    conditions: ScoringConditions | None = None  # how the champion and anchors were scored
 
 
 class TrainResult(Record):
@@ -111,38 +127,46 @@ class TrainResult(Record):
 
 
 class TaskRetention(Record):
-    """One probe task on the test probes: the paired results of champion and candidate."""
+    """One probe task on the test probes: the paired results of a reference model (the
+    champion, or the task's anchor) and the candidate, and the exact one-sided test the gate
+    decides on (``flows/confidence.py``)."""
 
+    against: str = "champion"  # the reference: champion, base, or the version ("v3")
     n: int  # test items
-    known: int  # items the champion answers right
+    known: int  # items the reference answers right
     lost: int  # known items the candidate answers wrong
     gained: int  # items only the candidate answers right
-    champion_score: float
+    reference_score: float
     candidate_score: float
-    retention: float  # candidate score / champion score
-    retention_low: float  # its confidence interval (paired bootstrap over items)
-    retention_high: float
-    known_retained: float  # share of the known items still right: 1 - lost / known
-    known_retained_low: float  # its exact (Clopper-Pearson) interval
-    known_retained_high: float
-    too_small: bool  # fewer known items than probes.min_known: too small to decide
+    retention: float  # candidate score / reference score (gains count): for reading
+    statistic: Literal["kept", "net"] = "kept"  # gated: share of known items kept, or the ratio
+    value: float  # the gated statistic
+    low: float  # its one-sided lower bound at 1 - alpha: the gate passes iff low >= threshold
+    high: float  # its one-sided upper bound at 1 - alpha
+    threshold: float
+    method: str  # named in the report
+    needed_known: int  # known items the gate's design asks for
+    passes_reliably_at: float  # true retention that passes with probability gate.power
+    too_small: bool  # fewer known items than needed_known
 
 
 class EvalReport(Record):
-    """Step 5: candidate scores, and retention against the probe baseline, with intervals."""
+    """Step 5: candidate scores, and retention against the champion and each task's anchor."""
 
     scores: dict[str, float]  # probe task -> candidate score
     baseline: dict[str, float]
-    retention: dict[str, float]  # task -> candidate / baseline
+    retention: dict[str, float]  # task -> candidate / baseline (gains count): for reading
     new_task: str
     new_task_score: float
     new_task_baseline: float
     eval_seconds: float
-    confidence: float = 0.0  # the level of every interval below (0: none computed)
-    tasks: dict[str, TaskRetention] = {}
+    alpha: float = 0.0  # level of the one-sided tests below (0: none computed)
+    tasks: dict[str, TaskRetention] = {}  # vs the champion
+    anchored: dict[str, TaskRetention] = {}  # vs each task's anchor
     new_task_n: int = 0
-    new_task_interval: tuple[float, float] | None = None  # exact interval of the score
-    new_task_gain_interval: tuple[float, float] | None = None  # paired bootstrap, vs champion
+    new_task_interval: tuple[float, float] | None = None  # exact 1 - 2 alpha interval
+    new_task_gain_interval: tuple[float, float] | None = None  # exact paired, vs champion
+    conditions: ScoringConditions | None = None  # how both models were scored
 
 
 class GateCheck(Record):

@@ -323,20 +323,24 @@ def _register_new(
         metrics = {f"probe_score.{t}": s for t, s in report.scores.items()}
         metrics |= {f"baseline.{t}": s for t, s in report.baseline.items()}
         metrics |= {f"retention.{t}": r for t, r in report.retention.items()}
-        for t, stats in report.tasks.items():
-            metrics |= {
-                f"retention_low.{t}": stats.retention_low,
-                f"retention_high.{t}": stats.retention_high,
-                f"known_retained.{t}": stats.known_retained,
-                f"known_items.{t}": stats.known,
-                f"lost_items.{t}": stats.lost,
-            }
+        for prefix, by_task in (("", report.tasks), ("anchor_", report.anchored)):
+            for t, stats in by_task.items():
+                metrics |= {
+                    f"{prefix}retention_kept.{t}": stats.value,
+                    f"{prefix}retention_low.{t}": stats.low,
+                    f"{prefix}known_items.{t}": stats.known,
+                    f"{prefix}lost_items.{t}": stats.lost,
+                    f"{prefix}gained_items.{t}": stats.gained,
+                }
         if report.new_task_interval:
             metrics["new_task_score_low"], metrics["new_task_score_high"] = report.new_task_interval
         metrics |= {
             "new_task_score": report.new_task_score,
             "new_task_baseline": report.new_task_baseline,
             "min_retention": min(report.retention.values(), default=1.0),
+            # the gated statistics: vs the champion and vs each task's anchor
+            "min_kept": min((t.value for t in report.tasks.values()), default=1.0),
+            "min_kept_vs_anchor": min((t.value for t in report.anchored.values()), default=1.0),
             "train_seconds": train.train_seconds,
             "eval_seconds": report.eval_seconds,
         }
@@ -394,6 +398,7 @@ def _register_new(
             "gate_reasons": "; ".join(decision.reasons),
             "release": release.name,
             "releases_learned": json.dumps(learned),
+            "learned_by": json.dumps(probe_set.champion.learned_by),  # and this one: its release
             "release_dvc_hash": release.dvc_hash,
             "champion_at_start": probe_set.champion.version or "base",
             **weights_tags(model_dir),

@@ -118,6 +118,8 @@ def evaluate_where_trained(
         url = f"{handoff_url(params, 'runs', run_key(params, run_dir))}/{EVALUATION}"
         download(f"{url}/candidate", run_dir / "candidate")
         fs, path = url_to_fs(f"{url}/{FILES['evaluate']}")
+        if fs.exists(url_to_fs(f"{url}/references")[1]):  # the champion scored there as well
+            download(f"{url}/references", run_dir / "references")
         report = EvalReport.model_validate_json(fs.cat_file(path))
         remove(handoff_url(params, "probes", run_key(params, run_dir)))  # scored: not needed
         return report
@@ -207,17 +209,26 @@ def upload_probes(probe_set: ProbeSet, url: str) -> dict[str, Any]:
     record = probe_set.model_dump(mode="json") | {"path": f"{url}/test.jsonl", "dev_path": None}
     if probe_set.champion_results is not None:
         record["champion_results"] = upload(probe_set.champion_results, f"{url}/champion")
+    if probe_set.anchor_results is not None:
+        fs.put_file(str(probe_set.anchor_results), url_to_fs(f"{url}/anchors.jsonl")[1])
+        record["anchor_results"] = f"{url}/anchors.jsonl"
     return record
 
 
-def probes_here(record: dict[str, Any], folder: Path) -> ProbeSet:
-    """The uploaded probe set, copied to this node, as a record with local paths."""
+def probes_here(record: dict[str, Any], folder: Path, champion: ChampionRef) -> ProbeSet:
+    """The uploaded probe set, copied to this node, as a record with local paths (the
+    champion's folder too: a reference scored again under this node's conditions)."""
     folder.mkdir(parents=True, exist_ok=True)
     fs, path = url_to_fs(record["path"])
     fs.get_file(path, str(folder / "test.jsonl"))
     local = record | {"path": str(folder / "test.jsonl")}
+    local["champion"] = record["champion"] | {"model_dir": str(champion.model_dir)}
     if record.get("champion_results"):
         local["champion_results"] = str(download(record["champion_results"], folder / "champion"))
+    if record.get("anchor_results"):
+        fs, path = url_to_fs(record["anchor_results"])
+        fs.get_file(path, str(folder / "anchors.jsonl"))
+        local["anchor_results"] = str(folder / "anchors.jsonl")
     return ProbeSet.model_validate(local)
 
 
@@ -253,10 +264,12 @@ def finetune_flow(
     log.info(f"fine-tune {config.train.strategy} from champion {champion_version or 'base'}")
     result = finetune(config, champion, release, work)
     if probes is not None:
-        probe_set = probes_here(probes, work / "probes")
+        probe_set = probes_here(probes, work / "probes", champion)
         report = evaluate_candidate(config, result.model_dir, probe_set, release, work)
         log.info(f"evaluated here: new task {report.new_task_score:.3f}, {report.retention}")
         upload(work / "candidate", f"{out_url}/{EVALUATION}/candidate")
+        if (work / "references").is_dir():
+            upload(work / "references", f"{out_url}/{EVALUATION}/references")
         fs, path = url_to_fs(f"{out_url}/{EVALUATION}/{FILES['evaluate']}")
         fs.pipe_file(path, report.model_dump_json().encode())
     upload(result.model_dir, f"{out_url}/{CANDIDATE}")

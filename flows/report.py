@@ -79,7 +79,11 @@ def transfer_metrics(matrix: dict, releases: list[str], candidate: str) -> dict[
 def retention_plot(report: EvalReport, decision: GateDecision, out: Path) -> Path:
     """Each gate check with an interval as a point, its interval and its threshold."""
     plt = _plt()
-    checks = [c for c in decision.checks if c.name.startswith(("retention[", "new_task_score["))]
+    checks = [
+        c
+        for c in decision.checks
+        if c.name.startswith(("retention[", "retention_vs_anchor[", "new_task_score["))
+    ]
     fig, ax = plt.subplots(figsize=(7.5, 0.6 + 0.55 * len(checks)))
     for y, c in enumerate(reversed(checks)):
         color = "#2a9d4b" if c.passed else "#c0392b"
@@ -89,7 +93,7 @@ def retention_plot(report: EvalReport, decision: GateDecision, out: Path) -> Pat
         ax.plot([c.threshold] * 2, [y - 0.35, y + 0.35], color="k", ls="--", lw=1)
     ax.set_yticks(range(len(checks)), [c.name for c in reversed(checks)])
     ax.set_ylim(-0.6, len(checks) - 0.4)
-    level = f"{report.confidence:.0%} interval" if report.confidence else "no interval"
+    level = f"exact bounds at {1 - report.alpha:.0%}" if report.alpha else "no interval"
     ax.set_xlabel(f"value ({level}); dashed: threshold; green passed, red failed")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
@@ -247,30 +251,34 @@ def write_report(
     ]
     task_rows = []
     for task in sorted(report.retention):
-        s = report.tasks.get(task)
-        threshold = params.gate.min_retention_per_task.get(task, params.gate.min_retention)
-        task_rows.append(
-            [
-                task,
-                _fmt(report.baseline.get(task)),
-                _fmt(report.scores.get(task)),
-                _fmt(report.retention[task]),
-                f"[{_fmt(s.retention_low)}, {_fmt(s.retention_high)}]" if s else "n/a",
-                f"{threshold:.2f}",
-                f"{s.known} known, {s.lost} lost, {s.gained} gained" if s else "",
-                _fmt(s.known_retained) if s else "n/a",
-                "too small to decide" if s and s.too_small else "",
-            ]
-        )
+        for s in (report.tasks.get(task), report.anchored.get(task)):
+            if s is None:
+                continue
+            task_rows.append(
+                [
+                    task,
+                    s.against,
+                    _fmt(s.reference_score),
+                    _fmt(s.candidate_score),
+                    f"{s.known} known, {s.lost} lost, {s.gained} gained",
+                    _fmt(s.value),
+                    _fmt(s.low),
+                    f"{s.threshold:.2f}",
+                    f"{s.needed_known} ({_fmt(s.passes_reliably_at)})",
+                    "too small to decide" if s.too_small else "",
+                ]
+            )
+    statistic = "net ratio" if params.gate.gains_offset_losses else "kept share"
     task_header = [
         "probe task",
-        "champion",
+        "against",
+        "reference",
         "candidate",
-        "retention",
-        f"{report.confidence:.0%} interval",
-        "threshold",
         "items",
-        "known retained",
+        statistic,
+        f"lower bound ({1 - report.alpha:.0%})",
+        "threshold",
+        f"known needed (passes with p {params.gate.power:g} at)",
         "note",
     ]
     interval = report.new_task_interval

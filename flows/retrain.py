@@ -285,8 +285,9 @@ def retrain(
     )
     if probe_set.too_small:
         log.warning(
-            f"too small to decide at probes.min_known={params.probes.min_known}: "
-            f"{probe_set.too_small} (their sources hold too few items the champion knows)"
+            f"too small to decide: {probe_set.too_small} (known {probe_set.known}, needed "
+            f"{probe_set.needed_known}; their sources hold too few items the champion knows); "
+            f"gate.too_small: {params.gate.too_small}"
         )
 
     tournament: list[CandidateResult] = []

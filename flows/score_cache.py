@@ -6,8 +6,9 @@ cache keeps each answer under
 
     model key = sha256 of every file of the model folder (weights, tokenizer, strategy state,
                 tasks.json: anything that changes an answer), and
-    item key  = sha256 of what the model is asked: the messages, the scoring kind, the choices,
-                max_new_tokens, the chat template flag, and the task whose parameters answer it,
+    item key  = sha256 of what the model is asked and how: the messages, the scoring kind, the
+                choices, max_new_tokens, the chat template flag, the task whose parameters
+                answer it, and the dtype and device kind it answers in (greedy decoding always),
 
 and stores the *output* only (the generated text, or the chosen choice): whether it is right is
 judged again from the item's answers each time (``flows.scoring.is_correct``), so a corrected
@@ -31,6 +32,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from flows.data import Example
+from flows.records import ScoringConditions
 from flows.serving import content_hash
 
 
@@ -42,9 +44,13 @@ def model_key(model_dir: Path) -> str:
     return content_hash(model_dir)
 
 
-def item_key(ex: Example, route: str | None, max_new_tokens: int, chat: bool) -> str:
+def item_key(
+    ex: Example, route: str | None, max_new_tokens: int, chat: bool, conditions: ScoringConditions
+) -> str:
     """What the model is asked, and under which settings: never the expected answers."""
     asked = {
+        "dtype": conditions.dtype,
+        "device": conditions.device,
         "messages": ex.messages,
         "scoring": ex.scoring,
         "choices": ex.choices if ex.scoring == "choice" else None,

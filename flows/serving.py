@@ -106,26 +106,31 @@ def load_dtype(model_dir: str | Path, for_training: bool = False) -> torch.dtype
     return torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
 
 
+def default_device() -> str:
+    """Where models answer: the GPU when there is one, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def load(
     model_dir: str | Path,
     for_training: bool = False,
     trust_remote_code: bool = False,
     device: str | None = None,
+    dtype: torch.dtype | None = None,
 ):
-    """Model and tokenizer from a transformers folder, in ``load_dtype``, on ``device`` (the
-    GPU when there is one, else the CPU); eval mode to answer.
+    """Model and tokenizer from a transformers folder, in ``dtype`` (default ``load_dtype``), on
+    ``device`` (the GPU when there is one, else the CPU); eval mode to answer.
     Python code shipped with a model (``auto_map`` in its config) runs only with
     ``trust_remote_code`` (``model.trust_remote_code`` in params.yaml); otherwise such a model
     is refused before any of its code is imported."""
     check_weights_kept(model_dir)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
+    dtype = dtype or load_dtype(model_dir, for_training)
     if (Path(model_dir) / ADAPTER_PARENT).is_file():  # an adapter: merged onto its parents
         model, tokenizer = merge_chain(model_dir, trust_remote_code)
-        model.to(load_dtype(model_dir, for_training))
+        model.to(dtype)
     else:
-        model, tokenizer = from_pretrained(
-            model_dir, load_dtype(model_dir, for_training), trust_remote_code
-        )
+        model, tokenizer = from_pretrained(model_dir, dtype, trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(torch.device(device))
@@ -352,11 +357,17 @@ def learned_tasks(model_dir: str | Path) -> list[str] | None:
 
 
 def load_for_serving(
-    model_dir: str | Path, trust_remote_code: bool = False
+    model_dir: str | Path,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype | None = None,
+    device: str | None = None,
 ) -> tuple[Any, Any, TaskRouter | None]:
     """Model, tokenizer and, for a model that keeps parameters per task, its router (the
-    model is then ``router.model``, which may wrap the loaded one)."""
-    model, tokenizer = load(model_dir, trust_remote_code=trust_remote_code)
+    model is then ``router.model``, which may wrap the loaded one); ``dtype`` and ``device``
+    as :func:`load` (the gate scores two models under one setting of both)."""
+    model, tokenizer = load(
+        model_dir, trust_remote_code=trust_remote_code, device=device, dtype=dtype
+    )
     spec = tasks_spec(model_dir)
     if spec is None:
         return model, tokenizer, None

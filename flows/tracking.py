@@ -249,6 +249,11 @@ def current_champion(params: Params) -> ChampionRef:
         return ChampionRef(version=None, model_dir=Path(base), releases=[])
     mv = client(params).get_model_version(params.model.registered_name, version)
     releases = json.loads(mv.tags.get("releases_learned", "[]"))
+    # the version that learned each release: the anchor its retention is measured from
+    learned_by = json.loads(mv.tags.get("learned_by", "{}")) | {mv.tags.get("release"): version}
     return ChampionRef(
-        version=version, model_dir=model_version_dir(params, version), releases=releases
+        version=version,
+        model_dir=model_version_dir(params, version),
+        releases=releases,
+        learned_by={r: v for r, v in learned_by.items() if r in releases},
     )

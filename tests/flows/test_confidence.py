@@ -1,77 +1,76 @@
-"""The gate's intervals on hand-made cases: closed forms, pairing, and coverage by simulation."""
+"""The gate's statistics on hand-made cases: closed forms, the design and the paired gain."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
+from scipy import stats
 
-from flows.confidence import paired_interval, proportion_interval
+from flows import confidence
+from flows.config import GateConfig
 from flows.evaluate import task_retention
 
 
-def test_clopper_pearson_matches_its_closed_form_at_the_edges():
-    # 0 of n: upper = 1 - (α/2)^(1/n); n of n: lower = (α/2)^(1/n).
-    alpha, n = 0.1, 10
-    assert proportion_interval(0, n, 0.9) == pytest.approx((0.0, 1 - (alpha / 2) ** (1 / n)))
-    assert proportion_interval(n, n, 0.9) == pytest.approx(((alpha / 2) ** (1 / n), 1.0))
-    low, high = proportion_interval(19, 30, 0.9)
-    assert 0.46 < low < 0.47 and 0.77 < high < 0.78  # the demo's 19 of 30 on the new task
+def test_clopper_pearson_bounds_match_their_closed_forms_at_the_edges():
+    # n of n: lower = α^(1/n); 0 of n: upper = 1 - α^(1/n).
+    alpha, n = 0.05, 30
+    assert confidence.lower_bound(n, n, alpha) == pytest.approx(alpha ** (1 / n))
+    assert confidence.upper_bound(0, n, alpha) == pytest.approx(1 - alpha ** (1 / n))
+    assert confidence.lower_bound(0, n, alpha) == 0.0 and confidence.upper_bound(n, n, alpha) == 1
+    # 29 of 30 kept: the bound the issue quotes at a two-sided 90% level (one-sided 5%).
+    assert confidence.lower_bound(29, 30, 0.05) == pytest.approx(0.851, abs=5e-4)
 
 
-def test_identical_answers_give_a_point_interval():
-    a = [True] * 30 + [False] * 10
-    assert paired_interval(a, a, "ratio", 0.9) == (1.0, 1.0)
-    assert paired_interval(a, a, "difference", 0.9) == (0.0, 0.0)
+def test_the_lower_bound_passes_exactly_when_the_binomial_test_rejects():
+    """L >= θ  ⇔  P(X >= x | K, θ) <= α, for every count: the test and the bound are one."""
+    for known in (5, 12, 30, 60, 200):
+        for kept in range(known + 1):
+            bound = confidence.lower_bound(kept, known, 0.05) >= 0.9
+            test = stats.binom.sf(kept - 1, known, 0.9) <= 0.05
+            assert bound == test, (known, kept)
+        c = confidence.critical_kept(known, 0.9, 0.05)
+        if c <= known:  # else no count can pass (5 and 12 known items)
+            assert confidence.lower_bound(c, known, 0.05) >= 0.9
+        assert confidence.lower_bound(min(c, known + 1) - 1, known, 0.05) < 0.9
 
 
-def test_the_interval_is_paired_one_flip_in_a_hundred_items_is_narrow():
-    champion = [True] * 50 + [False] * 50
-    candidate = list(champion)
-    candidate[0] = False  # one known item lost
-    low, high = paired_interval(champion, candidate, "ratio", 0.9)
-    assert low <= 0.98 <= high
-    assert low > 0.93  # unpaired, two accuracies of 0.5 on 100 items, it would be ±0.2 wide
-    # Resampling the two models independently ignores that they agree on 99 items: far wider.
-    rng = np.random.default_rng(0)
-    a, b = np.array(champion, float), np.array(candidate, float)
-    ratios = [
-        rng.choice(b, 100).mean() / rng.choice(a, 100).mean() for _ in range(2000)
-    ]  # the unpaired bootstrap, by hand
-    assert np.quantile(ratios, 0.05) < 0.85
+def test_nothing_lost_is_not_proof_with_few_items():
+    """Zero losses out of 12 known items: the share kept could still be 0.78 at 95%."""
+    gate = GateConfig()
+    stats12 = task_retention([True] * 12, [True] * 12, 0.9, gate, needed_known=89)
+    assert stats12.value == 1.0 and stats12.low == pytest.approx(0.05 ** (1 / 12))
+    assert stats12.low < 0.9 and stats12.too_small
+    assert confidence.critical_kept(28, 0.9, 0.05) == 29  # 28 known items can never pass
+    assert confidence.critical_kept(29, 0.9, 0.05) == 29
 
 
-def test_more_lost_items_move_the_whole_interval_down():
-    champion = [True] * 40 + [False] * 40
-    intervals = []
-    for lost in (1, 4, 8):
-        candidate = [i >= lost for i in range(40)] + [False] * 40
-        intervals.append(paired_interval(champion, candidate, "ratio", 0.9))
-    assert intervals[0][0] > intervals[1][0] > intervals[2][0]
-    assert intervals[0][1] > intervals[1][1] > intervals[2][1]
-    assert intervals[2][1] < 0.9  # 8 of 40 known items lost: clearly below a 0.9 threshold
+def test_gains_do_not_offset_losses_unless_the_setting_says_so():
+    reference = [True] * 100 + [False] * 100
+    candidate = [True] * 90 + [False] * 10 + [True] * 20 + [False] * 80  # lost 10, gained 20
+    kept = task_retention(reference, candidate, 0.9, GateConfig(), 89)
+    assert (kept.known, kept.lost, kept.gained) == (100, 10, 20)
+    assert kept.value == pytest.approx(0.9) and kept.retention == pytest.approx(1.1)
+    assert kept.low < 0.9 and "kept" in kept.method
+    net = task_retention(reference, candidate, 0.9, GateConfig(gains_offset_losses=True), 89)
+    assert net.statistic == "net" and net.value == pytest.approx(1.1)
+    assert net.low >= 0.9  # the gains count, at a Bonferroni-exact level
 
 
-def test_ninety_percent_intervals_cover_the_true_retention_about_ninety_percent_of_the_time():
-    """Items where the champion is right with p=0.6; the candidate keeps each known item with
-    probability 0.85 and learns an unknown one with probability 0.02: true retention is
-    (0.6·0.85 + 0.4·0.02) / 0.6 ≈ 0.863."""
-    rng = np.random.default_rng(1)
-    truth = (0.6 * 0.85 + 0.4 * 0.02) / 0.6
-    covered, trials = 0, 150
-    for seed in range(trials):
-        champion = rng.random(120) < 0.6
-        candidate = np.where(champion, rng.random(120) < 0.85, rng.random(120) < 0.02)
-        low, high = paired_interval(champion, candidate, "ratio", 0.9, seed=seed)
-        covered += low <= truth <= high
-    assert 0.8 <= covered / trials <= 0.97
+def test_the_design_asks_for_enough_known_items_for_a_good_candidate_to_pass():
+    need = confidence.required_known(0.9, 0.05, 0.8, 0.97)
+    assert 60 <= need <= 120
+    for k in range(need, need + 200):
+        assert confidence.pass_probability(k, 0.97, 0.9, 0.05) >= 0.8
+    assert confidence.pass_probability(need - 1, 0.97, 0.9, 0.05) < 0.8
+    # resolution of a task: what a candidate must keep to pass 80% of the time
+    assert confidence.passes_reliably_at(12, 0.9, 0.05, 0.8) == 1.0  # nothing passes
+    assert 0.94 < confidence.passes_reliably_at(200, 0.9, 0.05, 0.8) < 0.96
 
 
-def test_task_retention_counts_known_lost_and_gained_items():
-    champion = [True, True, True, True, False, False]
-    candidate = [True, False, True, True, True, False]
-    stats = task_retention(champion, candidate, min_known=5, confidence=0.9)
-    assert (stats.n, stats.known, stats.lost, stats.gained) == (6, 4, 1, 1)
-    assert stats.retention == pytest.approx((4 / 6) / (4 / 6))
-    assert stats.known_retained == pytest.approx(0.75)
-    assert stats.too_small  # 4 known items < 5
-    assert stats.retention_low < 1.0 <= stats.retention_high  # one lost, one gained
+def test_the_paired_gain_interval_comes_from_the_flips():
+    a = [True] * 30 + [False] * 30
+    assert confidence.paired_difference(a, a, 0.05) == (0.0, 0.0)
+    b = [True] * 30 + [True] * 12 + [False] * 18  # 12 gained, none lost: gain 0.2
+    low, high = confidence.paired_difference(a, b, 0.05)
+    assert low > 0 and high == pytest.approx(0.2)  # every flip is a gain
+    with pytest.raises(ValueError, match="differ in length"):
+        confidence.paired_difference(a, b[:-1], 0.05)

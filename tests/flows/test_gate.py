@@ -1,134 +1,125 @@
+from __future__ import annotations
+
 from flows.config import GateConfig, UncertainPolicy
+from flows.evaluate import task_retention
 from flows.gate import gate
 from flows.records import EvalReport, TaskRetention
 
 
-def report(retention: dict[str, float], score: float, baseline: float = 0.1) -> EvalReport:
+def stats(known: int, lost: int, threshold: float = 0.9, needed: int = 89, **kw) -> TaskRetention:
+    """The test of a task where the reference knows ``known`` of ``2 * known`` items and the
+    candidate loses ``lost`` of them."""
+    reference = [True] * known + [False] * known
+    candidate = [i >= lost for i in range(known)] + [False] * known
+    return task_retention(reference, candidate, threshold, GateConfig(), needed, **kw)
+
+
+def report(
+    tasks: dict[str, TaskRetention],
+    score: float = 0.6,
+    baseline: float = 0.1,
+    anchored: dict[str, TaskRetention] | None = None,
+    score_interval: tuple[float, float] | None = None,
+) -> EvalReport:
     return EvalReport(
-        scores=retention,
-        baseline={t: 1.0 for t in retention},
-        retention=retention,
+        scores={t: s.candidate_score for t, s in tasks.items()},
+        baseline={t: s.reference_score for t, s in tasks.items()},
+        retention={t: s.retention for t, s in tasks.items()},
         new_task="rel",
         new_task_score=score,
         new_task_baseline=baseline,
         eval_seconds=0.0,
+        alpha=0.05,
+        tasks=tasks,
+        anchored=anchored or {},
+        new_task_interval=score_interval,
+        new_task_gain_interval=None,
     )
 
 
 def test_passes_only_when_every_check_holds():
     cfg = GateConfig(min_retention=0.9, min_new_task_score=0.5)
-    assert gate(report({"gk": 0.95, "old": 0.91}, 0.6), cfg).passed
+    assert gate(report({"gk": stats(150, 2), "old": stats(120, 1)}, 0.6), cfg).passed
 
 
 def test_one_forgotten_task_fails_the_gate_even_with_a_great_new_task():
-    decision = gate(report({"gk": 0.95, "old": 0.5}, 0.99), GateConfig(min_retention=0.9))
+    decision = gate(report({"gk": stats(150, 2), "old": stats(120, 30)}, 0.99), GateConfig())
     assert not decision.passed
-    assert decision.reasons == ["retention[old] = 0.500 < 0.900: FAILED"]
+    (reason,) = decision.reasons
+    assert reason.startswith("retention[old] = 0.750 [")
+    assert "kept 90 of 120 known, lost 30, gained 0" in reason
+
+
+def test_one_lost_item_of_thirty_is_not_proof_of_ninety_percent():
+    """The case the issue found: 29 of 30 kept; the exact lower bound is 0.851 < 0.9."""
+    decision = gate(report({"gk": stats(30, 1, needed=0)}), GateConfig())
+    assert not decision.passed
+    assert decision.checks[0].interval[0] < 0.86
 
 
 def test_new_task_target_must_be_met_even_with_perfect_retention():
-    decision = gate(report({"gk": 1.0}, 0.3), GateConfig(min_new_task_score=0.5))
+    decision = gate(report({"gk": stats(150, 0)}, 0.3), GateConfig(min_new_task_score=0.5))
     assert not decision.passed and "new_task_score[rel]" in decision.reasons[0]
 
 
 def test_per_task_threshold_overrides_the_default():
-    cfg = GateConfig(min_retention=0.9, min_retention_per_task={"gk": 0.99}, min_new_task_score=0)
-    assert not gate(report({"gk": 0.95}, 0.6), cfg).passed
-    assert gate(report({"gk": 0.995}, 0.6), cfg).passed
+    cfg = GateConfig(min_retention=0.9, min_retention_per_task={"gk": 0.95}, min_new_task_score=0)
+    assert not gate(report({"gk": stats(150, 4, threshold=0.95)}), cfg).passed
+    assert gate(report({"gk": stats(300, 1, threshold=0.95)}), cfg).passed
 
 
 def test_threshold_for_a_task_without_probes_fails_rather_than_never_applying():
     cfg = GateConfig(min_retention_per_task={"typo-task": 0.9}, min_new_task_score=0)
-    decision = gate(report({"gk": 1.0}, 0.6), cfg)
+    decision = gate(report({"gk": stats(150, 0)}), cfg)
     assert not decision.passed and "typo-task" in decision.reasons[0]
 
 
+def test_a_report_without_per_item_results_fails():
+    untested = report({"gk": stats(150, 0)}).model_copy(update={"tasks": {}})
+    decision = gate(untested, GateConfig())
+    assert not decision.passed and "no per-item results" in decision.reasons[0]
+
+
 def test_candidate_must_beat_the_champion_on_the_new_task_when_configured():
-    cfg = GateConfig(min_retention=0.9, min_new_task_score=0.5, beat_champion=True)
-    assert not gate(report({"gk": 1.0}, 0.6, baseline=0.6), cfg).passed
-    relaxed = GateConfig(min_retention=0.9, min_new_task_score=0.5, beat_champion=False)
-    assert gate(report({"gk": 1.0}, 0.6, baseline=0.6), relaxed).passed
+    tasks = {"gk": stats(150, 0)}
+    cfg = GateConfig(min_new_task_score=0.5, beat_champion=True)
+    assert not gate(report(tasks, 0.6, baseline=0.6), cfg).passed
+    relaxed = GateConfig(min_new_task_score=0.5, beat_champion=False)
+    assert gate(report(tasks, 0.6, baseline=0.6), relaxed).passed
 
 
 def test_gain_threshold():
+    tasks = {"gk": stats(150, 0)}
     cfg = GateConfig(min_new_task_score=0.0, min_new_task_gain=0.2)
-    assert not gate(report({"gk": 1.0}, 0.25, baseline=0.1), cfg).passed
-    assert gate(report({"gk": 1.0}, 0.35, baseline=0.1), cfg).passed
-
-
-def with_intervals(
-    retention: float,
-    interval: tuple[float, float],
-    score: float = 0.6,
-    score_interval: tuple[float, float] = (0.55, 0.65),
-    known: int = 40,
-) -> EvalReport:
-    stats = TaskRetention(
-        n=80,
-        known=known,
-        lost=0,
-        gained=0,
-        champion_score=0.5,
-        candidate_score=0.5 * retention,
-        retention=retention,
-        retention_low=interval[0],
-        retention_high=interval[1],
-        known_retained=1.0,
-        known_retained_low=0.9,
-        known_retained_high=1.0,
-        too_small=known < 30,
-    )
-    return report({"gk": retention}, score).model_copy(
-        update={
-            "confidence": 0.9,
-            "tasks": {"gk": stats},
-            "new_task_interval": score_interval,
-            "new_task_gain_interval": (score_interval[0] - 0.1, score_interval[1] - 0.1),
-        }
-    )
-
-
-def test_a_retention_interval_that_straddles_the_threshold_blocks_by_default():
-    cfg = GateConfig(min_retention=0.9, min_new_task_score=0.5)
-    decision = gate(with_intervals(0.95, (0.85, 1.0)), cfg)
-    assert not decision.passed
-    (reason,) = decision.reasons
-    assert reason.startswith("retention[gk] = 0.950 [0.850, 1.000] >= 0.900: FAILED")
-    assert "straddles" in reason
-    # The same point estimate with an interval above the threshold passes.
-    assert gate(with_intervals(0.95, (0.91, 1.0)), cfg).passed
-    # A whole interval below the threshold fails whatever the policy.
-    lenient = cfg.model_copy(update={"when_uncertain": UncertainPolicy(retention="point_estimate")})
-    assert not gate(with_intervals(0.8, (0.7, 0.88)), lenient).passed
-
-
-def test_point_estimate_policy_decides_a_straddling_interval_on_the_value_and_says_so():
-    lenient = GateConfig(
-        min_retention=0.9, when_uncertain=UncertainPolicy(retention="point_estimate")
-    )
-    passed = gate(with_intervals(0.95, (0.85, 1.0)), lenient)
-    assert passed.passed
-    assert "decided on the point estimate" in passed.checks[0].note
-    assert not gate(with_intervals(0.88, (0.8, 0.95)), lenient).passed
+    assert not gate(report(tasks, 0.25, baseline=0.1), cfg).passed
+    assert gate(report(tasks, 0.35, baseline=0.1), cfg).passed
 
 
 def test_new_task_target_is_decided_on_the_point_estimate_by_default():
     cfg = GateConfig(min_new_task_score=0.5, beat_champion=False)
-    ok = gate(with_intervals(1.0, (1.0, 1.0), score=0.633, score_interval=(0.467, 0.779)), cfg)
-    assert ok.passed
-    assert "straddles" in ok.checks[1].note
+    tasks = {"gk": stats(150, 0)}
+    ok = gate(report(tasks, 0.633, score_interval=(0.467, 0.779)), cfg)
+    assert ok.passed and "straddles" in ok.checks[1].note
     strict = cfg.model_copy(update={"when_uncertain": UncertainPolicy(new_task="fail")})
-    blocked = gate(
-        with_intervals(1.0, (1.0, 1.0), score=0.633, score_interval=(0.467, 0.779)), strict
-    )
+    blocked = gate(report(tasks, 0.633, score_interval=(0.467, 0.779)), strict)
     assert not blocked.passed and blocked.checks[1].name == "new_task_score[rel]"
 
 
-def test_a_task_with_too_few_known_items_is_reported_as_too_small_to_decide():
-    cfg = GateConfig(min_retention=0.9, min_new_task_score=0.5)
-    decision = gate(with_intervals(1.0, (0.8, 1.1), known=9), cfg)
+def test_a_task_too_small_to_decide_blocks_by_default_and_the_other_policy_is_named():
+    small = stats(40, 0)  # nothing lost, lower bound 0.928 >= 0.9, but 40 < 89 known
+    assert small.low >= 0.9 and small.too_small
+    decision = gate(report({"gk": small}), GateConfig())
     assert not decision.passed
-    assert "too small to decide: the champion knows 9 of 80 items" in decision.reasons[0]
-    # Lost nothing, gained nothing: the interval is a point and the task passes, still flagged.
-    kept = gate(with_intervals(1.0, (1.0, 1.0), known=9), cfg)
-    assert kept.passed and "too small" in kept.checks[0].note
+    assert "too small to decide: 40 known items of 80, the design needs 89" in decision.reasons[0]
+    assert "gate.too_small: fail" in decision.reasons[0]
+    decided = gate(report({"gk": small}), GateConfig(too_small="decide"))
+    assert decided.passed and "gate.too_small: decide" in decided.checks[0].note
+
+
+def test_the_anchored_check_fails_on_drift_the_step_check_cannot_see():
+    step = stats(150, 0)  # nothing lost since the champion
+    drift = stats(150, 30, threshold=0.85, needed=40, against="base")  # 0.8 of what base knew
+    decision = gate(report({"gk": step}, anchored={"gk": drift}), GateConfig())
+    assert not decision.passed
+    assert [c.name for c in decision.checks if not c.passed] == ["retention_vs_anchor[gk]"]
+    assert "vs base" in decision.reasons[0]
