@@ -131,7 +131,10 @@ def required_known(
 ) -> int:
     """The fewest known items from which on (every larger count up to ``limit`` too: the pass
     probability is a sawtooth in K) a candidate that keeps ``design_retention`` passes with
-    probability ``power``; ``limit`` when none is enough below it."""
+    probability ``power``; ``limit`` when none is enough below it. A threshold of 0 needs none:
+    every result shows it."""
+    if threshold <= 0:
+        return 0
     for k in range(limit, 0, -1):
         if pass_probability(k, design_retention, threshold, alpha) < power:
             return min(k + 1, limit)

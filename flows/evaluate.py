@@ -26,7 +26,7 @@ from flows.data import Example, load_probes, load_release
 from flows.records import ChampionRef, EvalReport, ProbeSet, ScoringConditions, TaskRetention
 from flows.score_cache import ScoreCache, item_key, model_key
 from flows.scoring import accuracy_by_task, result_of, score_examples
-from flows.serving import BASE_TASK, default_device, learned_tasks, load_dtype, load_for_serving
+from flows.serving import default_device, learned_tasks, load_dtype, load_for_serving
 from flows.splits import stratified_split
 
 
@@ -36,13 +36,18 @@ def serving_conditions(model_dir: Path) -> ScoringConditions:
     return ScoringConditions(dtype=str(dtype).removeprefix("torch."), device=default_device())
 
 
+DEFAULT = "default"  # answered_by of an item a task model answers through its default route
+
+
 class Scorer:
     """One model that scores lists of examples (probes and new-task items alike).
 
     A model that keeps parameters per task (packnet, progressive; ``flows/serving.py``) answers
-    each item through its task's own parameters: a release it learned through that release's
-    column or mask, any other task (general knowledge, releases learned before it, a release it
-    has not learned yet) through the base weights. Each result records it as ``answered_by``.
+    each item as its endpoint would: a release it learned through that release's column or mask
+    (a client names the task), any other task (general knowledge, a release it has not learned
+    yet) through what a request without a task gets, the default route (the latest release's
+    parameters), never the base weights, which no such request reaches. Each result records it
+    as ``answered_by`` ("default" for the default route).
 
     Answers this model version gave before are read from the score cache
     (``flows/score_cache.py``) instead of being computed again; the model itself is loaded only
@@ -86,10 +91,11 @@ class Scorer:
         return self._load()[1]
 
     def route(self, task: str) -> str | None:
-        """The task whose parameters answer an item of ``task`` (None: the model's one set)."""
+        """The task whose parameters answer an item of ``task`` (None: the model's one set, or
+        a task model's default route)."""
         if self.tasks is None:
             return None
-        return task if task in self.tasks else BASE_TASK
+        return task if task in self.tasks else None
 
     def score(self, examples: Sequence[Example], max_new_tokens: int | None = None) -> list[dict]:
         """Per-item results ``{"id", "task", "category", "scoring", "output", "correct"}``
@@ -128,7 +134,7 @@ class Scorer:
                 self.scored += len(todo)
         results = [result_of(ex, outputs[i]) for i, ex in enumerate(examples)]
         if self.tasks is not None:
-            results = [r | {"answered_by": self.route(r["task"])} for r in results]
+            results = [r | {"answered_by": self.route(r["task"]) or DEFAULT} for r in results]
         return results
 
     def _answering(self, route: str | None):

@@ -82,7 +82,7 @@ def write_params(tmp_path: Path, tiny_model_dir: Path, demo_dir: Path, **section
             "lora": {"r": 8, "alpha": 16, "target_modules": ALL_LINEAR},
         },
         "evaluate": {"batch_size": 32, "max_new_tokens": 6, "new_task_max_new_tokens": 4},
-        "gate": {"min_retention": 0.0, "min_new_task_score": 0.0},
+        "gate": {"min_retention": 0.0, "min_retention_vs_anchor": 0.0, "min_new_task_score": 0.0},
         "versioning": {"remote": str(tmp_path / "dvc-remote")},
     }
     for section, values in sections.items():

@@ -54,7 +54,7 @@ def test_pass_then_fail_then_next_release(tmp_path, tiny_model_dir, demo_dir):
     losses = client.get_metric_history(run.info.run_id, "train_loss")
     assert [m.step for m in losses] == list(range(1, 41))
     contexts = {i.tags[0].value for i in run.inputs.dataset_inputs}
-    assert contexts == {"probe-test", "probe-dev", "eval", "training"}
+    assert contexts == {"probe-test", "eval", "training"}  # no tournament: no dev probes
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"gate_report.json", "eval_report.json", "plots", "report"} <= artifacts
     report_files = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
@@ -107,6 +107,7 @@ def test_pass_then_fail_then_next_release(tmp_path, tiny_model_dir, demo_dir):
     assert not failed.promotion.promoted
     v2 = client.get_model_version("forgetless-lm", failed.registration.version)
     assert v2.tags["gate"] == "failed" and "new_task_score" in v2.tags["gate_reasons"]
+    assert json.loads(v2.tags["learned_by"]) == {"wiki-topics-1": "1"}  # the anchor of its items
     assert str(client.get_model_version_by_alias("forgetless-lm", "champion").version) == "1"
 
     # The next retrain starts from champion v1; release 1's held-out items are probes now.
@@ -116,14 +117,18 @@ def test_pass_then_fail_then_next_release(tmp_path, tiny_model_dir, demo_dir):
     assert second.eval.baseline["wiki-topics-1"] == pytest.approx(
         first.eval.new_task_score, abs=0.2
     )
-    test_items, dev_items = (
-        [json.loads(line) for line in (ws / "probes" / f"{part}.jsonl").open()]
-        for part in ("test", "dev")
-    )
+    test_items = [json.loads(line) for line in (ws / "probes" / "test.jsonl").open()]
     assert {r["task"] for r in test_items} == {"general-knowledge", "wiki-topics-1"}
-    assert {r["task"] for r in dev_items} == {"general-knowledge", "wiki-topics-1"}
-    keys = lambda items: {(r["task"], r["id"]) for r in items}  # noqa: E731
-    assert not keys(test_items) & keys(dev_items)
+    # Each task is also gated against its anchor: the base model for general knowledge, v1 (the
+    # version that learned it) for release 1's items, on the same items.
+    anchored = second.eval.anchored
+    assert {t: a.against for t, a in anchored.items()} == {
+        "general-knowledge": "base",
+        "wiki-topics-1": "v1",
+    }
+    for task, a in anchored.items():
+        assert a.n == second.eval.tasks[task].n
+        assert any(c.name == f"retention_vs_anchor[{task}]" for c in second.gate.checks)
 
     matrix = json.loads((ws / "accuracy_matrix.json").read_text())
     labels = [r["label"] for r in matrix["rows"]]
