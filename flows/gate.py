@@ -75,8 +75,7 @@ def retention_check(name: str, stats: TaskRetention, too_small: str) -> GateChec
     passed = stats.low >= stats.threshold
     notes = [
         f"vs {stats.against}: kept {stats.known - stats.lost} of {stats.known} known, "
-        f"lost {stats.lost}, gained {stats.gained}; lower bound {stats.low:.3f} "
-        f"({stats.method})"
+        f"lost {stats.lost}, gained {stats.gained}; {stats.method}"
     ]
     if stats.too_small:
         small = (
@@ -95,6 +94,7 @@ def retention_check(name: str, stats: TaskRetention, too_small: str) -> GateChec
         passed=passed,
         interval=(stats.low, stats.high),
         note="; ".join(notes),
+        on_lower_bound=True,
     )
 
 

@@ -32,8 +32,8 @@ from itertools import zip_longest
 from pathlib import Path
 
 from flows.config import Params
-from flows.data import as_probe_record, load_release, probe_example, read_jsonl, write_jsonl
-from flows.demo_data import build_demo
+from flows.data import as_probe_record, load_release, probe_example, write_jsonl
+from flows.demo_data import PROBE_FILES, build_demo
 from flows.evaluate import (
     Scorer,
     accuracy,
@@ -42,6 +42,7 @@ from flows.evaluate import (
     score_anchors,
     write_results,
 )
+from flows.lm_eval_source import read_source
 from flows.records import ChampionRef, ProbeSet
 from flows.scoring import accuracy_by_task
 from flows.splits import stratified_split
@@ -52,7 +53,7 @@ def probe_sources(params: Params) -> list[Path]:
     if params.probes.sources:
         return [params.path(p) for p in params.probes.sources]
     demo = build_demo(params.path(params.data.demo_dir))
-    return [demo / "probes" / "general_knowledge.jsonl"]
+    return [demo / "probes" / name for name in PROBE_FILES]
 
 
 def learned_probe_items(params: Params, champion: ChampionRef) -> list[dict]:
@@ -66,7 +67,7 @@ def learned_probe_items(params: Params, champion: ChampionRef) -> list[dict]:
 
 def collect_probe_items(params: Params, champion: ChampionRef) -> list[dict]:
     """All candidate probe items: the sources, then each learned release's eval items."""
-    items = [r for src in probe_sources(params) for _, r in read_jsonl(src)]
+    items = [r for src in probe_sources(params) for _, r in read_source(src)]
     items += learned_probe_items(params, champion)
     ids = [(r["task"], r["id"]) for r in items]
     dupes = {i for i in ids if ids.count(i) > 1}

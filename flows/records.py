@@ -177,18 +177,24 @@ class GateCheck(Record):
     interval: tuple[float, float] | None = None  # the value's confidence interval
     note: str = ""  # e.g. "interval straddles the threshold", "too small to decide"
     strict: bool = False  # the value must be above the threshold, not merely reach it
+    on_lower_bound: bool = False  # decided by the interval's lower end (a retention test)
 
     @property
     def meets(self) -> bool:
-        """Whether the value itself is on the passing side of the threshold."""
-        return self.value > self.threshold if self.strict else self.value >= self.threshold
+        """Whether the decided number (the value, or the lower bound) is on the passing side."""
+        x = self.interval[0] if self.on_lower_bound and self.interval else self.value
+        return x > self.threshold if self.strict else x >= self.threshold
 
     def __str__(self) -> str:
         op = (">" if self.strict else ">=") if self.meets else ("<=" if self.strict else "<")
-        ci = f" [{self.interval[0]:.3f}, {self.interval[1]:.3f}]" if self.interval else ""
         verdict = "ok" if self.passed else "FAILED"
         note = f" ({self.note})" if self.note else ""
-        return f"{self.name} = {self.value:.3f}{ci} {op} {self.threshold:.3f}: {verdict}{note}"
+        if self.on_lower_bound and self.interval:
+            head = f"{self.name} = {self.value:.3f}, lower bound {self.interval[0]:.3f}"
+        else:
+            ci = f" [{self.interval[0]:.3f}, {self.interval[1]:.3f}]" if self.interval else ""
+            head = f"{self.name} = {self.value:.3f}{ci}"
+        return f"{head} {op} {self.threshold:.3f}: {verdict}{note}"
 
 
 class GateDecision(Record):

@@ -4,6 +4,12 @@
   accepted answer, otherwise an accepted answer must appear in the output (case-insensitive).
 - ``choice``: the choice with the highest mean token log-likelihood after the prompt must be an
   accepted answer. The LM head runs only on the choice tokens, not on every position.
+- ``loglik``: lm-evaluation-harness's multiple choice (``acc``): the raw prompt text, no chat
+  template, is the context; each choice, after the item's ``delimiter`` (" "), is scored by the
+  *sum* of its tokens' log-probabilities, tokenized as lm-eval does (the whole text encoded,
+  the context's tokens cut off; trailing spaces of the context moved to the continuation; no
+  BOS); the highest must be an accepted answer. On the same model and items this is lm-eval's
+  own accuracy (``tests/flows/test_lm_eval_source.py``).
 """
 
 from __future__ import annotations
@@ -65,7 +71,97 @@ def body_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
     return getattr(model, model.base_model_prefix), model.get_output_embeddings()
 
 
+def choice_pairs(
+    tokenizer: PreTrainedTokenizerBase, ex: Example, use_chat_template: bool
+) -> list[tuple[list[int], list[int]]]:
+    """(context ids, continuation ids) per choice of a ``choice`` item: the formatted prompt,
+    then the choice."""
+    prompt = tokenizer(
+        format_prompt(tokenizer, ex.messages, use_chat_template), add_special_tokens=False
+    )["input_ids"]
+    sep = "" if use_chat_template and tokenizer.chat_template else " "
+    return [(prompt, tokenizer(sep + c, add_special_tokens=False)["input_ids"]) for c in ex.choices]
+
+
+def lm_eval_pairs(tokenizer: PreTrainedTokenizerBase, ex: Example) -> list[tuple[list, list]]:
+    """(context ids, continuation ids) per choice of a ``loglik`` item, as lm-eval's
+    ``_encode_pair`` makes them for a causal model."""
+    out = []
+    for choice in ex.choices:
+        context, continuation = ex.prompt_text, ex.delimiter + choice
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+        head = tokenizer(context, add_special_tokens=False)["input_ids"]
+        out.append((whole[: len(head)], whole[len(head) :]))
+    return out
+
+
 @torch.no_grad()
+def continuation_logprobs(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[tuple[list[int], list[int]]],
+    batch_size: int,
+) -> list[torch.Tensor]:
+    """Per (context, continuation) pair, the log-probability of each continuation token after
+    what precedes it; right-padded batches, the LM head only at the continuation's positions."""
+    out: list[torch.Tensor] = []
+    body, head = body_and_head(model) or (model, None)  # a whole model gives the logits
+    pad = tokenizer.pad_token_id
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        seqs = [p + c for p, c in chunk]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, s in enumerate(seqs):
+            ids[row, : len(s)] = torch.tensor(s)
+            mask[row, : len(s)] = 1
+        result = body(input_ids=ids.to(model.device), attention_mask=mask.to(model.device))
+        hidden = result.logits if head is None else result[0]
+        for row, (p, c) in enumerate(chunk):
+            positions = torch.arange(len(p) - 1, len(p) + len(c) - 1, device=hidden.device)
+            at = hidden[row, positions]
+            logits = (at if head is None else head(at)).float()
+            target = torch.tensor(c, device=logits.device)
+            out.append(torch.log_softmax(logits, dim=-1).gather(1, target[:, None])[:, 0])
+    return out
+
+
+def choice_scores(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    use_chat_template: bool,
+    batch_size: int,
+    progress: Progress | None = None,
+) -> list[list[float]]:
+    """Per example, a score per choice: the mean token log-probability (``choice``) or the sum
+    (``loglik``, lm-eval's ``acc``)."""
+    pairs, owner = [], []
+    for i, ex in enumerate(examples):
+        made = (
+            lm_eval_pairs(tokenizer, ex)
+            if ex.scoring == "loglik"
+            else choice_pairs(tokenizer, ex, use_chat_template)
+        )
+        pairs += made
+        owner += [i] * len(made)
+    scores: list[list[float]] = [[] for _ in examples]
+    step = batch_size * 8  # report progress every few batches
+    for start in range(0, len(pairs), step):
+        logps = continuation_logprobs(model, tokenizer, pairs[start : start + step], batch_size)
+        for i, lp in zip(owner[start : start + step], logps, strict=True):
+            ex = examples[i]
+            scores[i].append(float(lp.sum() if ex.scoring == "loglik" else lp.mean()))
+        if progress:
+            done = set(owner[start : start + step])
+            progress(sum(len(scores[i]) == len(examples[i].choices) for i in done))
+    return scores
+
+
 def choice_loglik(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -75,42 +171,7 @@ def choice_loglik(
     progress: Progress | None = None,
 ) -> list[list[float]]:
     """Mean log-probability of each choice's tokens after the prompt, per example."""
-    pairs = []  # (example index, prompt ids, choice ids)
-    for i, ex in enumerate(examples):
-        prompt = tokenizer(
-            format_prompt(tokenizer, ex.messages, use_chat_template), add_special_tokens=False
-        )["input_ids"]
-        sep = "" if use_chat_template and tokenizer.chat_template else " "
-        for choice in ex.choices:
-            pairs.append(
-                (i, prompt, tokenizer(sep + choice, add_special_tokens=False)["input_ids"])
-            )
-    scores: list[list[float]] = [[] for _ in examples]
-    body, head = body_and_head(model) or (model, None)  # a whole model gives the logits
-    pad = tokenizer.pad_token_id
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        seqs = [p + c for _, p, c in chunk]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, s in enumerate(seqs):
-            ids[row, : len(s)] = torch.tensor(s)
-            mask[row, : len(s)] = 1
-        out = body(input_ids=ids.to(model.device), attention_mask=mask.to(model.device))
-        hidden = out.logits if head is None else out[0]
-        for row, (i, p, c) in enumerate(chunk):
-            positions = torch.arange(len(p) - 1, len(p) + len(c) - 1, device=hidden.device)
-            at = hidden[row, positions]
-            logits = (at if head is None else head(at)).float()
-            target = torch.tensor(c, device=logits.device)
-            logp = torch.log_softmax(logits, dim=-1).gather(1, target[:, None]).mean()
-            scores[i].append(float(logp))
-        if progress:
-            progress(
-                sum(len(scores[i]) == len(examples[i].choices) for i in {i for i, _, _ in chunk})
-            )
-    return scores
+    return choice_scores(model, tokenizer, examples, use_chat_template, batch_size, progress)
 
 
 def score_examples(
@@ -125,7 +186,7 @@ def score_examples(
     """Per-example results: ``{"id", "task", "category", "scoring", "output", "correct"}``."""
     results: dict[int, dict] = {}
     gen_idx = [i for i, ex in enumerate(examples) if ex.scoring == "generate"]
-    mc_idx = [i for i, ex in enumerate(examples) if ex.scoring == "choice"]
+    mc_idx = [i for i, ex in enumerate(examples) if ex.scoring in ("choice", "loglik")]
     if gen_idx:
         outs = generate(
             model,
@@ -139,7 +200,7 @@ def score_examples(
         for i, out in zip(gen_idx, outs, strict=True):
             results[i] = result_of(examples[i], out)
     if mc_idx:
-        lls = choice_loglik(
+        lls = choice_scores(
             model, tokenizer, [examples[i] for i in mc_idx], use_chat_template, batch_size, progress
         )
         for i, ll in zip(mc_idx, lls, strict=True):
@@ -150,7 +211,7 @@ def score_examples(
 
 def is_correct(ex: Example, output: str) -> bool:
     """Whether a model's output (generated text, or the choice it ranked first) is right."""
-    if ex.scoring == "choice":
+    if ex.scoring in ("choice", "loglik"):
         return _norm(output) in {_norm(a) for a in ex.answers}
     return generation_correct(output, ex)
 

@@ -213,7 +213,7 @@ def probe_rows(records: list[tuple[int, dict]]) -> pd.DataFrame:
                 "scoring": "null" if scoring is None else _text(scoring),
                 "answers_ok": answers_ok,
                 "choices_ok": choices_ok
-                and (scoring != "choice" or n_choices >= 2)
+                and (scoring not in ("choice", "loglik") or n_choices >= 2)
                 and (not n_choices or (answers_ok and set(answers) <= set(choices))),
             }
         )
@@ -329,8 +329,8 @@ def _probe_suite(gx, name: str):
         ),
         E.ExpectColumnValuesToBeInSet(
             column="scoring",
-            value_set=["generate", "choice"],
-            meta={"rule": "scoring must be 'generate' or 'choice'"},
+            value_set=["generate", "choice", "loglik"],
+            meta={"rule": "scoring must be 'generate', 'choice' or 'loglik'"},
         ),
         E.ExpectColumnValuesToBeInSet(
             column="answers_ok",
@@ -565,8 +565,10 @@ def _probe_source_violations(
     """The probe rules on one source file, and its records (none when it cannot be read)."""
     if not path.is_file():
         return [Violation(file=str(path), line=None, record_id=None, rule="file is missing")], []
+    from flows.lm_eval_source import read_source
+
     try:
-        records = read_jsonl(path)
+        records = read_source(path)
     except DataError as exc:
         return [Violation(file=exc.file, line=exc.line, record_id=None, rule=exc.rule)], []
     if not records:

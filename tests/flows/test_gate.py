@@ -46,7 +46,8 @@ def test_one_forgotten_task_fails_the_gate_even_with_a_great_new_task():
     decision = gate(report({"gk": stats(150, 2), "old": stats(120, 30)}, 0.99), GateConfig())
     assert not decision.passed
     (reason,) = decision.reasons
-    assert reason.startswith("retention[old] = 0.750 [")
+    assert reason.startswith("retention[old] = 0.750, lower bound 0.6")
+    assert "< 0.900: FAILED" in reason
     assert "kept 90 of 120 known, lost 30, gained 0" in reason
 
 
