@@ -331,14 +331,16 @@ def reference_results(
     scored under ``conditions``: read from the probe step when it scored them so, else scored
     again here (a GPU pool that answers in bfloat16 scores the champion in bfloat16 too)."""
     theirs = probe_set.champion_results
-    same = probe_set.conditions == conditions and theirs is not None
-    if same:
+    # a probe set recorded before conditions were (None): scored by this same code's defaults
+    if theirs is not None and probe_set.conditions in (None, conditions):
         return (
             read_results(theirs / "probes.jsonl"),
             read_results(theirs / "new_task.jsonl"),
             read_results(probe_set.anchor_results) if probe_set.anchor_results else [],
         )
-    scorer = Scorer(params, probe_set.champion.model_dir, conditions)
+    from flows.tracking import candidate_dir  # a champion folder that gave way to a pointer
+
+    scorer = Scorer(params, candidate_dir(params, probe_set.champion.model_dir), conditions)
     champ_probes = scorer.score(probes)
     champ_new = scorer.score(new_task, params.evaluate.new_task_max_new_tokens)
     anchor_rows: list[dict] = []
@@ -391,7 +393,7 @@ def evaluate_candidate(
     champ_probes, champ_new_rows, anchor_rows = reference_results(
         params, probe_set, probe_items, task_items, scorer.conditions
     )
-    if probe_set.conditions != scorer.conditions:  # what the gate compared, for a reviewer
+    if probe_set.conditions not in (None, scorer.conditions):  # what was compared, for a reviewer
         write_results(out.parent / "references" / "champion_probes.jsonl", champ_probes)
         write_results(out.parent / "references" / "champion_new_task.jsonl", champ_new_rows)
         write_results(out.parent / "references" / "anchors.jsonl", anchor_rows)

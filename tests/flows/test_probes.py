@@ -52,7 +52,7 @@ def test_more_items_are_drawn_until_the_champion_knows_enough():
     pool = items("gk", {"capitals": 100})
     knows = KnowsIds({r["id"] for r in pool[::4]})  # a quarter of the pool
     order = sampling_order(pool, per_group=20, seed=0)
-    drawn, results = sample_with_known(order, needed=20, scorer=knows)
+    drawn, results = sample_with_known(order, needed={"gk": 20}, scorer=knows)
     assert sum(r["correct"] for r in results) >= 20
     assert len(drawn) < len(pool)  # it stopped once enough were known
     assert [r["id"] for r in drawn] == knows.scored  # each drawn item scored once, in order
@@ -62,7 +62,7 @@ def test_more_items_are_drawn_until_the_champion_knows_enough():
 def test_a_task_whose_sources_run_out_keeps_everything_it_has():
     pool = items("gk", {"capitals": 30})
     knows = KnowsIds({r["id"] for r in pool[:5]})
-    drawn, results = sample_with_known(sampling_order(pool, 10, 0), needed=20, scorer=knows)
+    drawn, results = sample_with_known(sampling_order(pool, 10, 0), needed={"gk": 20}, scorer=knows)
     assert len(drawn) == 30 and sum(r["correct"] for r in results) == 5
 
 
