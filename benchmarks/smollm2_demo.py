@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from flows.config import load_params
-from flows.demo_data import build_demo, demo_releases
+from flows.demo_data import build_demo, demo_releases, general_knowledge_source
 from flows.evaluate import evaluate_candidate, score_model
 from flows.finetune import finetune
 from flows.model_source import resolve_model
@@ -49,6 +49,10 @@ def main() -> None:
     work = Path(args.work)
     params = load_params(
         ROOT / "params.yaml", {"workspace": str(work / "ws"), "train.max_steps": args.steps}
+    )
+    # the strategy tables were measured on the general-knowledge source alone: keep it so
+    params = params.with_overrides(
+        {"probes.sources": [str(general_knowledge_source(params.path(params.data.demo_dir)))]}
     )
     releases = demo_releases(build_demo(params.path(params.data.demo_dir)))
     base = resolve_model(params.model.base, params.path(params.model.cache_dir))

@@ -19,7 +19,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from flows.config import load_params
-from flows.demo_data import build_demo, demo_releases
+from flows.demo_data import build_demo, demo_releases, general_knowledge_source
 from flows.evaluate import retention, score_model
 from flows.model_source import resolve_model
 
@@ -36,6 +36,10 @@ def main() -> None:
     )
     args = ap.parse_args()
     params = load_params(ROOT / "params.yaml", {"workspace": str(args.work / "ws")})
+    # the strategy tables were measured on the general-knowledge source alone: keep it so
+    params = params.with_overrides(
+        {"probes.sources": [str(general_knowledge_source(params.path(params.data.demo_dir)))]}
+    )
     release = demo_releases(build_demo(params.path(params.data.demo_dir)))[0]
     base = Path(resolve_model(params.model.base, params.path(params.model.cache_dir)))
     naive = args.naive or args.work / "naive" / "candidate_model"

@@ -360,3 +360,9 @@ PROBE_FILES = [
 
 def demo_releases(out_dir: Path) -> list[Path]:
     return [out_dir / "releases" / name for name in RELEASE_TOPICS]
+
+
+def general_knowledge_source(demo_dir: Path) -> Path:
+    """The first general-knowledge source alone (capitals and 60 descriptions), as the strategy
+    benchmarks measured it before the other probe files were added."""
+    return build_demo(demo_dir) / "probes" / PROBE_FILES[0]

@@ -7,6 +7,7 @@ from mlflow import MlflowClient
 from flows import retrain as retrain_flow
 from flows.cli import main
 from flows.config import load_params
+from flows.demo_data import PROBE_FILES
 from flows.records import FILES, VersionedRelease
 from flows.stages import run_stage
 from flows.tracking import current_champion
@@ -327,7 +328,7 @@ def test_a_valid_release_passes_every_entry_point(
     report = validate_step(params, release, current_champion(params))
     assert report.passed
     assert report.checked == {
-        "general_knowledge.jsonl": len(read_lines(demo_dir / "probes" / "general_knowledge.jsonl")),
+        **{name: len(read_lines(demo_dir / "probes" / name)) for name in PROBE_FILES},
         "train.jsonl": 240,
         "eval.jsonl": 60,
     }
