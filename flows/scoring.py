@@ -162,18 +162,6 @@ def choice_scores(
     return scores
 
 
-def choice_loglik(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    examples: Sequence[Example],
-    use_chat_template: bool,
-    batch_size: int,
-    progress: Progress | None = None,
-) -> list[list[float]]:
-    """Mean log-probability of each choice's tokens after the prompt, per example."""
-    return choice_scores(model, tokenizer, examples, use_chat_template, batch_size, progress)
-
-
 def score_examples(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,

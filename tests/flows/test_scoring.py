@@ -3,7 +3,7 @@ import torch
 
 from flows.data import Example
 from flows.modeling import format_prompt, load_model
-from flows.scoring import choice_loglik, first_choice_named, generate, generation_correct
+from flows.scoring import choice_scores, first_choice_named, generate, generation_correct
 
 
 def ex(answers, choices=(), prompt="What is the capital of Ghana?", scoring="generate"):
@@ -47,10 +47,10 @@ def test_batched_generation_equals_one_by_one(tiny):
     assert batched == single
 
 
-def test_choice_loglik_matches_a_full_forward(tiny):
+def test_choice_scores_matches_a_full_forward(tiny):
     model, tok = tiny
     item = ex(["Accra"], choices=["Accra", "Kumasi town"], scoring="choice")
-    got = choice_loglik(model, tok, [item], False, batch_size=4)[0]
+    got = choice_scores(model, tok, [item], False, batch_size=4)[0]
     prompt = tok(format_prompt(tok, item.messages, False), add_special_tokens=False)["input_ids"]
     for choice, value in zip(item.choices, got, strict=True):
         target = tok(" " + choice, add_special_tokens=False)["input_ids"]
