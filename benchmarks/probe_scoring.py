@@ -1,72 +1,104 @@
-"""Probe scoring of the gate's two models, before and after likelihood probe sources, in one run.
+"""Probe scoring of the gate's two models, the code before likelihood probe sources against the
+code now, side by side in one run on one machine.
 
-- before: the general-knowledge source as the gate scored it until now, its 184 items: 124
-  capitals by 20 tokens of greedy generation, 60 descriptions by mean log-likelihood;
-- now: the default probe sources (``flows/demo_data.py``), the first stratified sample per task
-  as the probe step draws it (``probes.per_category`` = 40 per category): the same capitals and
-  descriptions, more descriptions, world cities and country facts, all but the capitals scored
-  by log-likelihood over their choices.
+- before: the tree at ``--before`` (default: the last commit before this benchmark existed),
+  run from a git worktree with its own ``params.yaml``: the general-knowledge source as the
+  gate scored it, 184 items: 124 capitals by 20 tokens of greedy generation, 60 descriptions
+  by mean log-likelihood after the chat template, one forward pass per choice;
+- now: this tree with its ``params.yaml``: the default probe sources' first stratified sample
+  (``probes.per_category`` per category, as the probe step draws it first): the same capitals
+  and descriptions, and world cities, country facts and more descriptions scored ``loglik``
+  (each item's question run once, its choices reading the cached keys and values).
 
-Both are scored on the embedded SmolLM2 twice, as the gate scores a champion and a candidate
-(the score cache off, each model loaded once, the load included), in one process. Writes
-``results/probe_scoring.json``: seconds, items, items per second and known items per task.
+Each side scores its items on the embedded SmolLM2 twice, as the gate scores a champion and a
+candidate (the score cache off, each model loaded once, the load included). Writes
+``results/probe_scoring.json``: seconds, items per second and known items per task.
 
     OMP_NUM_THREADS=2 python benchmarks/probe_scoring.py
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import time
+import os
+import subprocess
+import sys
+import tempfile
 from collections import Counter
 from pathlib import Path
 
-import torch
-
 from flows.config import load_params
-from flows.data import probe_example, read_jsonl
-from flows.demo_data import build_demo
-from flows.evaluate import Scorer
+from flows.data import read_jsonl, write_jsonl
+from flows.demo_data import general_knowledge_source
 from flows.model_source import resolve_model
 from flows.probes import collect_probe_items, stratified
 from flows.records import ChampionRef
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "probe_scoring.json"
+BEFORE = "29b883a"  # the gate's bootstrap, one probe source scored by generation
+
+# Run inside a tree (old or new): score the items twice, as champion and candidate.
+SCORE_TWICE = """
+import json, sys, time
+from pathlib import Path
+from flows.config import load_params
+from flows.data import load_probes
+from flows.evaluate import Scorer
+params = load_params("params.yaml", {"evaluate.score_cache": False})
+items = load_probes(Path(sys.argv[1]))
+start = time.perf_counter()
+for _ in ("champion", "candidate"):
+    results = Scorer(params, Path(sys.argv[2])).score(items)
+print(json.dumps({"seconds": time.perf_counter() - start, "results": results}))
+"""
 
 
-def score_twice(params, model_dir: Path, items: list[dict]) -> dict:
-    """Seconds to score ``items`` on two models (here the same weights, loaded twice)."""
-    examples = [probe_example(r) for r in items]
-    start = time.perf_counter()
-    for _ in ("champion", "candidate"):
-        results = Scorer(params, model_dir).score(examples)
-    seconds = time.perf_counter() - start
-    known = Counter(r["task"] for r in results if r["correct"])
+def score_twice(tree: Path, items: list[dict], model_dir: Path) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_jsonl(Path(tmp) / "items.jsonl", items)
+        env = os.environ | {"PYTHONPATH": str(tree)}
+        done = subprocess.run(
+            [sys.executable, "-c", SCORE_TWICE, str(path), str(model_dir)],
+            cwd=tree,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    results, seconds = measured["results"], measured["seconds"]
     return {
         "items": len(items),
-        "by_scoring": dict(Counter(r["scoring"] for r in items)),
+        "by_scoring": dict(Counter(r.get("scoring", "generate") for r in items)),
         "seconds_both_models": round(seconds, 1),
         "items_per_second": round(2 * len(items) / seconds, 2),
-        "known": dict(sorted(known.items())),
         "items_by_task": dict(sorted(Counter(r["task"] for r in items).items())),
+        "known": dict(sorted(Counter(r["task"] for r in results if r["correct"]).items())),
     }
 
 
 def main() -> None:
-    params = load_params(ROOT / "params.yaml", {"evaluate.score_cache": False})
-    demo = build_demo(params.path(params.data.demo_dir))
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--before", default=BEFORE, help="the commit to compare with")
+    args = ap.parse_args()
+    params = load_params(ROOT / "params.yaml")
     model_dir = Path(resolve_model(params.model.base, params.path(params.model.cache_dir)))
-    before = [r for _, r in read_jsonl(demo / "probes" / "general_knowledge.jsonl")]
     champion = ChampionRef(version=None, model_dir=model_dir)
-    now = stratified(
-        collect_probe_items(params, champion), params.probes.per_category, params.probes.seed
-    )
-    rows = {
-        "before": score_twice(params, model_dir, before),
-        "now": score_twice(params, model_dir, now),
-        "threads": torch.get_num_threads(),
-    }
+    items = collect_probe_items(params, champion)
+    now = stratified(items, params.probes.per_category, params.probes.seed)
+    source = general_knowledge_source(params.path(params.data.demo_dir))
+    before = [r for _, r in read_jsonl(source)]  # the one probe source the gate read before
+    with tempfile.TemporaryDirectory() as tmp:
+        old = Path(tmp) / "before"
+        subprocess.run(["git", "worktree", "add", "--detach", str(old), args.before], check=True)
+        try:
+            rows = {"before": {"commit": args.before, **score_twice(old, before, model_dir)}}
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(old)], check=True)
+    rows["now"] = score_twice(ROOT, now, model_dir)
+    rows["threads"] = os.environ.get("OMP_NUM_THREADS", "default")
     rows["speedup_items_per_second"] = round(
         rows["now"]["items_per_second"] / rows["before"]["items_per_second"], 2
     )

