@@ -120,6 +120,8 @@ def continuation_logprobs(
             groups[-1][1].append(i)
         else:
             groups.append((context, [i]))
+    # alike lengths together: less padding in each batch (the results go back by index)
+    groups.sort(key=lambda g: (max(len(pairs[i][1]) for i in g[1]), len(g[0])))
     out: list[torch.Tensor] = [torch.empty(0)] * len(pairs)
     device, pad = model.device, tokenizer.pad_token_id
     start = 0
@@ -141,7 +143,7 @@ def continuation_logprobs(
             position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device),
             use_cache=True,
         )
-        last, cache = first[0][:, -1], first.past_key_values
+        last, cache = first[0][:, -1], first.cache
         owner = torch.tensor([g for g, (_, idx) in enumerate(chunk) for _ in idx])
         members = [i for _, idx in chunk for i in idx]
         conts = [pairs[i][1] for i in members]
@@ -157,13 +159,19 @@ def continuation_logprobs(
             input_ids=cids.to(device),
             attention_mask=torch.cat([mask[owner], cmask], dim=1).to(device),
             position_ids=(lengths[:, None] + torch.arange(cwidth)[None]).to(device),
-            past_key_values=cache,
+            cache=cache,
         )
-        for row, (i, c) in enumerate(zip(members, conts, strict=True)):
-            at = torch.cat([last[owner[row]][None], second[0][row, : len(c) - 1]])
-            logits = head(at).float()
-            target = torch.tensor(c, device=logits.device)
-            out[i] = torch.log_softmax(logits, dim=-1).gather(1, target[:, None])[:, 0]
+        # the head once for the batch: at each continuation token, the hidden state before it
+        at = torch.cat(
+            [
+                torch.cat([last[owner[row]][None], second[0][row, : len(c) - 1]])
+                for row, c in enumerate(conts)
+            ]
+        )
+        target = torch.tensor([t for c in conts for t in c], device=at.device)
+        logp = torch.log_softmax(head(at).float(), dim=-1).gather(1, target[:, None])[:, 0]
+        for i, part in zip(members, logp.split([len(c) for c in conts]), strict=True):
+            out[i] = part
     return out
 
 
