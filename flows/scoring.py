@@ -98,6 +98,21 @@ def lm_eval_pairs(tokenizer: PreTrainedTokenizerBase, ex: Example) -> list[tuple
     return out
 
 
+def padded(
+    seqs: Sequence[list[int]], pad: int, left: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids as one tensor padded to the longest (on the right, or on the left), and the
+    attention mask."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        at = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[row, at] = torch.tensor(s, dtype=torch.long)
+        mask[row, at] = 1
+    return ids, mask
+
+
 @torch.no_grad()
 def continuation_logprobs(
     model: PreTrainedModel,
@@ -131,12 +146,7 @@ def continuation_logprobs(
             rows, stop = rows + len(groups[stop][1]), stop + 1
         chunk, start = groups[start:stop], stop
         contexts = [c for c, _ in chunk]
-        width = max(len(c) for c in contexts)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, c in enumerate(contexts):  # left-padded: each context ends in the last column
-            ids[row, width - len(c) :] = torch.tensor(c)
-            mask[row, width - len(c) :] = 1
+        ids, mask = padded(contexts, pad, left=True)  # each context ends in the last column
         first = body(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
@@ -148,12 +158,8 @@ def continuation_logprobs(
         members = [i for _, idx in chunk for i in idx]
         conts = [pairs[i][1] for i in members]
         cache.batch_select_indices(owner.to(device))
-        cwidth = max(len(c) for c in conts)
-        cids = torch.full((len(conts), cwidth), pad, dtype=torch.long)
-        cmask = torch.zeros((len(conts), cwidth), dtype=torch.long)
-        for row, c in enumerate(conts):
-            cids[row, : len(c)] = torch.tensor(c)
-            cmask[row, : len(c)] = 1
+        cids, cmask = padded(conts, pad)
+        cwidth = cids.shape[1]
         lengths = torch.tensor([len(contexts[g]) for g in owner.tolist()])
         second = body(
             input_ids=cids.to(device),
@@ -181,13 +187,7 @@ def _whole_pairs(model, tokenizer, pairs, batch_size) -> list[torch.Tensor]:
     pad = tokenizer.pad_token_id
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        seqs = [p + c for p, c in chunk]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, s in enumerate(seqs):
-            ids[row, : len(s)] = torch.tensor(s)
-            mask[row, : len(s)] = 1
+        ids, mask = padded([p + c for p, c in chunk], pad)
         logits_all = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device))
         for row, (p, c) in enumerate(chunk):
             positions = torch.arange(len(p) - 1, len(p) + len(c) - 1, device=model.device)
