@@ -2,17 +2,26 @@
 passes against its champion; the check against the anchor (the base model, for general
 knowledge) fails at the release where the cumulative loss crosses its threshold.
 
-The models' answers are per-item results, as the probe and evaluate steps write them, so that
-each release loses exactly ``LOSS`` items; they go through the evaluate step's own pairing and
-tests (``evaluate.retention_by_task``) and the gate."""
+Twice: on per-item results made to lose exactly ``LOSS`` of 200 items a release, and on a tiny
+model that knows 64 capitals and forgets one more with each release. Both go through the
+evaluate step's own pairing and tests (``evaluate.retention_by_task``) and the gate."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+import torch
+
 from flows import confidence
 from flows.config import GateConfig, Params
+from flows.data import probe_example
 from flows.evaluate import retention_by_task
 from flows.gate import gate
 from flows.records import EvalReport
+from flows.scoring import score_examples
+from flows.serving import load
+from tests.flows.pretrained_tiny import old_task_items, pretrain_tiny_llm
 
 ITEMS = 240
 KNOWN = 200  # of them the base model answers right
@@ -71,3 +80,67 @@ def test_small_steps_pass_each_time_and_the_anchor_stops_the_drift():
     # 200 known: 0.97 (bound 0.948), 0.94 (0.911), 0.91 (0.874), 0.88 (0.837) of what base knew
     assert failed_at == 4
     assert all(without_anchor)  # gated on the champion alone, every release would have passed
+
+
+@pytest.fixture(scope="module")
+def knows_capitals(tmp_path_factory) -> Path:
+    """A tiny Llama trained until it answers all 64 capitals (``tests/flows/pretrained_tiny.py``)."""
+    return pretrain_tiny_llm(tmp_path_factory.mktemp("knows-capitals"))
+
+
+def test_a_tiny_model_that_forgets_one_capital_per_release(knows_capitals):
+    """Each release's model is the base with a little more of one fixed random direction added
+    to its weights: the smallest step on a fine grid at which it answers one more capital wrong
+    than the release before (found by bisection). Scored by the pipeline's own scoring and gated
+    by its own tests, each step passes against its champion; the check against the base fails
+    once the capitals lost add up past ``gate.min_retention_vs_anchor``."""
+    params = Params(probes={"min_known": 30}, gate=GateConfig())
+    model, tokenizer = load(knows_capitals, device="cpu")
+    items = [probe_example(r) for r in old_task_items()]
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    draw = torch.Generator().manual_seed(0)
+    direction = {
+        k: torch.randn(v.shape, generator=draw) * v.float().std()
+        for k, v in weights.items()
+        if v.dim() >= 2
+    }
+
+    def answers(scale: float) -> list[dict]:
+        model.load_state_dict({k: w + scale * direction[k] if k in direction else w
+                               for k, w in weights.items()})  # fmt: skip
+        return score_examples(model, tokenizer, items, False, 8, 64)
+
+    def lost(before: list[dict], after: list[dict]) -> int:
+        return sum(a["correct"] and not b["correct"] for a, b in zip(before, after, strict=True))
+
+    base = answers(0.0)
+    assert sum(r["correct"] for r in base) == len(items) == 64  # it knows every capital
+    anchor_rows = [r | {"anchor": "base"} for r in base]
+    champion, scale, failed_at, steps = base, 0.0, None, []
+    for release in range(1, 6):
+        low, high = scale, scale
+        while lost(champion, answers(high)) == 0:  # past the next capital lost
+            low, high = high, high + 0.001
+        for _ in range(20):  # then the smallest such step
+            mid = (low + high) / 2
+            low, high = (mid, high) if lost(champion, answers(mid)) == 0 else (low, mid)
+        scale, candidate = high, answers(high)
+        steps.append(lost(champion, candidate))
+        report = EvalReport(
+            scores={}, baseline={}, retention={"capitals": 1.0}, new_task="r", new_task_score=1.0,
+            new_task_baseline=0.0, eval_seconds=0, alpha=0.05,
+            tasks=retention_by_task(params, champion, candidate, "champion"),
+            anchored=retention_by_task(params, anchor_rows, candidate, None),
+        )  # fmt: skip
+        checks = {c.name: c for c in gate(report, params.gate).checks}
+        assert checks["retention[capitals]"].passed, (release, str(checks["retention[capitals]"]))
+        anchored = checks["retention_vs_anchor[capitals]"]
+        kept = report.anchored["capitals"]
+        assert kept.lost == sum(steps)  # the drift is every step's loss added up
+        assert anchored.passed == (kept.low >= params.gate.min_retention_vs_anchor)
+        if not anchored.passed:
+            failed_at = release
+            break
+        champion = candidate  # promoted: the next release starts from it
+    print(f"capitals lost per release {steps}; the anchor stopped release {failed_at}")
+    assert failed_at is not None and failed_at >= 2, steps  # small steps, then the anchor stops it
