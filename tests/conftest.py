@@ -66,6 +66,8 @@ def tiny_model_dir(tmp_path_factory, demo_dir) -> Path:
     return build_tiny_llm(tmp_path_factory.mktemp("tiny-llm"), corpus)
 
 
+# the probe tasks of the embedded sources (flows/demo_data.py)
+GENERAL_TASKS = ("country-facts", "general-knowledge", "world-cities")
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

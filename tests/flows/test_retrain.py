@@ -21,7 +21,7 @@ from flows.config import load_params
 from flows.data import DataError
 from flows.retrain import retrain
 from flows.validate import ValidationFailed
-from tests.conftest import write_params
+from tests.conftest import GENERAL_TASKS, write_params
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -116,17 +116,17 @@ def test_pass_then_fail_then_next_release(tmp_path, tiny_model_dir, demo_dir):
     # The next retrain starts from champion v1; release 1's held-out items are probes now.
     second = retrain(params_file=str(params_file))
     assert second.champion_at_start == "1" and second.release == "wiki-topics-2"
-    assert set(second.eval.baseline) == {"general-knowledge", "wiki-topics-1"}
+    assert set(second.eval.baseline) == {*GENERAL_TASKS, "wiki-topics-1"}
     assert second.eval.baseline["wiki-topics-1"] == pytest.approx(
         first.eval.new_task_score, abs=0.2
     )
     test_items = [json.loads(line) for line in (ws / "probes" / "test.jsonl").open()]
-    assert {r["task"] for r in test_items} == {"general-knowledge", "wiki-topics-1"}
+    assert {r["task"] for r in test_items} == {*GENERAL_TASKS, "wiki-topics-1"}
     # Each task is also gated against its anchor: the base model for general knowledge, v1 (the
     # version that learned it) for release 1's items, on the same items.
     anchored = second.eval.anchored
     assert {t: a.against for t, a in anchored.items()} == {
-        "general-knowledge": "base",
+        **dict.fromkeys(GENERAL_TASKS, "base"),
         "wiki-topics-1": "v1",
     }
     for task, a in anchored.items():

@@ -19,7 +19,7 @@ from flows.evaluate import read_results
 from flows.retrain import retrain
 from flows.scoring import score_examples
 from flows.tracking import candidate_dir
-from tests.conftest import write_params
+from tests.conftest import GENERAL_TASKS, write_params
 from tests.flows.conftest import ROOT
 from tests.flows.outside_repo import run_outside_repo
 
@@ -84,7 +84,7 @@ def test_each_old_task_is_scored_through_its_own_parameters(two_releases, tiny_m
         (r["task"], r["id"]): r for r in read_results(second.run_dir / "baseline/probes.jsonl")
     }
     candidate = read_results(second.run_dir / "candidate" / "probes.jsonl")
-    assert {r["task"] for r in candidate} == {"general-knowledge", "wiki-topics-1"}
+    assert {r["task"] for r in candidate} == {*GENERAL_TASKS, "wiki-topics-1"}
     for r in candidate:
         if r["task"] == "wiki-topics-1":
             assert r["output"] == baseline[(r["task"], r["id"])]["output"]
@@ -94,12 +94,18 @@ def test_each_old_task_is_scored_through_its_own_parameters(two_releases, tiny_m
     # The gate scored general knowledge on the answers the endpoint gives without a task.
     params = load_params(params_file)
     v2_dir = candidate_dir(params, second.run_dir / "candidate_model")
-    general = [r for r in candidate if r["task"] == "general-knowledge"]
-    probes = {r["id"]: r for _, r in read_jsonl(params.workspace_dir / "probes" / "test.jsonl")}
+    general = [r for r in candidate if r["task"] in GENERAL_TASKS]
+    test_file = params.workspace_dir / "probes" / "test.jsonl"
+    probes = {(r["task"], r["id"]): r for _, r in read_jsonl(test_file)}
     model, tokenizer, router = serving.load_for_serving(v2_dir)
     with router.answering(None) as m:  # what a request without a task gets
         served = score_examples(
-            m, tokenizer, [probe_example(probes[r["id"]]) for r in general], False, 6, 32
+            m,
+            tokenizer,
+            [probe_example(probes[(r["task"], r["id"])]) for r in general],
+            False,
+            6,
+            32,
         )
     assert general and [r["output"] for r in general] == [r["output"] for r in served]
     # The new release through its own parameters; the champion, which had not learned it, through
