@@ -21,6 +21,7 @@ from typing import Any
 from flows.records import Violation
 
 RELEASE_FILES = ("train.jsonl", "eval.jsonl")
+CHOICE_KINDS = ("choice", "loglik")  # scoring kinds that rank an item's choices by likelihood
 
 
 class DataError(ValueError):

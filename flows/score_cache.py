@@ -31,7 +31,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from flows.data import Example
+from flows.data import CHOICE_KINDS, Example
 from flows.records import ScoringConditions
 from flows.serving import content_hash
 
@@ -53,7 +53,7 @@ def item_key(
         "device": conditions.device,
         "messages": ex.messages,
         "scoring": ex.scoring,
-        "choices": ex.choices if ex.scoring in ("choice", "loglik") else None,
+        "choices": ex.choices if ex.scoring in CHOICE_KINDS else None,
         "delimiter": ex.delimiter if ex.scoring == "loglik" else None,
         "max_new_tokens": max_new_tokens if ex.scoring == "generate" else None,
         "chat": chat,

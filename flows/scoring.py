@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from flows.data import Example
+from flows.data import CHOICE_KINDS, Example
 from flows.serving import format_prompt, generate_texts
 
 Progress = Callable[[int], None]
@@ -206,26 +206,29 @@ def choice_scores(
     progress: Progress | None = None,
 ) -> list[list[float]]:
     """Per example, a score per choice: the mean token log-probability (``choice``) or the sum
-    (``loglik``, lm-eval's ``acc``)."""
-    pairs, owner = [], []
-    for i, ex in enumerate(examples):
-        made = (
-            lm_eval_pairs(tokenizer, ex)
-            if ex.scoring == "loglik"
-            else choice_pairs(tokenizer, ex, use_chat_template)
-        )
-        pairs += made
-        owner += [i] * len(made)
-    scores: list[list[float]] = [[] for _ in examples]
-    step = batch_size * 8  # report progress every few batches
-    for start in range(0, len(pairs), step):
-        logps = continuation_logprobs(model, tokenizer, pairs[start : start + step], batch_size)
-        for i, lp in zip(owner[start : start + step], logps, strict=True):
-            ex = examples[i]
-            scores[i].append(float(lp.sum() if ex.scoring == "loglik" else lp.mean()))
+    (``loglik``, lm-eval's ``acc``). Examples go in blocks, whole (an item's choices share its
+    context in one pass), and progress is reported after each block."""
+    scores: list[list[float]] = []
+    block = batch_size * 2  # examples between progress reports
+    for start in range(0, len(examples), block):
+        part = examples[start : start + block]
+        pairs, owner = [], []
+        for i, ex in enumerate(part):
+            made = (
+                lm_eval_pairs(tokenizer, ex)
+                if ex.scoring == "loglik"
+                else choice_pairs(tokenizer, ex, use_chat_template)
+            )
+            pairs += made
+            owner += [i] * len(made)
+        mine: list[list[float]] = [[] for _ in part]
+        for i, lp in zip(
+            owner, continuation_logprobs(model, tokenizer, pairs, batch_size), strict=True
+        ):
+            mine[i].append(float(lp.sum() if part[i].scoring == "loglik" else lp.mean()))
+        scores += mine
         if progress:
-            done = set(owner[start : start + step])
-            progress(sum(len(scores[i]) == len(examples[i].choices) for i in done))
+            progress(len(part))
     return scores
 
 
@@ -241,7 +244,7 @@ def score_examples(
     """Per-example results: ``{"id", "task", "category", "scoring", "output", "correct"}``."""
     results: dict[int, dict] = {}
     gen_idx = [i for i, ex in enumerate(examples) if ex.scoring == "generate"]
-    mc_idx = [i for i, ex in enumerate(examples) if ex.scoring in ("choice", "loglik")]
+    mc_idx = [i for i, ex in enumerate(examples) if ex.scoring in CHOICE_KINDS]
     if gen_idx:
         outs = generate(
             model,
@@ -266,7 +269,7 @@ def score_examples(
 
 def is_correct(ex: Example, output: str) -> bool:
     """Whether a model's output (generated text, or the choice it ranked first) is right."""
-    if ex.scoring in ("choice", "loglik"):
+    if ex.scoring in CHOICE_KINDS:
         return _norm(output) in {_norm(a) for a in ex.answers}
     return generation_correct(output, ex)
 

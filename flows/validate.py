@@ -64,7 +64,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from flows.data import RELEASE_FILES, DataError, links_outside, read_jsonl
+from flows.data import CHOICE_KINDS, RELEASE_FILES, DataError, links_outside, read_jsonl
 from flows.records import ChampionRef, ValidationReport, Violation
 
 if TYPE_CHECKING:  # flows.config imports torch (through cf_strategies); the CLI imports this
@@ -213,7 +213,7 @@ def probe_rows(records: list[tuple[int, dict]]) -> pd.DataFrame:
                 "scoring": "null" if scoring is None else _text(scoring),
                 "answers_ok": answers_ok,
                 "choices_ok": choices_ok
-                and (scoring not in ("choice", "loglik") or n_choices >= 2)
+                and (scoring not in CHOICE_KINDS or n_choices >= 2)
                 and (not n_choices or (answers_ok and set(answers) <= set(choices))),
             }
         )
@@ -329,7 +329,7 @@ def _probe_suite(gx, name: str):
         ),
         E.ExpectColumnValuesToBeInSet(
             column="scoring",
-            value_set=["generate", "choice", "loglik"],
+            value_set=["generate", *CHOICE_KINDS],
             meta={"rule": "scoring must be 'generate', 'choice' or 'loglik'"},
         ),
         E.ExpectColumnValuesToBeInSet(
