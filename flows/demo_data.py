@@ -197,7 +197,7 @@ def _slug(text: str) -> str:
 def choice_item(
     task: str,
     category: str,
-    key: str,
+    item_id: str,
     prompt: str,
     answer: str,
     wrong: list[str],
@@ -207,7 +207,7 @@ def choice_item(
     choices = [answer, *wrong]
     rng.shuffle(choices)
     return {
-        "id": f"{category}-{_slug(key)}",
+        "id": item_id,
         "prompt": prompt,
         "answers": [answer],
         "choices": choices,
@@ -245,16 +245,17 @@ def city_probes(rng: random.Random, min_population: int = 400_000) -> list[dict]
             continue
         wrong = rng.sample(sorted(set(places.values()) - {country}), 3)
         continent = CONTINENTS[countries[city["countrycode"]]["continentcode"]]
-        item = choice_item(
-            "world-cities",
-            _slug(continent),
-            city["name"],
-            f"In which country is the city of {city['name']}?",
-            country,
-            wrong,
-            rng,
+        items.append(
+            choice_item(
+                "world-cities",
+                _slug(continent),
+                f"city-{city['geonameid']}",
+                f"In which country is the city of {city['name']}?",
+                country,
+                wrong,
+                rng,
+            )
         )
-        items.append(item | {"id": f"city-{city['geonameid']}"})
     return items
 
 
@@ -274,7 +275,7 @@ def country_probes(rng: random.Random, min_population: int = 500_000) -> list[di
             choice_item(
                 "country-facts",
                 "continents",
-                name,
+                f"continents-{_slug(name)}",
                 f"On which continent is {name}?",
                 continent,
                 [x for x in CONTINENTS.values() if x != continent],
@@ -287,7 +288,7 @@ def country_probes(rng: random.Random, min_population: int = 500_000) -> list[di
                 choice_item(
                     "country-facts",
                     "currencies",
-                    name,
+                    f"currencies-{_slug(name)}",
                     f"What is the currency of {name}?",
                     c["currencyname"],
                     wrong,
@@ -302,7 +303,7 @@ def country_probes(rng: random.Random, min_population: int = 500_000) -> list[di
                 choice_item(
                     "country-facts",
                     "neighbours",
-                    name,
+                    f"neighbours-{_slug(name)}",
                     f"Which of these countries borders {name}?",
                     rng.choice(neighbours),
                     rng.sample(far, 3),

@@ -326,17 +326,20 @@ def reference_results(
     probes: Sequence[Example],
     new_task: Sequence[Example],
     conditions: ScoringConditions,
+    anchors: bool,
+    out: Path,
 ) -> tuple[list[dict], list[dict], list[dict]]:
-    """The champion's results on ``probes`` and ``new_task`` and the anchors' on ``probes``,
-    scored under ``conditions``: read from the probe step when it scored them so, else scored
-    again here (a GPU pool that answers in bfloat16 scores the champion in bfloat16 too)."""
+    """The champion's results on ``probes`` and ``new_task`` and, with ``anchors``, the
+    anchors' on ``probes``, scored under ``conditions``: read from the probe step when it
+    scored them so, else scored again here (a GPU pool that answers in bfloat16 scores the
+    champion in bfloat16 too) and written to ``out`` for a reviewer."""
     theirs = probe_set.champion_results
     # a probe set recorded before conditions were (None): scored by this same code's defaults
     if theirs is not None and probe_set.conditions in (None, conditions):
         return (
             read_results(theirs / "probes.jsonl"),
             read_results(theirs / "new_task.jsonl"),
-            read_results(probe_set.anchor_results) if probe_set.anchor_results else [],
+            read_results(probe_set.anchor_results) if anchors and probe_set.anchor_results else [],
         )
     from flows.tracking import candidate_dir  # a champion folder that gave way to a pointer
 
@@ -344,8 +347,11 @@ def reference_results(
     champ_probes = scorer.score(probes)
     champ_new = scorer.score(new_task, params.evaluate.new_task_max_new_tokens)
     anchor_rows: list[dict] = []
-    if probe_set.anchors:
+    if anchors and probe_set.anchors:
         _, anchor_rows = score_anchors(params, probe_set.champion, probes, champ_probes, conditions)
+    write_results(out / "champion_probes.jsonl", champ_probes)
+    write_results(out / "champion_new_task.jsonl", champ_new)
+    write_results(out / "anchors.jsonl", anchor_rows)
     return champ_probes, champ_new, anchor_rows
 
 
@@ -391,32 +397,30 @@ def evaluate_candidate(
     write_results(out / "probes.jsonl", probes)
     write_results(out / "new_task.jsonl", new_task)
     champ_probes, champ_new_rows, anchor_rows = reference_results(
-        params, probe_set, probe_items, task_items, scorer.conditions
+        params,
+        probe_set,
+        probe_items,
+        task_items,
+        scorer.conditions,
+        part == "test",
+        out.parent / "references",
     )
-    if probe_set.conditions not in (None, scorer.conditions):  # what was compared, for a reviewer
-        write_results(out.parent / "references" / "champion_probes.jsonl", champ_probes)
-        write_results(out.parent / "references" / "champion_new_task.jsonl", champ_new_rows)
-        write_results(out.parent / "references" / "anchors.jsonl", anchor_rows)
     scores = accuracy_by_task(probes)
-    pairs = paired(champ_probes, probes)
-    new_pairs = paired(champ_new_rows, new_task)
-    champ_new, cand_new = next(iter(new_pairs.values()), ([], []))
-    baseline = {t: sum(a) / len(a) for t, (a, _) in sorted(pairs.items())}
+    tasks = retention_by_task(params, champ_probes, probes, "champion")
+    champ_new, cand_new = next(iter(paired(champ_new_rows, new_task).values()), ([], []))
     alpha = params.gate.alpha
     return EvalReport(
         scores=scores,
-        baseline=baseline,
-        retention={t: retention(scores.get(t, 0.0), b) for t, b in baseline.items()},
+        baseline={t: s.reference_score for t, s in tasks.items()},
+        retention={t: s.retention for t, s in tasks.items()},
         new_task=release_dir.name,
         new_task_score=accuracy(new_task),
         new_task_baseline=sum(champ_new) / max(1, len(champ_new)),
         new_task_n=len(new_task),
         eval_seconds=time.perf_counter() - start,
         alpha=alpha,
-        tasks=retention_by_task(params, champ_probes, probes, "champion"),
-        anchored=retention_by_task(params, anchor_rows, probes, None)
-        if part == "test" and anchor_rows
-        else {},
+        tasks=tasks,
+        anchored=retention_by_task(params, anchor_rows, probes, None) if anchor_rows else {},
         new_task_interval=confidence.proportion_interval(sum(cand_new), len(cand_new), alpha),
         new_task_gain_interval=confidence.paired_difference(champ_new, cand_new, alpha),
         conditions=scorer.conditions,
