@@ -38,17 +38,28 @@ def _options_model(cls: type[Strategy]) -> type[pydantic.BaseModel]:
         fields[p.name] = (hints.get(p.name, Any), default)
     return pydantic.create_model(
         f"{cls.__name__}Options",
-        __config__=pydantic.ConfigDict(extra="forbid", arbitrary_types_allowed=True),
+        __config__=pydantic.ConfigDict(
+            extra="forbid", arbitrary_types_allowed=True, allow_inf_nan=False
+        ),
         **fields,
     )
 
 
-def parse_options(name: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
+def parse_options(
+    name: str, options: Mapping[str, Any] | None, strict: bool = False
+) -> dict[str, Any]:
     """The options of strategy ``name`` checked and converted by its typed model (``"1e3"`` →
-    1000.0); raises :class:`StrategyOptionError` naming each bad option and the valid ones."""
+    1000.0, unless ``strict``: then a value must have its option's type, as in a config file);
+    numbers are finite. Raises :class:`StrategyOptionError` naming each bad option and the
+    valid ones."""
     model = STRATEGIES[name].options_model
+    if not isinstance(options, Mapping | None):
+        raise StrategyOptionError(
+            f"strategy {name!r}: options must be a mapping of option: value, "
+            f"got {type(options).__name__}"
+        )
     try:
-        parsed = model.model_validate(dict(options or {}))
+        parsed = model.model_validate(dict(options or {}), strict=strict)
     except pydantic.ValidationError as err:
         problems = []
         for e in err.errors():
@@ -56,7 +67,9 @@ def parse_options(name: str, options: Mapping[str, Any] | None) -> dict[str, Any
             if e["type"] == "extra_forbidden":
                 problems.append(f"unknown option {option!r}")
             else:
-                problems.append(f"option {option!r}: {e['msg']} (got {e['input']!r})")
+                got = repr(e["input"])
+                got = got if len(got) <= 80 else f"{got[:80]}... ({len(got)} characters)"
+                problems.append(f"option {option!r}: {e['msg']} (got {got})")
         valid = ", ".join(sorted(model.model_fields)) or "(none)"
         raise StrategyOptionError(
             f"strategy {name!r}: {'; '.join(problems)}; valid options: {valid}"
@@ -100,9 +113,14 @@ def split_spec(spec: str | list[str]) -> list[str]:
     return names
 
 
-def validate_spec(spec: str | list[str], params: Mapping[str, Mapping[str, Any]] | None = None):
+def validate_spec(
+    spec: str | list[str],
+    params: Mapping[str, Mapping[str, Any]] | None = None,
+    strict: bool = False,
+):
     """Raise a ValueError naming the valid choices for a misspelt strategy, or an unknown or
-    invalid option (checked by the strategy's typed options model)."""
+    invalid option (checked by the strategy's typed options model; see :func:`parse_options`
+    for ``strict``)."""
     names = split_spec(spec)
     for name in names:
         if name not in STRATEGIES:
@@ -119,7 +137,7 @@ def validate_spec(spec: str | list[str], params: Mapping[str, Mapping[str, Any]]
                 f"options given for unknown strategy {name!r}; valid strategies: "
                 + ", ".join(sorted(STRATEGIES))
             )
-        parse_options(name, options)
+        parse_options(name, options, strict=strict)
     return names
 
 

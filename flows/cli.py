@@ -8,7 +8,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -20,25 +19,31 @@ console = Console()
 
 def parse_overrides(pairs: list[str]) -> dict:
     """``--set train.max_steps=5`` → ``{"train.max_steps": 5}`` (values parsed as YAML)."""
+    from flows.config import ParamsError
+    from flows.safe_yaml import YamlError, load_yaml, shown
+
     out = {}
     for pair in pairs:
         if "=" not in pair:
-            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
+            raise ParamsError(f"--set expects KEY=VALUE, got {shown(pair)}")
         key, value = pair.split("=", 1)
-        out[key] = yaml.safe_load(value)
+        try:
+            out[key] = load_yaml(value)
+        except YamlError as exc:
+            raise ParamsError(f"--set {shown(key)[1:-1]}: {exc.rule}") from None
     return out
 
 
 def print_summary(summary) -> None:
     ev, gate = summary.eval, summary.gate
-    table = Table(title=f"Retrain on {summary.release} with strategy {summary.strategy}")
+    table = Table(title=escape(f"Retrain on {summary.release} with strategy {summary.strategy}"))
     table.add_column("measure")
     table.add_column("champion", justify="right")
     table.add_column("candidate", justify="right")
     table.add_column("kept vs champion", justify="right")
     table.add_column("kept vs anchor", justify="right")
     table.add_row(
-        f"new task: {ev.new_task}",
+        escape(f"new task: {ev.new_task}"),
         f"{ev.new_task_baseline:.3f}",
         f"{ev.new_task_score:.3f}",
         "",
@@ -50,7 +55,7 @@ def print_summary(summary) -> None:
 
     for t in sorted(ev.baseline):
         table.add_row(
-            f"probe: {t}",
+            escape(f"probe: {t}"),
             f"{ev.baseline[t]:.3f}",
             f"{ev.scores.get(t, 0):.3f}",
             kept(ev.tasks.get(t)),
@@ -69,7 +74,7 @@ def print_summary(summary) -> None:
     console.print(
         f"Wall time {summary.wall_seconds:.0f}s (training {summary.train_seconds:.0f}s, "
         f"evaluation {summary.eval_seconds:.0f}s, everything else {summary.overhead_share:.0%}); "
-        f"outputs in {summary.run_dir}"
+        f"outputs in {escape(str(summary.run_dir))}"
     )
 
 
@@ -99,7 +104,7 @@ def cmd_validate(args) -> int:
     params = load_params(args.params)
     report = validate_step(params, Path(args.release).resolve(), current_champion(params))
     if report.passed:
-        console.print(f"[green]{args.release}: valid[/green] {report.checked}")
+        console.print(f"[green]{escape(args.release)}: valid[/green] {escape(str(report.checked))}")
         return 0
     console.print(f"[red]{escape(str(ValidationFailed(report, limit=100)))}[/red]")
     return 1
@@ -159,9 +164,9 @@ def cmd_resume(args) -> int:
         console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         return 2
     if not ran:
-        console.print(f"nothing to resume: every step of {run_dir} has its record")
+        console.print(f"nothing to resume: every step of {escape(str(run_dir))} has its record")
         return 0
-    console.print(f"resumed {run_dir}: ran {', '.join(ran)}")
+    console.print(f"resumed {escape(str(run_dir))}: ran {', '.join(ran)}")
     reg = Registration.read(run_dir / FILES["register"])
     promo = Promotion.read(run_dir / FILES["promote"])
     status = "is now champion" if promo.promoted else f"not promoted: {promo.reason}"
@@ -173,7 +178,7 @@ def cmd_demo_data(args) -> int:
     from flows.demo_data import build_demo
 
     out = build_demo(Path(args.out))
-    console.print(f"demo releases and probes in {out}")
+    console.print(f"demo releases and probes in {escape(str(out))}")
     return 0
 
 
@@ -185,7 +190,9 @@ def cmd_status(args) -> int:
     params = load_params(args.params)
     champ = current_champion(params)
     console.print(
-        f"champion: {champ.version or 'base model'} ({champ.model_dir}); learned {champ.releases}"
+        escape(
+            f"champion: {champ.version or 'base model'} ({champ.model_dir}); learned {champ.releases}"
+        )
     )
     print_lineage(params)
     matrix = accuracy_matrix.load(params.workspace_dir / "accuracy_matrix.json")
@@ -193,10 +200,10 @@ def cmd_status(args) -> int:
     table = Table(title="accuracy matrix R[i][j]")
     table.add_column("model")
     for c in cols:
-        table.add_column(c, justify="right")
+        table.add_column(escape(c), justify="right")
     for row in matrix["rows"]:
         cells = [f"{row['scores'][c]:.3f}" if c in row["scores"] else "" for c in cols]
-        table.add_row(row["label"] + (" *" if row.get("promoted") else ""), *cells)
+        table.add_row(escape(row["label"] + (" *" if row.get("promoted") else "")), *cells)
     console.print(table)
     return 0
 
@@ -476,6 +483,13 @@ def main(argv: list[str] | None = None) -> int:
         LandingError,
     ) as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+        return 2
+    except OSError as exc:  # a path that cannot be used: say which, without a traceback
+        where = f": {exc.filename}" if exc.filename else ""
+        console.print(
+            f"[red]error:[/red] {escape(exc.strerror or str(exc))}{escape(str(where))}",
+            soft_wrap=True,
+        )
         return 2
 
 

@@ -1,12 +1,20 @@
-"""``params.yaml`` read into typed config. Unknown keys and bad values are errors naming the key."""
+"""``params.yaml`` read into typed config. Unknown keys and bad values are errors naming the key.
+
+The file is read by :func:`flows.safe_yaml.load_yaml` (no duplicate keys, anchors, aliases or deep
+nesting) from a regular file of at most 1 MB (:func:`flows.files.read_text`), then validated by
+:class:`Params`: every section forbids unknown keys, every number is finite and bounded, and a
+value has the type written in the file (a quoted ``'30'`` is a string, not the number 30; YAML
+1.2 numbers such as ``1e-3`` are numbers). ``train.candidates`` may expand to at most
+:data:`MAX_CANDIDATES` candidates, counted before any is built.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -18,6 +26,11 @@ from pydantic import (
 )
 
 import cf_strategies
+from flows.files import DataError, read_text
+from flows.safe_yaml import YamlError, load_yaml, shown
+
+MAX_CANDIDATES = 64  # train.candidates: fine-tunes one retrain may run
+PARAMS_MAX_BYTES = 1_000_000
 
 
 class Section(BaseModel):
@@ -28,7 +41,7 @@ class Section(BaseModel):
 
     @field_validator("*", mode="before")
     @classmethod
-    def _booleans_are_not_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+    def _types_as_written(cls, value: Any, info: ValidationInfo) -> Any:
         kind = _plain(cls.model_fields[info.field_name].annotation)
         if kind is bool and not isinstance(value, bool):
             raise ValueError("Input should be a valid boolean: true or false")
@@ -37,6 +50,9 @@ class Section(BaseModel):
             kind, values = _plain(get_args(kind)[1]), list(value.values())
         if kind in (int, float) and any(isinstance(v, bool) for v in values):
             raise ValueError("Input should be a number, not true/false")
+        if kind in (int, float) and any(isinstance(v, str) for v in values):
+            word = "integer" if kind is int else "number"
+            raise ValueError(f"Input should be a valid {word}, not a string (no quotes)")
         return value
 
 
@@ -105,11 +121,11 @@ class TrainConfig(Section):
     rehearsal_prompts: Path | None = None
     general_importance_prompts: int = Field(64, ge=0)
     lora: LoraConfig = LoraConfig()
-    learning_rate: float = Field(1e-3, gt=0)
-    max_steps: int = Field(30, ge=1)
-    batch_size: int = Field(8, ge=1)
-    max_length: int = Field(192, ge=8)
-    warmup_steps: int = Field(0, ge=0)
+    learning_rate: float = Field(1e-3, gt=0, le=1)
+    max_steps: int = Field(30, ge=1, le=10_000_000)
+    batch_size: int = Field(8, ge=1, le=65_536)
+    max_length: int = Field(192, ge=8, le=1_048_576)
+    warmup_steps: int = Field(0, ge=0, le=10_000_000)
     seed: int = 0
     logging_steps: int = Field(1, ge=1)
     checkpoint_steps: int = Field(10, ge=0)  # 0: no checkpoints (a crash starts over)
@@ -131,7 +147,7 @@ class TrainConfig(Section):
     @field_validator("strategy_params")
     @classmethod
     def _known_strategy(cls, v, info):
-        cf_strategies.validate_spec(info.data.get("strategy", "naive"), v)
+        cf_strategies.validate_spec(info.data.get("strategy", "naive"), v, strict=True)
         return v
 
     @field_validator("strategy")
@@ -143,15 +159,21 @@ class TrainConfig(Section):
     @field_validator("candidates")
     @classmethod
     def _valid_candidates(cls, v, info):
-        from flows.tournament import grid
+        from flows.tournament import grid, grid_size
 
+        total = sum(grid_size(options or {}) for options in v.values())
+        if total > MAX_CANDIDATES:
+            raise ValueError(
+                f"expands to {total} candidates, over the limit of {MAX_CANDIDATES} "
+                "(each is a fine-tune): list fewer values"
+            )
         for spec, options in v.items():
             pipeline_strategy(spec)
             for chosen in grid(spec, options or {}):
                 merged = dict(info.data.get("strategy_params") or {})
                 for name, opts in chosen.items():
                     merged[name] = {**merged.get(name, {}), **opts}
-                cf_strategies.validate_spec(spec, merged)
+                cf_strategies.validate_spec(spec, merged, strict=True)
         return v
 
 
@@ -200,10 +222,33 @@ class GateConfig(Section):
         return self
 
 
+TRACKING_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+
+
+def tracking_uri_problem(uri: str) -> str | None:
+    """Why MLflow cannot use ``uri`` as a tracking store, or None (a plain path is a file store)."""
+    scheme = uri.split(":", 1)[0] if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", uri) else ""
+    if len(scheme) == 1:  # a Windows drive letter: a path
+        return None
+    if scheme and scheme.split("+", 1)[0].lower() not in TRACKING_SCHEMES:
+        return f"unknown tracking URI scheme {scheme!r}; use one of " + ", ".join(
+            f"{s}:" for s in TRACKING_SCHEMES
+        )
+    return None
+
+
 class TrackingConfig(Section):
-    uri: str | None = None
+    uri: NonEmptyStr | None = None
     experiment: NonEmptyStr = "forgetless"
     promote_lock: Literal["auto", "file", "prefect"] = "auto"  # flows/locks.py
+
+    @field_validator("uri")
+    @classmethod
+    def _known_scheme(cls, value: str | None) -> str | None:
+        problem = value and tracking_uri_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
 
 class VersioningConfig(Section):
@@ -326,31 +371,68 @@ def load_params(
     path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None
 ) -> Params:
     path = Path(path).resolve()
-    if not path.exists():
-        raise ParamsError(f"{path}: no such params file")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except UnicodeDecodeError as exc:
-        raise ParamsError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
+        raw = load_yaml(read_text(path, PARAMS_MAX_BYTES), PARAMS_MAX_BYTES) or {}
+    except DataError as exc:
+        where = f"{path}:{exc.line}" if exc.line else str(path)
+        raise ParamsError(f"{where}: {exc.rule} (the params file)") from None
+    except YamlError as exc:
+        where = f"{path}:{exc.line}" if exc.line else str(path)
+        raise ParamsError(f"{where}: {exc.rule}") from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: the top level must be a mapping of sections")
+    if "root" in raw:
+        raise ParamsError(f"{path}: root: is set from the file's folder, not written")
     raw["root"] = str(path.parent)
     try:
         params = Params.model_validate(raw)
-        return params.with_overrides(overrides) if overrides else params
+        params = params.with_overrides(overrides) if overrides else params
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            key = ".".join(str(p) for p in err["loc"])
-            hint = ""
-            if err["type"] == "extra_forbidden":
-                section = _section_model(err["loc"][:-1])
-                valid = sorted(set(section.model_fields) - {"root"})  # root is set, not written
-                hint = f" (valid keys here: {', '.join(valid)})"
-            lines.append(f"  {key}: {err['msg']}{hint}")
-        raise ParamsError(f"{path}: invalid params\n" + "\n".join(lines)) from None
+        raise ParamsError(f"{path}: invalid params\n" + validation_lines(exc)) from None
+    folder_problems = [
+        f"  {key}: {problem}"
+        for key, folder in (
+            ("workspace", params.workspace_dir),
+            ("model.cache_dir", params.path(params.model.cache_dir)),
+            ("data.demo_dir", params.path(params.data.demo_dir)),
+        )
+        if (problem := not_a_folder(folder))
+    ]
+    env_uri = os.environ.get("FORGETLESS_TRACKING_URI")
+    if not params.tracking.uri and env_uri and (problem := tracking_uri_problem(env_uri)):
+        folder_problems.append(f"  FORGETLESS_TRACKING_URI (environment): {problem}")
+    if folder_problems:
+        raise ParamsError(f"{path}: invalid params\n" + "\n".join(folder_problems))
+    return params
+
+
+def not_a_folder(folder: Path) -> str | None:
+    """Why ``folder`` cannot be used as a folder (it may not exist yet), or None."""
+    for part in (folder, *folder.parents):
+        if part.exists() or part.is_symlink():
+            if part.is_dir():
+                return None
+            what = "a file" if part.is_file() else "a device, pipe, socket or broken link"
+            where = "" if part == folder else f", and it is on the path to {folder}"
+            return f"{part} is {what}, not a folder{where}"
+    return None
+
+
+def validation_lines(exc: ValidationError) -> str:
+    """One line per error: the dotted key, the rule, the valid keys where a key is unknown."""
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        hint = ""
+        if err["type"] == "extra_forbidden":
+            section = _section_model(err["loc"][:-1])
+            valid = sorted(set(section.model_fields) - {"root"})  # root is set, not written
+            hint = f" (valid keys here: {', '.join(valid)})"
+        message = err["msg"]
+        if len(message) > 300:
+            message = message[:300] + f"... ({len(message)} characters)"
+        lines.append(f"  {shown(key)[1:-1] if len(key) > 80 else key}: {message}{hint}")
+    return "\n".join(lines)
 
 
 def _section_model(loc: tuple) -> type[BaseModel]:

@@ -18,18 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flows.files import DataError, read_lines, walk
 from flows.records import Violation
+
+__all__ = ["DataError"]  # raised by every reader here; defined with the safe file reading
 
 RELEASE_FILES = ("train.jsonl", "eval.jsonl")
 CHOICE_KINDS = ("choice", "loglik")  # scoring kinds that rank an item's choices by likelihood
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file, the line and the rule broken."""
-
-    def __init__(self, file: Path | str, line: int | None, rule: str):
-        self.file, self.line, self.rule = str(file), line, rule
-        super().__init__(f"{file}:{line}: {rule}" if line else f"{file}: {rule}")
 
 
 def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
@@ -39,24 +34,23 @@ def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
     key twice in an object. Anything else is a :class:`DataError` naming the line.
     """
     records = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if raw.startswith(codecs.BOM_UTF8):
-                raise DataError(
-                    path, lineno, "starts with a UTF-8 byte-order mark (save as UTF-8 without BOM)"
-                )
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise DataError(
-                    path,
-                    lineno,
-                    f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} "
-                    "of the line)",
-                ) from None
-            if not line.strip():
-                continue
-            records.append((lineno, _parse_record(path, lineno, line)))
+    for lineno, raw in read_lines(path):
+        if raw.startswith(codecs.BOM_UTF8):
+            raise DataError(
+                path, lineno, "starts with a UTF-8 byte-order mark (save as UTF-8 without BOM)"
+            )
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(
+                path,
+                lineno,
+                f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} "
+                "of the line)",
+            ) from None
+        if not line.strip():
+            continue
+        records.append((lineno, _parse_record(path, lineno, line)))
     return records
 
 
@@ -175,12 +169,12 @@ def load_probes(path: Path) -> list[Example]:
 
 
 def links_outside(folder: Path) -> list[Violation]:
-    """Symbolic links anywhere in ``folder`` (not followed) whose target lies outside it."""
+    """Symbolic links anywhere in ``folder`` (not followed) whose target lies outside it; a folder
+    too deep or too large to walk (:func:`flows.files.walk`) is reported instead."""
     root = Path(os.path.realpath(folder))
     found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        for name in sorted(dirnames + filenames):
-            path = Path(dirpath) / name
+    try:
+        for path in walk(folder):
             target = Path(os.path.realpath(path))
             if path.is_symlink() and not target.is_relative_to(root):
                 found.append(
@@ -192,4 +186,6 @@ def links_outside(folder: Path) -> list[Violation]:
                         detail=f"-> {target}",
                     )
                 )
+    except DataError as exc:
+        found.append(Violation(file=exc.file, line=None, record_id=None, rule=exc.rule))
     return found

@@ -30,9 +30,11 @@ import ast
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from flows.data import DataError, read_jsonl
+from flows.files import read_text
+from flows.safe_yaml import YamlError, load_yaml, shown
+
+MAX_BYTES = 1_000_000  # a task configuration is a few hundred bytes
 
 READ = {
     "task",
@@ -54,13 +56,19 @@ def is_task_config(path: Path) -> bool:
 
 
 def _render(template: str, doc: dict[str, Any], path: Path, line: int) -> str:
-    from jinja2 import BaseLoader, Environment, StrictUndefined, TemplateError
+    from jinja2 import BaseLoader, StrictUndefined, TemplateError
+    from jinja2.sandbox import SandboxedEnvironment
 
-    env = Environment(loader=BaseLoader, undefined=StrictUndefined, keep_trailing_newline=True)
+    # sandboxed: a template from a probe source must not reach Python internals
+    env = SandboxedEnvironment(
+        loader=BaseLoader, undefined=StrictUndefined, keep_trailing_newline=True
+    )
     try:
         return env.from_string(template).render(**doc)
     except TemplateError as exc:
-        raise DataError(path, line, f"template {template!r}: {exc}") from None
+        raise DataError(path, line, f"template {shown(template)}: {exc}") from None
+    except (RecursionError, MemoryError, OverflowError, ValueError, TypeError) as exc:
+        raise DataError(path, line, f"template {shown(template)} fails: {exc}") from None
 
 
 def _field(spec: Any, doc: dict, path: Path, line: int, literal: bool) -> Any:
@@ -82,9 +90,9 @@ def _field(spec: Any, doc: dict, path: Path, line: int, literal: bool) -> Any:
 
 def read_config(path: Path) -> dict[str, Any]:
     try:
-        config = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise DataError(path, None, f"not an lm-eval task configuration: {exc}") from None
+        config = load_yaml(read_text(path, MAX_BYTES), MAX_BYTES)
+    except YamlError as exc:
+        raise DataError(path, exc.line, f"not an lm-eval task configuration: {exc.rule}") from None
     if not isinstance(config, dict):
         raise DataError(path, None, "an lm-eval task configuration is a mapping")
     unknown = sorted(set(config) - READ - IGNORED)
@@ -121,8 +129,6 @@ def probe_records(path: Path) -> list[dict[str, Any]]:
     path = Path(path)
     config = read_config(path)
     source = data_file(path, config)
-    if not source.is_file():
-        raise DataError(path, None, f"data file {source} does not exist")
     task = str(config["task"])
     delimiter = config.get("target_delimiter", " ")
     items = []

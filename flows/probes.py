@@ -32,7 +32,7 @@ from itertools import zip_longest
 from pathlib import Path
 
 from flows.config import Params
-from flows.data import as_probe_record, load_release, probe_example, write_jsonl
+from flows.data import DataError, as_probe_record, load_release, probe_example, write_jsonl
 from flows.demo_data import PROBE_FILES, build_demo
 from flows.evaluate import (
     Scorer,
@@ -44,6 +44,7 @@ from flows.evaluate import (
 )
 from flows.lm_eval_source import read_source
 from flows.records import ChampionRef, ProbeSet
+from flows.schemas import ProbeItem, record_errors
 from flows.scoring import accuracy_by_task
 from flows.splits import stratified_split
 from flows.version import track_file
@@ -54,6 +55,19 @@ def probe_sources(params: Params) -> list[Path]:
         return [params.path(p) for p in params.probes.sources]
     demo = build_demo(params.path(params.data.demo_dir))
     return [demo / "probes" / name for name in PROBE_FILES]
+
+
+def probe_items(source: Path) -> list[dict]:
+    """The items of one probe source in the form the steps use (:meth:`ProbeItem.as_record`:
+    ids as NFC text); an item that breaks the schema is a :class:`DataError` naming it."""
+    items = []
+    for line, record in read_source(source):
+        errors = record_errors(ProbeItem, record)
+        if errors:
+            rule, detail = errors[0]
+            raise DataError(source, line, f"{rule} ({detail})" if detail else rule)
+        items.append(ProbeItem.model_validate(record).as_record())
+    return items
 
 
 def learned_probe_items(params: Params, champion: ChampionRef) -> list[dict]:
@@ -67,7 +81,7 @@ def learned_probe_items(params: Params, champion: ChampionRef) -> list[dict]:
 
 def collect_probe_items(params: Params, champion: ChampionRef) -> list[dict]:
     """All candidate probe items: the sources, then each learned release's eval items."""
-    items = [r for src in probe_sources(params) for _, r in read_source(src)]
+    items = [item for src in probe_sources(params) for item in probe_items(src)]
     items += learned_probe_items(params, champion)
     ids = [(r["task"], r["id"]) for r in items]
     dupes = {i for i in ids if ids.count(i) > 1}

@@ -27,6 +27,7 @@ candidate becomes a child run of the retrain's MLflow run.
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,11 @@ class CandidateResult(Record):
     min_retention: float  # lowest dev retention over probe tasks
     winner: bool = False
     note: str = ""
+
+
+def grid_size(options: dict[str, Any]) -> int:
+    """How many combinations :func:`grid` would build, counted without building them."""
+    return math.prod(len(v) if isinstance(v, list) else 1 for v in options.values())
 
 
 def grid(spec: str, options: dict[str, Any]) -> list[dict[str, dict[str, Any]]]:

@@ -55,7 +55,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
@@ -64,8 +63,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from flows.data import CHOICE_KINDS, RELEASE_FILES, DataError, links_outside, read_jsonl
+from flows.data import RELEASE_FILES, DataError, links_outside, read_jsonl
 from flows.records import ChampionRef, ValidationReport, Violation
+from flows.schemas import (
+    ProbeItem,
+    RehearsalPrompt,
+    ReleaseRecord,
+    bad_character,
+    id_key,
+    record_errors,
+)
 
 if TYPE_CHECKING:  # flows.config imports torch (through cf_strategies); the CLI imports this
     from flows.config import Params
@@ -91,209 +98,71 @@ def normalise_prompt(text: str) -> str:
     return "".join(ch for ch in folded if unicodedata.category(ch)[0] in "LMNS")
 
 
-# A text may hold newlines and tabs, but no other control character (C0, DEL, C1) and no
-# unpaired surrogate (JSON can escape one; it cannot be written as UTF-8).
-_BAD_CHAR = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
-_BAD_ID_CHAR = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")  # not even newline or tab
+def _schema_column(errors: list[tuple[str, str]]) -> str | None:
+    """A record's broken rules as one cell: ``rule<TAB>detail`` lines, or None."""
+    return "\n".join(f"{rule}\t{detail}" for rule, detail in errors) or None
 
 
-def bad_character(text: Any) -> str | None:
-    """Where a text holds a character no text may hold, e.g. "U+0007 at character 12"."""
-    if not isinstance(text, str):
+def _id_or_none(value: Any) -> str | None:
+    """The id uniqueness compares (:func:`id_key`), or None for one the schema rejects."""
+    if isinstance(value, bool) or not isinstance(value, str | int) or bad_character(value, True):
         return None
-    found = _BAD_CHAR.search(text)
-    if found is None:
-        return None
-    kind = "unpaired surrogate " if "\ud800" <= found.group() <= "\udfff" else ""
-    return f"{kind}U+{ord(found.group()):04X} at character {found.start() + 1}"
+    return id_key(value)
 
 
-def _text(value: Any) -> str | None:
-    """Strings stay (an unpaired surrogate replaced: its own rule reports it); a non-string
-    becomes its repr so that only the type rule reports it."""
-    if value is None:
-        return None
-    text = value if isinstance(value, str) else repr(value)
-    return text.encode("utf-8", "replace").decode("utf-8") if bad_character(text) else text
+def _text_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) and not bad_character(value) else None
 
 
-def _id(value: Any) -> str | None:
-    """The id as the uniqueness rule compares it: ``7`` and ``"7"`` are the same id."""
-    return None if value is None else _text(str(value))
-
-
-def _is_blank(value: Any) -> bool:
-    """A string of whitespace only (the empty string is the length rule's)."""
-    return isinstance(value, str) and bool(value) and not value.strip()
-
-
-def _string_list(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(v, str) for v in value)
-
-
-def _valid_id(value: Any) -> bool:
-    """A non-empty string without control characters, or an integer (None is the missing-id
-    rule's)."""
-    if value is None:
-        return True
-    if isinstance(value, str):
-        return bool(value.strip()) and not _BAD_ID_CHAR.search(value)
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _chat(messages: Any) -> tuple[str, Any] | None:
-    """(prompt, completion) of well-formed chat messages, or None."""
-    ok = (
-        isinstance(messages, list)
-        and len(messages) >= 2
-        and all(
-            isinstance(m, dict) and {"role", "content"} <= set(m) and isinstance(m["role"], str)
-            for m in messages
-        )
-        and all(isinstance(m["content"], str) for m in messages[:-1])
-        and messages[-1]["role"] == "assistant"
-    )
-    if not ok:
-        return None
-    return "\n".join(m["content"] for m in messages[:-1]), messages[-1]["content"]
-
-
-def release_rows(records: list[tuple[int, dict]]) -> pd.DataFrame:
-    """One row per record: its texts and a column per record rule the suite checks."""
+def release_rows(records: list[tuple[int, dict]], limits: dict[str, int]) -> pd.DataFrame:
+    """One row per record: its id and texts, and the rules of :class:`ReleaseRecord` it breaks
+    (``limits``: ``max_prompt_chars``, ``max_completion_chars``)."""
     rows = []
     for line, r in records:
-        prompt, completion, fmt = r.get("prompt"), r.get("completion"), "prompt/completion"
-        if "messages" in r:
-            chat = _chat(r["messages"])
-            fmt = "messages" if chat else "malformed messages"
-            if chat:
-                prompt, completion = chat
-        choices = r.get("choices")
-        choices_ok = choices is None or _string_list(choices)
+        errors = record_errors(ReleaseRecord, r, limits)
+        prompt, completion = r.get("prompt"), r.get("completion")
+        messages = r.get("messages")
+        if isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages):
+            contents = [m.get("content") for m in messages]
+            if all(isinstance(c, str) for c in contents):
+                prompt, completion = "\n".join(contents[:-1]), contents[-1]
+        rid = r.get("id")
         rows.append(
             {
                 "line": line,
-                "id": _id(r.get("id")),
-                "id_ok": _valid_id(r.get("id")),
-                "prompt": _text(prompt),
-                "completion": _text(completion),
-                "format": fmt,
-                "prompt_is_text": prompt is None or isinstance(prompt, str),
-                "completion_is_text": completion is None or isinstance(completion, str),
-                "prompt_not_blank": not _is_blank(prompt),
-                "completion_not_blank": not _is_blank(completion),
-                "prompt_bad_char": bad_character(prompt),
-                "completion_bad_char": bad_character(completion),
-                "choices_ok": choices_ok,
-                "answer_in_choices": not choices_ok or not choices or completion in choices,
+                "id": _id_or_none(rid),
+                "prompt": _text_or_none(prompt),
+                "completion": _text_or_none(completion),
+                "schema": _schema_column(errors),
             }
         )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["line", "id", "prompt", "completion", "schema"])
 
 
 def probe_rows(records: list[tuple[int, dict]]) -> pd.DataFrame:
-    """One row per probe item: a column per probe rule the suite checks."""
+    """One row per probe item: its id and the rules of :class:`ProbeItem` it breaks."""
     rows = []
     for line, r in records:
-        answers, choices = r.get("answers"), r.get("choices")
-        answers_ok = (
-            isinstance(answers, list)
-            and bool(answers)
-            and all(isinstance(a, str) and a.strip() for a in answers)
-        )
-        scoring = r.get("scoring", "generate")
-        choices_ok = choices is None or _string_list(choices)
-        n_choices = len(choices) if choices_ok and choices else 0
+        rid = r.get("id")
         rows.append(
             {
                 "line": line,
-                "id": _id(r.get("id")),
-                "prompt_ok": isinstance(r.get("prompt"), str) and bool(r["prompt"].strip()),
-                "task_ok": isinstance(r.get("task"), str) and bool(r["task"].strip()),
-                "scoring": "null" if scoring is None else _text(scoring),
-                "answers_ok": answers_ok,
-                "choices_ok": choices_ok
-                and (scoring not in CHOICE_KINDS or n_choices >= 2)
-                and (not n_choices or (answers_ok and set(answers) <= set(choices))),
+                "id": _id_or_none(rid),
+                "schema": _schema_column(record_errors(ProbeItem, r)),
             }
         )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["line", "id", "schema"])
 
 
-def _release_suite(gx, name: str, max_prompt: int, max_completion: int, eval_file: bool):
+def _release_suite(gx, name: str, eval_file: bool):
     E = gx.expectations
     suite = gx.ExpectationSuite(name=name)
     rules = [
-        E.ExpectColumnValuesToNotBeNull(column="id", meta={"rule": "every record needs an id"}),
-        E.ExpectColumnValuesToBeInSet(
-            column="id_ok",
-            value_set=[True],
-            meta={"rule": "id must be a non-empty string (no control characters) or an integer"},
+        E.ExpectColumnValuesToBeNull(
+            column="schema",
+            meta={"rule": "record breaks the release schema", "rules_in_value": True},
         ),
         E.ExpectColumnValuesToBeUnique(column="id", meta={"rule": "ids must be unique"}),
-        E.ExpectColumnValuesToBeInSet(
-            column="format",
-            value_set=["prompt/completion", "messages"],
-            meta={
-                "rule": "messages must be a list of {role, content} ending with the assistant "
-                "(roles and contents are strings)"
-            },
-        ),
-        E.ExpectColumnValuesToBeInSet(
-            column="prompt_is_text", value_set=[True], meta={"rule": "prompt must be a string"}
-        ),
-        E.ExpectColumnValuesToBeInSet(
-            column="completion_is_text",
-            value_set=[True],
-            meta={"rule": "completion must be a string"},
-        ),
-        E.ExpectColumnValuesToNotBeNull(
-            column="prompt", meta={"rule": "a prompt (or messages) is required"}
-        ),
-        E.ExpectColumnValuesToNotBeNull(
-            column="completion",
-            meta={"rule": "a completion (or final assistant message) is required"},
-        ),
-        E.ExpectColumnValueLengthsToBeBetween(
-            column="prompt",
-            min_value=1,
-            max_value=max_prompt,
-            meta={"rule": f"prompt length must be 1..{max_prompt} characters"},
-        ),
-        E.ExpectColumnValueLengthsToBeBetween(
-            column="completion",
-            min_value=1,
-            max_value=max_completion,
-            meta={"rule": f"completion length must be 1..{max_completion} characters"},
-        ),
-    ]
-    for text in ("prompt", "completion"):
-        rules += [
-            E.ExpectColumnValuesToBeInSet(
-                column=f"{text}_not_blank",
-                value_set=[True],
-                meta={"rule": f"{text} must not be blank (whitespace only)"},
-            ),
-            E.ExpectColumnValuesToBeNull(
-                column=f"{text}_bad_char",
-                meta={
-                    "rule": f"{text} contains a control character other than newline or tab, "
-                    "or an unpaired surrogate",
-                    "detail_is_value": True,
-                },
-            ),
-        ]
-    rules += [
-        E.ExpectColumnValuesToBeInSet(
-            column="choices_ok",
-            value_set=[True],
-            meta={"rule": "choices must be a list of strings"},
-        ),
-        E.ExpectColumnValuesToBeInSet(
-            column="answer_in_choices",
-            value_set=[True],
-            meta={"rule": "the completion must be one of the record's choices"},
-        ),
         E.ExpectColumnValuesToBeInSet(
             column="is_probe_prompt",
             value_set=[False],
@@ -319,29 +188,11 @@ def _probe_suite(gx, name: str):
     E = gx.expectations
     suite = gx.ExpectationSuite(name=name)
     for rule in [
-        E.ExpectColumnValuesToNotBeNull(column="id", meta={"rule": "every probe needs an id"}),
+        E.ExpectColumnValuesToBeNull(
+            column="schema",
+            meta={"rule": "probe item breaks the probe schema", "rules_in_value": True},
+        ),
         E.ExpectColumnValuesToBeUnique(column="id", meta={"rule": "probe ids must be unique"}),
-        E.ExpectColumnValuesToBeInSet(
-            column="prompt_ok", value_set=[True], meta={"rule": "a probe needs a prompt string"}
-        ),
-        E.ExpectColumnValuesToBeInSet(
-            column="task_ok", value_set=[True], meta={"rule": "a probe needs a task string"}
-        ),
-        E.ExpectColumnValuesToBeInSet(
-            column="scoring",
-            value_set=["generate", *CHOICE_KINDS],
-            meta={"rule": "scoring must be 'generate', 'choice' or 'loglik'"},
-        ),
-        E.ExpectColumnValuesToBeInSet(
-            column="answers_ok",
-            value_set=[True],
-            meta={"rule": "answers must be a non-empty list of non-empty strings"},
-        ),
-        E.ExpectColumnValuesToBeInSet(
-            column="choices_ok",
-            value_set=[True],
-            meta={"rule": "choice probes need 2+ choices that contain every answer"},
-        ),
     ]:
         suite.add_expectation(rule)
     return suite
@@ -371,6 +222,20 @@ def _run_suite(gx, context, file: Path, df: pd.DataFrame, suite) -> list[Violati
         for bad in r.result.get("unexpected_index_list") or []:
             rid = bad.get("id")
             value = bad.get(column)
+            record_id = None if rid is None or pd.isna(rid) else str(rid)
+            if meta.get("rules_in_value"):
+                for cell in str(value).split("\n"):
+                    broken, _, detail = cell.partition("\t")
+                    violations.append(
+                        Violation(
+                            file=str(file),
+                            line=int(bad["line"]),
+                            record_id=record_id,
+                            rule=broken,
+                            detail=detail,
+                        )
+                    )
+                continue
             if meta.get("detail_is_value"):
                 detail = str(value)
             elif column in ("id", None) or isinstance(value, bool | np.bool_):
@@ -381,7 +246,7 @@ def _run_suite(gx, context, file: Path, df: pd.DataFrame, suite) -> list[Violati
                 Violation(
                     file=str(file),
                     line=int(bad["line"]),
-                    record_id=None if rid is None or pd.isna(rid) else str(rid),
+                    record_id=record_id,
                     rule=rule,
                     detail=detail,
                 )
@@ -409,8 +274,7 @@ def _release_violations(
     context,
     release_dir: Path,
     probes: set[str],
-    max_prompt_chars: int,
-    max_completion_chars: int,
+    limits: dict[str, int],
     min_records: dict[str, int],
 ) -> tuple[list[Violation], dict[str, int]]:
     violations = links_outside(release_dir)
@@ -421,11 +285,6 @@ def _release_violations(
     for fname in RELEASE_FILES:
         file = release_dir / fname
         if str(file) in unsafe:
-            continue
-        if not file.is_file():
-            violations.append(
-                Violation(file=str(file), line=None, record_id=None, rule="file is missing")
-            )
             continue
         try:
             records = read_jsonl(file)
@@ -444,20 +303,14 @@ def _release_violations(
             )
             violations.append(Violation(file=str(file), line=None, record_id=None, rule=rule))
             continue
-        df = release_rows(records)
+        df = release_rows(records, limits)
         norm = df["prompt"].map(lambda p: normalise_prompt(p) if isinstance(p, str) else "")
         df["is_probe_prompt"] = norm.isin(probes)
         if fname == "train.jsonl":
             train_prompts = set(norm) - {""}
         else:
             df["in_train"] = norm.isin(train_prompts)
-        suite = _release_suite(
-            gx,
-            f"{release_dir.name}-{fname}",
-            max_prompt_chars,
-            max_completion_chars,
-            eval_file=fname != "train.jsonl",
-        )
+        suite = _release_suite(gx, f"{release_dir.name}-{fname}", eval_file=fname != "train.jsonl")
         violations += _run_suite(gx, context, file, df, suite)
     return violations, checked
 
@@ -549,8 +402,7 @@ def validate_release(
         context,
         release_dir,
         {normalise_prompt(p) for p in probe_prompts},
-        max_prompt_chars,
-        max_completion_chars,
+        {"max_prompt_chars": max_prompt_chars, "max_completion_chars": max_completion_chars},
         min_records or {},
     )
     violations.sort(key=lambda v: (v.file, v.line or 0))
@@ -563,8 +415,6 @@ def _probe_source_violations(
     gx, context, path: Path
 ) -> tuple[list[Violation], list[tuple[int, dict]]]:
     """The probe rules on one source file, and its records (none when it cannot be read)."""
-    if not path.is_file():
-        return [Violation(file=str(path), line=None, record_id=None, rule="file is missing")], []
     from flows.lm_eval_source import read_source
 
     try:
@@ -591,24 +441,28 @@ def validate_probe_source(path: Path) -> ValidationReport:
     )
 
 
-def _rehearsal_leaks(path: Path, probes: set[str]) -> list[Violation]:
-    """Rehearsal prompts that are probe prompts: rehearsing them would fake retention."""
+def _rehearsal_violations(path: Path, probes: set[str]) -> list[Violation]:
+    """Rehearsal prompts that break :class:`RehearsalPrompt`, and those that are probe prompts:
+    rehearsing them would fake retention."""
     try:
         records = read_jsonl(path)
-    except FileNotFoundError:
-        return [Violation(file=str(path), line=None, record_id=None, rule="file is missing")]
     except DataError as exc:
         return [Violation(file=exc.file, line=exc.line, record_id=None, rule=exc.rule)]
-    return [
-        Violation(
-            file=str(path),
-            line=line,
-            record_id=_id(r.get("id")),
-            rule="rehearsal prompt is a probe prompt (probe leaked into training)",
-        )
-        for line, r in records
-        if isinstance(r.get("prompt"), str) and normalise_prompt(r["prompt"]) in probes
-    ]
+    if not records:
+        return [Violation(file=str(path), line=None, record_id=None, rule="file is empty")]
+    found = []
+    for line, r in records:
+        rid = r.get("id")
+        where = dict(file=str(path), line=line, record_id=str(rid) if rid is not None else None)
+        errors = record_errors(RehearsalPrompt, r)
+        found += [Violation(**where, rule=rule, detail=detail) for rule, detail in errors]
+        if not errors and normalise_prompt(r["prompt"]) in probes:
+            found.append(
+                Violation(
+                    **where, rule="rehearsal prompt is a probe prompt (probe leaked into training)"
+                )
+            )
+    return found
 
 
 def validate_step(params: Params, release_dir: Path, champion: ChampionRef) -> ValidationReport:
@@ -643,15 +497,17 @@ def validate_step(params: Params, release_dir: Path, champion: ChampionRef) -> V
         context,
         release_dir,
         probes,
-        cfg.max_prompt_chars,
-        cfg.max_completion_chars,
+        {
+            "max_prompt_chars": cfg.max_prompt_chars,
+            "max_completion_chars": cfg.max_completion_chars,
+        },
         {"train": cfg.min_train_records, "eval": cfg.min_eval_records},
     )
     violations += found
     checked |= release_checked
     names = cf_strategies.split_spec(params.train.strategy)
     if any(cf_strategies.STRATEGIES[n].uses_rehearsal_prompts for n in names):
-        violations += _rehearsal_leaks(rehearsal_prompt_file(params), probes)
+        violations += _rehearsal_violations(rehearsal_prompt_file(params), probes)
     violations.sort(key=lambda v: (v.file, v.line or 0))
     return ValidationReport(
         release=release_dir.name, passed=not violations, violations=violations, checked=checked

@@ -462,6 +462,67 @@ CASES = [
         T,
         4,
     ),
+    # strict schema: unknown keys, labels, invisible text, Unicode
+    Bad("a misspelt key", edit(T, 4, categroy="Arts"), "unknown field 'categroy'", T, 4),
+    Bad("category is a list", edit(T, 4, category=["Arts"]), "category must be a string", T, 4),
+    Bad("category is null", edit(T, 4, category=None), "category must be a string", T, 4),
+    Bad("category is a number", edit(T, 4, category=3), "category must be a string", T, 4),
+    Bad("category of 10,000,000 characters", edit(T, 4, category="a" * 10**7), "category", T, 4),
+    Bad("category with a newline", edit(T, 4, category="Ar\nts"), "category contains", T, 4),
+    Bad(
+        "category with a lone surrogate",
+        line_is(T, 8, '{"id": "s", "prompt": "P?", "completion": "A", "category": "\\ud800"}'),
+        "category contains an unpaired surrogate",
+        T,
+        8,
+        "s",
+    ),
+    Bad(
+        "choice with a lone surrogate",
+        line_is(
+            T, 8, '{"id": "s", "prompt": "P?", "completion": "A", "choices": ["A", "\\udfff"]}'
+        ),
+        "choices contains an unpaired surrogate",
+        T,
+        8,
+        "s",
+    ),
+    Bad(
+        "choice with a control character",
+        edit(T, 4, choices=["Arts", "Hi\x07story"]),
+        "choices contains",
+        T,
+        4,
+    ),
+    Bad("101 choices", edit(T, 4, choices=["Arts", *map(str, range(100))]), "choices must", T, 4),
+    Bad("prompt of zero-width spaces", edit(T, 4, prompt="\u200b\u200d\ufeff"), "blank", T, 4),
+    Bad("completion of Hangul fillers", edit(E, 4, completion="\u3164\u3164"), "blank", E, 4),
+    Bad(
+        "a role nobody knows",
+        line_is(
+            T,
+            8,
+            {
+                "id": "m",
+                "messages": [
+                    {"role": "robot", "content": "hi"},
+                    {"role": "assistant", "content": "x"},
+                ],
+            },
+        ),
+        MSGS,
+        T,
+        8,
+        "m",
+    ),
+    Bad(
+        "ids equal after NFC",
+        lambda r, c: (edit(T, 3, id="caf\u00e9")(r, c), edit(T, 9, id="cafe\u0301")(r, c))[0],
+        "ids must be unique",
+        T,
+        9,
+    ),
+    Bad("integer id beyond 64 bits", edit(T, 4, id=2**70), TYPE_ID, T, 4),
     Bad(
         "answer among choices only ignoring case",
         edit(T, 4, completion="arts", choices=["Arts", "People"]),
@@ -561,10 +622,10 @@ def test_the_table_starts_from_a_valid_release(ctx, good_release):
 
 
 def test_unusual_but_valid_input_passes(ctx, good_release):
-    """Newlines and tabs in texts, CRLF line ends, blank lines, integer ids, extra fields,
+    """Newlines and tabs in texts, CRLF line ends, blank lines, integer ids, a source field,
     empty choices, chat records and a link that stays inside the folder are all fine."""
     set_line(good_release, T, 3, {**record(good_release, T, 3), "prompt": "Two\nlines\tand a tab"})
-    set_line(good_release, T, 4, {**record(good_release, T, 4), "id": 4, "note": {"any": 1}})
+    set_line(good_release, T, 4, {**record(good_release, T, 4), "id": 4, "source": "wiki"})
     set_line(good_release, T, 5, {**record(good_release, T, 5), "choices": []})
     set_line(good_release, T, 6, {"id": "chat", "messages": chat("Be brief.", "Colour?", "Blue")})
     crlf = (good_release / E).read_bytes().replace(b"\n", b"\r\n") + b"\r\n\n"
@@ -731,7 +792,7 @@ def test_bad_params_are_rejected_naming_file_key_and_what_is_valid(case, tmp_pat
 def test_params_file_that_is_not_utf8_or_overrides_into_a_value_are_params_errors(tmp_path):
     bad = tmp_path / "params.yaml"
     bad.write_bytes(b"workspace: \xff\xfe\n")
-    with pytest.raises(ParamsError, match="not UTF-8 text"):
+    with pytest.raises(ParamsError, match="not valid UTF-8"):
         load_params(bad)
     good = tmp_path / "ok.yaml"
     good.write_text("train:\n  max_steps: 5\n")
