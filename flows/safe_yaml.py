@@ -96,8 +96,9 @@ def load_yaml(text: str, max_bytes: int = MAX_BYTES) -> Any:
     """The value of one YAML document, under the rules of this module."""
     if len(text.encode("utf-8", "surrogatepass")) > max_bytes:
         raise YamlError(None, f"over {max_bytes} bytes")
-    loader = _StrictLoader(text)
+    loader = None
     try:
+        loader = _StrictLoader(text)  # its reader refuses control characters here
         return loader.get_single_data()
     except YamlError:
         raise
@@ -110,4 +111,5 @@ def load_yaml(text: str, max_bytes: int = MAX_BYTES) -> Any:
     except (ValueError, OverflowError, RecursionError) as exc:  # e.g. an int of 5000 digits
         raise YamlError(None, f"a value YAML cannot build: {shown(str(exc))}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()

@@ -273,7 +273,7 @@ def record_errors(
     try:
         model.model_validate(record, context=context)
     except ValidationError as exc:
-        errors = _rules(exc, record, context or {})
+        errors = _rules(model, exc, record, context or {})
         return errors + [r for r in required if r not in errors]
     return []
 
@@ -288,8 +288,15 @@ def _text_field(loc: list[str], record: dict[str, Any]) -> str:
     return "completion" if len(loc) > 1 and loc[1] == str(last) else "prompt"
 
 
+def _max_length(model: type[BaseModel], field: str) -> int | None:
+    """The ``max_length`` a model declares for a field, if any."""
+    info = model.model_fields.get(field)
+    lengths = [m.max_length for m in (info.metadata if info else []) if hasattr(m, "max_length")]
+    return lengths[0] if lengths else None
+
+
 def _rules(
-    exc: ValidationError, record: dict[str, Any], context: dict[str, Any]
+    model: type[BaseModel], exc: ValidationError, record: dict[str, Any], context: dict[str, Any]
 ) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     for err in exc.errors(include_url=False):
@@ -313,7 +320,11 @@ def _rules(
             name = _text_field(loc, record)
             rule, detail = f"{name} {err['msg'].split(' (')[0]}", err["msg"].partition(" (")[2][:-1]
         elif kind in ("string_too_short", "string_too_long") and field in ("prompt", "completion"):
-            top = err.get("ctx", {}).get("max_length") or context.get(f"max_{field}_chars")
+            top = (
+                err.get("ctx", {}).get("max_length")
+                or context.get(f"max_{field}_chars")
+                or _max_length(model, field)
+            )
             rule = f"{field} length must be 1..{top or 'the limit'} characters"
             detail = f"got {len(err['input'])} characters" if isinstance(err["input"], str) else ""
         else:

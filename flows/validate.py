@@ -7,24 +7,20 @@ and validation only reads: the release folder is left as it was.
 
 The release folder (one report per broken rule, at the file and line that break it):
 
-- it holds ``train.jsonl`` and ``eval.jsonl`` ("file is missing"), and no symbolic link (a
-  release file or anything else, at any depth) points outside the folder (such a file is not
-  read);
-- every line is UTF-8 without a byte-order mark, and strict JSON: no ``NaN``, no key twice; each
-  non-blank line is a JSON object (:func:`flows.data.read_jsonl`; it stops at the first bad line);
+- it holds ``train.jsonl`` and ``eval.jsonl`` as regular files (a missing file, a dangling link,
+  a link loop, a folder, a named pipe or a device each get their own words, at once:
+  :mod:`flows.files`), and no symbolic link (a release file or anything else, at any depth)
+  points outside the folder (such a file is not read); the folder is at most 16 levels deep and
+  holds at most 10,000 entries;
+- every line is UTF-8 without a byte-order mark, at most 1 MB, and strict JSON: no ``NaN``, no
+  key twice; each non-blank line is a JSON object (:func:`flows.data.read_jsonl`; it stops at
+  the first bad line);
 - no file is empty, and each holds at least ``data.min_train_records`` / ``min_eval_records``.
 
-Each record:
-
-- an id: a non-empty string without control characters, or an integer; unique within its file
-  (``7`` and ``"7"`` collide);
-- a prompt and a completion, or ``messages``: a list of ``{role, content}`` with string roles and
-  contents, two or more, ending with the assistant's (its content is the completion, the others
-  joined are the prompt);
-- prompt and completion are strings, not blank, of 1..``data.max_prompt_chars`` and
-  1..``data.max_completion_chars`` characters, with no control character other than newline and
-  tab, and no unpaired surrogate;
-- ``choices``, when given, is a list of strings that contains the completion exactly.
+Each record keeps the schema :class:`flows.schemas.ReleaseRecord` (strict types, no unknown
+key, every text checked, prompt and completion within ``data.max_prompt_chars`` /
+``data.max_completion_chars``), and its id is unique within its file, compared as NFC text
+(``7`` and ``"7"`` collide).
 
 Leaks, compared on :func:`normalise_prompt` (Unicode NFKC, case-folded, letters, marks, numbers
 and symbols only: no punctuation, whitespace, control or invisible format characters), so that a
@@ -45,9 +41,9 @@ The champion's releases:
   folder would not, since it hashes bytes. A learned release missing from the workspace is
   reported too.
 
-Probe sources (``probes.sources``): an id (unique), a prompt and a task (non-empty strings), a
-known scoring (``generate`` or ``choice``), answers (a non-empty list of non-empty strings), and
-choices (a list of strings) that contain every answer, two or more for ``choice`` scoring.
+Probe sources (``probes.sources``): every item keeps :class:`flows.schemas.ProbeItem`, ids
+unique. The rehearsal prompts (with a strategy that uses them) keep
+:class:`flows.schemas.RehearsalPrompt`.
 """
 
 from __future__ import annotations

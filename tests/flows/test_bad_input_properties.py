@@ -87,13 +87,50 @@ def control_or_surrogate(char: str) -> bool:
     return unicodedata.category(char) in ("Cc", "Cs")
 
 
-def good_text(value: Any, limit: int) -> bool:
+INVISIBLE = set("\u115f\u1160\u3164\uffa0\u2800\u180e\u034f")
+
+
+def blank(text: str) -> bool:
+    """Only whitespace, format characters and characters that render as nothing."""
+    return all(
+        c.isspace() or unicodedata.category(c) in ("Cf", "Zs", "Zl", "Zp") or c in INVISIBLE
+        for c in text
+    )
+
+
+def good_text(value: Any, limit: int | None = None) -> bool:
     return (
         isinstance(value, str)
-        and 1 <= len(value) <= limit
-        and value.strip() != ""
+        and 1 <= len(value) <= (limit or len(value))
+        and not blank(value)
         and not any(control_or_surrogate(c) for c in value if c not in "\n\t")
     )
+
+
+def good_label(value: Any) -> bool:
+    """A category, choice or source: a text of at most 200 characters on one line."""
+    return (
+        good_text(value, 200)
+        and "\n" not in value
+        and "\t" not in value
+        and not any(c in value for c in "\u2028\u2029")
+    )
+
+
+def good_id(rid: Any) -> bool:
+    if isinstance(rid, bool):
+        return False
+    if isinstance(rid, int):
+        return abs(rid) <= 2**63 - 1
+    return (
+        isinstance(rid, str)
+        and 1 <= len(rid) <= 200
+        and bool(rid.strip())
+        and not any(control_or_surrogate(c) or c in "\u2028\u2029" for c in rid)
+    )
+
+
+FIELDS = {"id", "prompt", "completion", "messages", "choices", "category", "source"}
 
 
 def texts_of(record: dict) -> tuple[Any, Any] | None:
@@ -101,24 +138,25 @@ def texts_of(record: dict) -> tuple[Any, Any] | None:
     if "messages" not in record:
         return record.get("prompt"), record.get("completion")
     msgs = record["messages"]
-    if not isinstance(msgs, list) or len(msgs) < 2:
+    if not isinstance(msgs, list) or not 2 <= len(msgs) <= 64:
         return None
     for m in msgs:
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+        if not isinstance(m, dict) or set(m) != {"role", "content"}:
             return None
-        if not isinstance(m["role"], str):
+        if m["role"] not in ("system", "user", "assistant") or not good_text(m["content"]):
             return None
-    if msgs[-1]["role"] != "assistant" or not all(isinstance(m["content"], str) for m in msgs[:-1]):
+    if msgs[-1]["role"] != "assistant":
         return None
     return "\n".join(m["content"] for m in msgs[:-1]), msgs[-1]["content"]
 
 
 def record_ok(record: dict) -> bool:
-    """Does ``record`` keep the rules on a record of its own (id, texts, choices)?"""
-    rid = record.get("id")
-    if isinstance(rid, bool) or not isinstance(rid, str | int):
+    """Does ``record`` keep the rules on a record of its own (keys, id, texts, labels)?"""
+    if not set(record) <= FIELDS or any(v is None for v in record.values()):
         return False
-    if isinstance(rid, str) and (not rid.strip() or any(control_or_surrogate(c) for c in rid)):
+    if not good_id(record.get("id")):
+        return False
+    if "messages" in record and ({"prompt", "completion"} & set(record)):
         return False
     pair = texts_of(record)
     if pair is None:
@@ -126,10 +164,14 @@ def record_ok(record: dict) -> bool:
     prompt, completion = pair
     if not good_text(prompt, MAX_PROMPT) or not good_text(completion, MAX_COMPLETION):
         return False
+    if any(k in record and not good_label(record[k]) for k in ("category", "source")):
+        return False
     choices = record.get("choices")
     if choices is None:
         return True
-    if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
+    if not isinstance(choices, list) or len(choices) > 100:
+        return False
+    if not all(good_label(c) for c in choices):
         return False
     return not choices or completion in choices
 
@@ -141,6 +183,11 @@ def compared_prompt(record: dict) -> str:
     return key(prompt) if isinstance(prompt, str) else ""
 
 
+def nfc_id(rid: Any) -> str:
+    """Ids are compared as NFC text: 7 and "7" are one id, and so are two forms of "é"."""
+    return unicodedata.normalize("NFC", str(rid))
+
+
 def expected_bad_lines(files: dict[str, list[tuple[int, dict]]], probes: list[str]) -> set:
     """(file, line) of every record that breaks a rule: its own, a duplicate id in its file, a
     probe's prompt, or (in eval.jsonl) a prompt of train.jsonl."""
@@ -148,12 +195,12 @@ def expected_bad_lines(files: dict[str, list[tuple[int, dict]]], probes: list[st
     train_keys = {compared_prompt(r) for _, r in files.get("train.jsonl", [])} - {""}
     bad = set()
     for fname, rows in files.items():
-        ids = Counter(str(r["id"]) for _, r in rows if r.get("id") is not None)
+        ids = Counter(nfc_id(r.get("id")) for _, r in rows if good_id(r.get("id")))
         for line, r in rows:
             k = compared_prompt(r)
             if (
                 not record_ok(r)
-                or (r.get("id") is not None and ids[str(r["id"])] > 1)
+                or (good_id(r.get("id")) and ids[nfc_id(r["id"])] > 1)
                 or k in probe_keys
                 or (fname == "eval.jsonl" and k in train_keys)
             ):
@@ -331,7 +378,8 @@ def extra_field(record: dict, draw) -> None:
 # One thing changed in a valid record; most changes break a rule, a few ("fine") don't.
 DEFECTS = {
     "fine": lambda record, draw: None,
-    "fine: an extra field": extra_field,
+    "an unknown field": extra_field,
+    "fine: a source": setting("source", st.sampled_from(["wiki", "Ünïcode source"])),
     "fine: empty choices": setting("choices", st.just([])),
     "fine: an integer id": setting("id", st.integers()),
     "id missing": dropping("id"),
@@ -724,6 +772,7 @@ def test_load_params_accepts_only_valid_params(raw):
         assert a_number(value, kind) and test(value), (path_, value)
         was_given, value_given = given_value(raw, path_)
         assert not (was_given and isinstance(value_given, bool)), (path_, value_given)
+        assert not (was_given and isinstance(value_given, str)), (path_, value_given)
     for path_ in FLAGS:
         was_given, value_given = given_value(raw, path_)
         assert isinstance(lookup(params, path_), bool)
@@ -747,3 +796,31 @@ def test_load_params_reads_any_text_without_surprises(text):
             load_params(path)
         except ParamsError as exc:
             assert str(path) in str(exc)
+
+
+# A params text with one hazard planted: a key twice, an anchor and alias, or deep nesting.
+SECTIONS = ["train", "gate", "model", "probes", "evaluate"]
+hazards = st.sampled_from(["duplicate", "alias", "deep"])
+
+
+@FAST
+@given(
+    section=st.sampled_from(SECTIONS),
+    key=st.sampled_from(["max_steps", "alpha", "trust_remote_code", "seed", "x"]),
+    hazard=hazards,
+    depth=st.integers(21, 400),
+)
+def test_a_planted_yaml_hazard_is_always_refused_naming_its_line(section, key, hazard, depth):
+    BAD_INPUTS["params.yaml with a planted hazard (load_params)"] += 1
+    if hazard == "duplicate":
+        text, line = f"{section}:\n  {key}: 1\n  other: 2\n  {key}: 3\n", 4
+    elif hazard == "alias":
+        text, line = f"{section}:\n  {key}: &v 1\n  other: *v\n", 2
+    else:
+        text, line = f"{section}: " + "[" * depth + "]" * depth + "\n", 1
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "params.yaml"
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(ParamsError) as err:
+            load_params(path)
+    assert f"params.yaml:{line}:" in str(err.value), str(err.value)

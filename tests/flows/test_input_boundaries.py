@@ -1,0 +1,269 @@
+"""The input boundaries hold: pipes, devices, link loops, deep trees, YAML bombs and duplicate
+keys get a clear error at once (file, line, rule), through the functions and the CLI a user types.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+from flows.config import MAX_CANDIDATES, ParamsError, load_params
+from flows.data import DataError, read_jsonl
+from flows.files import MAX_DEPTH, walk
+from flows.records import ChampionRef
+from flows.validate import validate_step
+from tests.conftest import BAD_INPUTS, write_params
+
+BILLION_LAUGHS = "\n".join(
+    ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    + [f"{chr(98 + i)}: &{chr(98 + i)} [{','.join([f'*{chr(97 + i)}'] * 9)}]" for i in range(8)]
+)
+
+
+def cli(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "NO_COLOR": "1", "COLUMNS": "200"},
+    )
+
+
+def rejected_quickly(text: str, tmp_path: Path) -> str:
+    """The ParamsError of a params file, checked to come in under a second and 100 MB."""
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    start = time.perf_counter()
+    with pytest.raises(ParamsError) as err:
+        load_params(path)
+    seconds = time.perf_counter() - start
+    tracemalloc.start()  # measured apart: tracing slows the parser several times
+    try:
+        with pytest.raises(ParamsError):
+            load_params(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    BAD_INPUTS["params bombs and nonsense (load_params)"] += 1
+    assert seconds < 1.0 and peak < 100e6, (seconds, peak)
+    assert len(str(err.value)) < 2000, "the message must not print the expanded value"
+    return str(err.value)
+
+
+# --- params.yaml -------------------------------------------------------------------------------
+
+
+def test_billion_laughs_is_refused_at_the_first_anchor(tmp_path):
+    message = rejected_quickly(
+        f"train:\n  strategy: lwf\n  strategy_params:\n    lwf:\n      x:\n{BILLION_LAUGHS}\n",
+        tmp_path,
+    )
+    assert "anchors and aliases" in message and ":6:" in message
+
+
+def test_a_huge_candidate_grid_is_counted_not_built(tmp_path):
+    values = "[" + ", ".join(str(0.1 * i) for i in range(1, 21)) + "]"
+    grid = "".join(f"      {o}: {values}\n" for o in ("alpha", "temperature"))
+    grid += "      positions: [labels, all]\n      classes: [all, seen]\n"
+    message = rejected_quickly(f"train:\n  candidates:\n    lwf:\n{grid}", tmp_path)
+    assert f"expands to 1600 candidates, over the limit of {MAX_CANDIDATES}" in message
+
+
+def test_deep_nesting_is_refused(tmp_path):
+    message = rejected_quickly("train: " + "[" * 5000 + "]" * 5000 + "\n", tmp_path)
+    assert "nested deeper than" in message
+    message = rejected_quickly(
+        "".join(f"{'  ' * i}k{i}:\n" for i in range(200)) + "  x\n", tmp_path
+    )
+    assert "nested deeper than" in message
+
+
+@pytest.mark.parametrize(
+    "text, first, again",
+    [
+        ("model:\n  trust_remote_code: false\n  trust_remote_code: true\n", 2, 3),
+        ("train:\n  strategy: lwf\ngate:\n  alpha: 0.05\ntrain:\n  strategy: naive\n", 1, 5),
+    ],
+    ids=["trust_remote_code twice", "a second train section"],
+)
+def test_a_duplicate_key_names_both_lines(text, first, again, tmp_path):
+    message = rejected_quickly(text, tmp_path)
+    assert f"first on line {first}, again on line {again}" in message
+
+
+@pytest.mark.parametrize(
+    "text, expect",
+    [
+        ("train:\n  max_steps: '30'\n", "not a string"),
+        ("train:\n  learning_rate: 1e9\n", "less than or equal to 1"),
+        ("gate:\n  min_new_task_score: 2.0\n", "less than or equal to 1"),
+        (
+            "train:\n  strategy: lwf\n  strategy_params: {lwf: {alpha: .inf}}\n",
+            "finite number",
+        ),
+        (
+            "train:\n  strategy: lwf\n  strategy_params: {lwf: {alpha: '2'}}\n",
+            "valid number",
+        ),
+        ("tracking:\n  uri: ftp://somewhere/mlflow\n", "unknown tracking URI scheme 'ftp'"),
+        ("root: /elsewhere\n", "root: is set from the file's folder"),
+    ],
+    ids=[
+        "a quoted number",
+        "learning rate 1e9",
+        "a new-task target of 2",
+        "an infinite distillation weight",
+        "a quoted strategy option",
+        "an unknown URI scheme",
+        "root written",
+    ],
+)
+def test_accepted_nonsense_is_refused(text, expect, tmp_path):
+    assert expect in rejected_quickly(text, tmp_path)
+
+
+def test_yaml_12_numbers_are_numbers(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(
+        "train:\n  learning_rate: 2e-4\n  strategy: ewc\n  strategy_params:\n    ewc: {lambda_: 1e3}\n"
+    )
+    params = load_params(path)
+    assert params.train.learning_rate == 2e-4
+    assert params.train.strategy_params["ewc"]["lambda_"] == 1000.0
+
+
+def test_folders_that_cannot_be_folders_are_named(tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    path = tmp_path / "params.yaml"
+    for text, expect in [
+        ("workspace: /dev/null\n", "workspace: /dev/null is a device"),
+        ("model:\n  cache_dir: a-file\n", f"model.cache_dir: {tmp_path / 'a-file'} is a file"),
+        ("data:\n  demo_dir: a-file/below\n", "is a file, not a folder, and it is on the path"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(ParamsError, match="invalid params") as err:
+            load_params(path)
+        BAD_INPUTS["params paths (load_params)"] += 1
+        assert expect in str(err.value), str(err.value)
+
+
+def test_the_cli_says_what_is_wrong_with_the_params_path(tmp_path):
+    (tmp_path / "dir.yaml").mkdir()
+    os.mkfifo(tmp_path / "pipe.yaml")
+    for name, expect in [("dir.yaml", "is a directory"), ("pipe.yaml", "named pipe (FIFO)")]:
+        out = cli("--params", name, "status", cwd=tmp_path, timeout=60)
+        BAD_INPUTS["params paths (CLI)"] += 1
+        assert out.returncode == 2 and expect in out.stdout, out.stdout + out.stderr
+        assert "Traceback" not in out.stderr
+
+
+# --- files and folders ------------------------------------------------------------------------
+
+
+def test_only_regular_files_are_read(tmp_path):
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    (tmp_path / "dir.jsonl").mkdir()
+    (tmp_path / "loop.jsonl").symlink_to(tmp_path / "loop.jsonl")
+    (tmp_path / "dangling.jsonl").symlink_to(tmp_path / "nowhere.jsonl")
+    for name, expect in [
+        ("pipe.jsonl", "is a named pipe (FIFO), not a regular file"),
+        ("dir.jsonl", "is a directory, not a regular file"),
+        ("loop.jsonl", "symbolic link loop"),
+        ("dangling.jsonl", "dangling symbolic link"),
+        ("missing.jsonl", "file is missing"),
+    ]:
+        with pytest.raises(DataError, match=re.escape(expect)):
+            read_jsonl(tmp_path / name)
+    with pytest.raises(DataError, match="is a character device"):
+        read_jsonl(Path("/dev/zero"))
+
+
+def test_a_line_over_the_limit_is_named(tmp_path):
+    path = tmp_path / "big.jsonl"
+    path.write_text('{"id": 1}\n' + '{"id": "' + "x" * 1_100_000 + '"}\n')
+    with pytest.raises(DataError, match=r"big.jsonl:2: line is longer than 1000000 bytes"):
+        read_jsonl(path)
+
+
+def test_a_deep_folder_tree_is_bounded_without_recursion(tmp_path):
+    folder = tmp_path / "deep"
+    node = folder
+    for _ in range(MAX_DEPTH + 3):
+        node = node / "d"
+    node.mkdir(parents=True)
+    with pytest.raises(DataError, match=f"nested deeper than {MAX_DEPTH} levels"):
+        list(walk(folder))
+
+
+@pytest.fixture
+def release_and_params(tmp_path, demo_dir):
+    release = tmp_path / "release"
+    shutil.copytree(demo_dir / "releases" / "wiki-topics-1", release)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    params = write_params(tmp_path, model, demo_dir, workspace=str(tmp_path / "ws"))
+    return release, params
+
+
+def replace_with_fifo(path: Path) -> None:
+    path.unlink()
+    os.mkfifo(path)
+
+
+def test_a_release_of_pipes_links_and_deep_folders_is_rejected_at_once(release_and_params):
+    release, params_file = release_and_params
+    replace_with_fifo(release / "train.jsonl")
+    (release / "eval.jsonl").unlink()
+    (release / "eval.jsonl").mkdir()
+    deep = release / "notes"
+    for _ in range(40):
+        deep = deep / "n"
+    deep.mkdir(parents=True)
+    champion = ChampionRef(version=None, model_dir=params_file.parent, releases=[])
+    start = time.perf_counter()
+    report = validate_step(load_params(params_file), release, champion)
+    BAD_INPUTS["release folders (pipes, folders, depth)"] += 1
+    assert time.perf_counter() - start < 60
+    rules = {(Path(v.file).name, v.rule) for v in report.violations}
+    assert ("train.jsonl", "is a named pipe (FIFO), not a regular file") in rules, rules
+    assert ("eval.jsonl", "is a directory, not a regular file") in rules, rules
+    assert ("release", f"folders nested deeper than {MAX_DEPTH} levels") in rules, rules
+
+
+def test_a_rehearsal_file_that_is_a_pipe_is_rejected(release_and_params, tmp_path):
+    release, params_file = release_and_params
+    os.mkfifo(tmp_path / "prompts.jsonl")
+    params = load_params(params_file).with_overrides(
+        {
+            "train.strategy": "self_rehearsal",
+            "train.rehearsal_prompts": str(tmp_path / "prompts.jsonl"),
+        }
+    )
+    champion = ChampionRef(version=None, model_dir=params_file.parent, releases=[])
+    report = validate_step(params, release, champion)
+    BAD_INPUTS["rehearsal prompts (pipe)"] += 1
+    assert any(
+        v.file.endswith("prompts.jsonl") and "named pipe" in v.rule for v in report.violations
+    ), report.violations
+
+
+def test_the_cli_prints_a_release_path_with_markup_as_it_is(release_and_params):
+    release, params_file = release_and_params
+    odd = release.parent / "rel[" / "b]ease[red]"  # the path holds "[/b]"
+    odd.parent.mkdir()
+    release.rename(odd)
+    out = cli("--params", str(params_file), "validate", str(odd), cwd=params_file.parent)
+    BAD_INPUTS["release path with console markup (CLI)"] += 1
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"{odd}: valid" in out.stdout.replace("\n", "")
