@@ -86,7 +86,9 @@ def collect_probe_items(params: Params, champion: ChampionRef) -> list[dict]:
     ids = [(r["task"], r["id"]) for r in items]
     dupes = {i for i in ids if ids.count(i) > 1}
     if dupes:
-        raise ValueError(f"probe ids repeat within a task: {sorted(dupes)[:5]}")
+        raise DataError(
+            "probes.sources", None, f"probe ids repeat within a task: {sorted(dupes)[:5]}"
+        )
     return items
 
 

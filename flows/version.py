@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from flows.data import RELEASE_FILES, DataError, links_outside
+from flows.files import check_regular
 from flows.records import VersionedRelease
 from flows.workspace import dvc_repo, git, init_workspace
 
@@ -93,6 +94,11 @@ def version_release(
     follow it), and other content under the name of a release the champion has ``learned``
     (its workspace copy is what the probes read; a name is used once)."""
     release_dir = Path(release_dir).resolve()
+    if not release_dir.is_dir():
+        what = "does not exist" if not release_dir.exists() else "is not a folder"
+        raise DataError(
+            release_dir, None, f"{what} (a release is a folder with {' and '.join(RELEASE_FILES)})"
+        )
     missing = [f for f in RELEASE_FILES if not (release_dir / f).is_file()]
     if missing:
         raise DataError(
@@ -101,6 +107,8 @@ def version_release(
             f"not a release folder, missing {', '.join(missing)} "
             f"(a release is a folder with {' and '.join(RELEASE_FILES)})",
         )
+    for f in RELEASE_FILES:
+        check_regular(release_dir / f)  # a pipe or device is named before anything is copied
     leaving = links_outside(release_dir)
     if leaving:
         raise DataError(leaving[0].file, None, f"{leaving[0].rule} ({leaving[0].detail})")

@@ -465,9 +465,23 @@ CASES = [
     # strict schema: unknown keys, labels, invisible text, Unicode
     Bad("a misspelt key", edit(T, 4, categroy="Arts"), "unknown field 'categroy'", T, 4),
     Bad("category is a list", edit(T, 4, category=["Arts"]), "category must be a string", T, 4),
-    Bad("category is null", edit(T, 4, category=None), "category must be a string", T, 4),
+    Bad(
+        "category is null",
+        line_is(T, 8, {"id": "c", "prompt": "P?", "completion": "A", "category": None}),
+        "category must be a string",
+        T,
+        8,
+        "c",
+    ),
     Bad("category is a number", edit(T, 4, category=3), "category must be a string", T, 4),
-    Bad("category of 10,000,000 characters", edit(T, 4, category="a" * 10**7), "category", T, 4),
+    Bad(
+        "category of 10,000,000 characters",
+        edit(T, 4, category="a" * 10**7),
+        "line is longer than 1000000 bytes",
+        T,
+        4,
+    ),
+    Bad("category of 201 characters", edit(T, 4, category="a" * 201), "category must", T, 4),
     Bad("category with a newline", edit(T, 4, category="Ar\nts"), "category contains", T, 4),
     Bad(
         "category with a lone surrogate",
