@@ -491,6 +491,11 @@ def main(argv: list[str] | None = None) -> int:
             soft_wrap=True,
         )
         return 2
+    except Exception as exc:
+        if not type(exc).__module__.startswith("mlflow."):
+            raise
+        console.print(f"[red]error:[/red] MLflow: {escape(str(exc))}", soft_wrap=True)
+        return 2
 
 
 if __name__ == "__main__":

@@ -226,11 +226,17 @@ TRACKING_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "m
 
 
 def tracking_uri_problem(uri: str) -> str | None:
-    """Why MLflow cannot use ``uri`` as a tracking store, or None (a plain path is a file store)."""
+    """Why MLflow cannot use ``uri`` as a tracking store, or None. A plain path or ``file:`` is
+    MLflow's file store, which MLflow 3 refuses unless ``MLFLOW_ALLOW_FILE_STORE=true``."""
     scheme = uri.split(":", 1)[0] if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", uri) else ""
-    if len(scheme) == 1:  # a Windows drive letter: a path
-        return None
-    if scheme and scheme.split("+", 1)[0].lower() not in TRACKING_SCHEMES:
+    if len(scheme) <= 1 or scheme.lower() == "file":  # a path (or a Windows drive letter)
+        if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() == "true":
+            return None
+        return (
+            f"{uri!r} is a file store, which MLflow 3 no longer accepts; use a database "
+            "such as sqlite:///path/to/mlflow.db (or set MLFLOW_ALLOW_FILE_STORE=true)"
+        )
+    if scheme.split("+", 1)[0].lower() not in TRACKING_SCHEMES:
         return f"unknown tracking URI scheme {scheme!r}; use one of " + ", ".join(
             f"{s}:" for s in TRACKING_SCHEMES
         )

@@ -267,3 +267,26 @@ def test_the_cli_prints_a_release_path_with_markup_as_it_is(release_and_params):
     BAD_INPUTS["release path with console markup (CLI)"] += 1
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"{odd}: valid" in out.stdout.replace("\n", "")
+
+
+def test_set_values_are_read_by_the_same_strict_loader(tmp_path):
+    (tmp_path / "params.yaml").write_text("train:\n  max_steps: 3\n")
+    for value, expect in [
+        ("{a: &x [1, 2], b: *x}", "anchors and aliases"),
+        ("{a: 1, a: 2}", "duplicate key 'a'"),
+        ("[" * 500 + "]" * 500, "nested deeper than"),
+    ]:
+        out = cli("run", "--set", f"train.strategy_params={value}", cwd=tmp_path, timeout=120)
+        BAD_INPUTS["--set values (CLI)"] += 1
+        assert out.returncode == 2 and expect in out.stdout, out.stdout + out.stderr
+        assert "Traceback" not in out.stderr
+
+
+def test_a_file_store_is_refused_with_what_to_use(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    path = tmp_path / "params.yaml"
+    for uri in ("./mlruns", "file:///tmp/mlruns"):
+        path.write_text(f"tracking:\n  uri: {uri}\n")
+        with pytest.raises(ParamsError, match="is a file store") as err:
+            load_params(path)
+        assert "sqlite:///" in str(err.value)
