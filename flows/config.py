@@ -83,6 +83,8 @@ class DataConfig(Section):
     max_completion_chars: int = Field(500, gt=0)
     min_train_records: int = Field(8, ge=1)
     min_eval_records: int = Field(4, ge=1)
+    # near-duplicate leaks: the share of rarity-weighted words kept exactly (flows/leaks.py)
+    leak_threshold: float = Field(0.9, ge=0.5, le=1.0)
 
 
 class ProbesConfig(Section):

@@ -22,14 +22,18 @@ key, every text checked, prompt and completion within ``data.max_prompt_chars`` 
 ``data.max_completion_chars``), and its id is unique within its file, compared as NFC text
 (``7`` and ``"7"`` collide).
 
-Leaks, compared on :func:`normalise_prompt` (Unicode NFKC, case-folded, letters, marks, numbers
-and symbols only: no punctuation, whitespace, control or invisible format characters), so that a
-near-duplicate ("WHAT is the capital of Ghana", full-width letters, a zero-width space) matches:
+Leaks, found by :class:`flows.leaks.LeakIndex` as a careful reviewer would: the same text after
+normalisation (NFKC, case folding, Unicode confusables, punctuation, spacing and invisible
+characters ignored), one text inside the other (a prefix, suffix or instruction added; a prompt
+pasted into a completion), or a near-duplicate (a few words misspelt; threshold 0.9 of the
+rarity-weighted words, see the module for the rules and their reasons):
 
-- no release prompt is a probe prompt: the probe sources', and the eval items' of every release
-  the champion has learned (training on the probes would fake retention);
-- no eval prompt is also a train prompt (the new-task score would measure memorisation);
-- with a strategy that rehearses prompts, no rehearsal prompt is a probe prompt.
+- no release prompt or completion leaks a probe prompt: the probe sources', and the eval
+  items' of every release the champion has learned (training on the probes would fake
+  retention);
+- no eval prompt leaks into a train prompt or completion (the new-task score would measure
+  memorisation);
+- with a strategy that rehearses prompts, no rehearsal prompt leaks a probe prompt.
 
 The champion's releases:
 
@@ -60,6 +64,7 @@ import numpy as np
 import pandas as pd
 
 from flows.data import RELEASE_FILES, DataError, links_outside, read_jsonl
+from flows.leaks import DEFAULT_THRESHOLD, LeakIndex
 from flows.records import ChampionRef, ValidationReport, Violation
 from flows.schemas import (
     ProbeItem,
@@ -159,19 +164,21 @@ def _release_suite(gx, name: str, eval_file: bool):
             meta={"rule": "record breaks the release schema", "rules_in_value": True},
         ),
         E.ExpectColumnValuesToBeUnique(column="id", meta={"rule": "ids must be unique"}),
-        E.ExpectColumnValuesToBeInSet(
-            column="is_probe_prompt",
-            value_set=[False],
-            meta={"rule": "prompt is a probe prompt (probe leaked into the release)"},
+        E.ExpectColumnValuesToBeNull(
+            column="probe_leak",
+            meta={
+                "rule": "holds a probe prompt (probe leaked into the release)",
+                "detail_is_value": True,
+            },
         ),
     ]
     if eval_file:
         rules.append(
-            E.ExpectColumnValuesToBeInSet(
-                column="in_train",
-                value_set=[False],
+            E.ExpectColumnValuesToBeNull(
+                column="train_leak",
                 meta={
-                    "rule": "eval prompt also appears in train.jsonl (eval leaked into training)"
+                    "rule": "eval prompt also appears in train.jsonl (eval leaked into training)",
+                    "detail_is_value": True,
                 },
             )
         )
@@ -265,19 +272,39 @@ def _gx_context():
     return gx, context
 
 
+class Leaks:
+    """What must not leak into a text (probe prompts, or a release's eval prompts), indexed by
+    :class:`flows.leaks.LeakIndex`: the same text after normalisation, contained in the text or
+    containing it, or a near-duplicate."""
+
+    def __init__(self, references: Iterable[Any], threshold: float = DEFAULT_THRESHOLD):
+        self.references = [r for r in references if isinstance(r, str) and r.strip()]
+        self.index = LeakIndex(self.references, threshold=threshold)
+
+    def find(self, texts: Iterable[tuple[str, Any]]) -> tuple[int, str] | None:
+        """(reference, detail) of the first text of ``(what, text)`` that leaks one, or None."""
+        for what, text in texts:
+            if isinstance(text, str) and text and not bad_character(text):
+                leak = self.index.find(text)
+                if leak is not None:
+                    shown_ref = _preview(self.references[leak.reference]).removeprefix("got ")
+                    return leak.reference, f"{what} {leak.describe()}: {shown_ref}"
+        return None
+
+
 def _release_violations(
     gx,
     context,
     release_dir: Path,
-    probes: set[str],
+    probes: Leaks,
     limits: dict[str, int],
     min_records: dict[str, int],
 ) -> tuple[list[Violation], dict[str, int]]:
+    threshold = probes.index.threshold
     violations = links_outside(release_dir)
     unsafe = {v.file for v in violations}  # never read through a link that leaves the folder
     checked: dict[str, int] = {}
-    train_prompts: set[str] = set()
-    probes = probes - {""}
+    frames: dict[str, pd.DataFrame] = {}
     for fname in RELEASE_FILES:
         file = release_dir / fname
         if str(file) in unsafe:
@@ -300,14 +327,26 @@ def _release_violations(
             violations.append(Violation(file=str(file), line=None, record_id=None, rule=rule))
             continue
         df = release_rows(records, limits)
-        norm = df["prompt"].map(lambda p: normalise_prompt(p) if isinstance(p, str) else "")
-        df["is_probe_prompt"] = norm.isin(probes)
-        if fname == "train.jsonl":
-            train_prompts = set(norm) - {""}
-        else:
-            df["in_train"] = norm.isin(train_prompts)
+        df["probe_leak"] = [
+            (found := probes.find([("prompt", p), ("completion", c)])) and found[1]
+            for p, c in zip(df["prompt"], df["completion"], strict=True)
+        ]
+        frames[fname] = df
+    train, evals = frames.get("train.jsonl"), frames.get("eval.jsonl")
+    if evals is not None:
+        evals["train_leak"] = None
+        if train is not None:  # an eval prompt in a train prompt or completion, or near one
+            eval_prompts = Leaks(evals["prompt"], threshold)
+            row_of = {text: i for i, text in enumerate(evals["prompt"]) if isinstance(text, str)}
+            for line, p, c in zip(train["line"], train["prompt"], train["completion"], strict=True):
+                found = eval_prompts.find([("prompt", p), ("completion", c)])
+                if found is not None:
+                    row = row_of[eval_prompts.references[found[0]]]
+                    if evals.at[row, "train_leak"] is None:
+                        evals.at[row, "train_leak"] = f"train.jsonl line {line}: {found[1]}"
+    for fname, df in frames.items():
         suite = _release_suite(gx, f"{release_dir.name}-{fname}", eval_file=fname != "train.jsonl")
-        violations += _run_suite(gx, context, file, df, suite)
+        violations += _run_suite(gx, context, release_dir / fname, df, suite)
     return violations, checked
 
 
@@ -397,7 +436,7 @@ def validate_release(
         gx,
         context,
         release_dir,
-        {normalise_prompt(p) for p in probe_prompts},
+        Leaks(probe_prompts),
         {"max_prompt_chars": max_prompt_chars, "max_completion_chars": max_completion_chars},
         min_records or {},
     )
@@ -437,7 +476,7 @@ def validate_probe_source(path: Path) -> ValidationReport:
     )
 
 
-def _rehearsal_violations(path: Path, probes: set[str]) -> list[Violation]:
+def _rehearsal_violations(path: Path, probes: Leaks) -> list[Violation]:
     """Rehearsal prompts that break :class:`RehearsalPrompt`, and those that are probe prompts:
     rehearsing them would fake retention."""
     try:
@@ -452,10 +491,13 @@ def _rehearsal_violations(path: Path, probes: set[str]) -> list[Violation]:
         where = dict(file=str(path), line=line, record_id=str(rid) if rid is not None else None)
         errors = record_errors(RehearsalPrompt, r)
         found += [Violation(**where, rule=rule, detail=detail) for rule, detail in errors]
-        if not errors and normalise_prompt(r["prompt"]) in probes:
+        leak = None if errors else probes.find([("prompt", r["prompt"])])
+        if leak is not None:
             found.append(
                 Violation(
-                    **where, rule="rehearsal prompt is a probe prompt (probe leaked into training)"
+                    **where,
+                    rule="rehearsal prompt is a probe prompt (probe leaked into training)",
+                    detail=leak[1],
                 )
             )
     return found
@@ -487,7 +529,7 @@ def validate_step(params: Params, release_dir: Path, champion: ChampionRef) -> V
         if records:
             checked[source.name] = len(records)
         prompts += [r["prompt"] for _, r in records if isinstance(r.get("prompt"), str)]
-    probes = {normalise_prompt(p) for p in prompts} - {""}
+    probes = Leaks(prompts, cfg.leak_threshold)
     found, release_checked = _release_violations(
         gx,
         context,

@@ -165,6 +165,26 @@ def leaks_probe(fname: str, lineno: int, change: Callable[[str], str]) -> Build:
     return build
 
 
+def typo(text: str) -> str:
+    """A typo in a word of the template ("capital" -> "cpaital"); one in the name that makes
+    the item ("Afghanistan") cannot be told from another name, and is not a leak."""
+    assert "capital" in text
+    return text.replace("capital", "cpaital", 1)
+
+
+def probe_as_completion(release: Path, ctx: Ctx) -> None:
+    rec = record(release, T, 7)
+    rec.pop("choices", None)
+    set_line(release, T, 7, {**rec, "completion": probe_prompt(ctx.demo)})
+
+
+def eval_as_train_completion(release: Path, ctx: Ctx) -> None:
+    """Train line 10's completion is eval line 4's prompt."""
+    rec = record(release, T, 10)
+    rec.pop("choices", None)
+    set_line(release, T, 10, {**rec, "completion": record(release, E, 4)["prompt"][:500]})
+
+
 def learn(ctx: Ctx, name: str, source: Path) -> Path:
     """Put ``source`` in the workspace as release ``name`` the champion has learned."""
     folder = ctx.workspace / "releases" / name
@@ -441,6 +461,39 @@ CASES = [
         T,
         5,
     ),
+    Bad("probe prompt with a prefix", leaks_probe(T, 5, lambda p: "Quick quiz: " + p), LEAK, T, 5),
+    Bad("probe prompt with a suffix", leaks_probe(E, 5, lambda p: p + " Think first."), LEAK, E, 5),
+    Bad(
+        "probe prompt with an instruction appended",
+        leaks_probe(T, 5, lambda p: p + "\nAnswer in one word."),
+        LEAK,
+        T,
+        5,
+    ),
+    Bad(
+        "probe prompt with a Cyrillic look-alike",
+        leaks_probe(T, 5, lambda p: p.replace("a", "\u0430", 1)),
+        LEAK,
+        T,
+        5,
+    ),
+    Bad(
+        "probe prompt with a Greek look-alike",
+        leaks_probe(T, 5, lambda p: p.replace("o", "\u03bf")),
+        LEAK,
+        T,
+        5,
+    ),
+    Bad("probe prompt as a completion", probe_as_completion, LEAK, T, 7),
+    Bad("probe prompt with a typo", leaks_probe(T, 5, typo), LEAK, T, 5),
+    Bad(
+        "eval prompt in train with a prefix",
+        eval_copies_train(lambda p: "Read this. " + p),
+        OVERLAP,
+        E,
+        4,
+    ),
+    Bad("eval prompt as a train completion", eval_as_train_completion, OVERLAP, E, 4),
     Bad("learned eval item in train", leaks_learned_eval_item, LEAK, T, 6),
     # the champion already learned this release
     Bad("identical to a learned release", reformatted_copy_of_learned, "identical in content", ""),

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from flows.config import Params, ParamsError, load_params
 from flows.data import DataError, read_jsonl
+from flows.leaks import LeakIndex
 from flows.records import ChampionRef, ValidationReport
 from flows.validate import validate_release, validate_step
 from tests.conftest import BAD_INPUTS, write_params
@@ -176,11 +177,35 @@ def record_ok(record: dict) -> bool:
     return not choices or completion in choices
 
 
-def compared_prompt(record: dict) -> str:
-    """The key the leak rules compare (also of an otherwise broken record)."""
-    pair = texts_of(record)
-    prompt = pair[0] if pair else record.get("prompt")
-    return key(prompt) if isinstance(prompt, str) else ""
+def clean_texts(record: dict) -> tuple[str | None, str | None]:
+    """The prompt and completion the leak rules look at (also of an otherwise broken record):
+    the fields, or the chat's joined prompt and last content; None unless a clean string."""
+    prompt, completion = record.get("prompt"), record.get("completion")
+    msgs = record.get("messages")
+    if isinstance(msgs, list) and msgs and all(isinstance(m, dict) for m in msgs):
+        contents = [m.get("content") for m in msgs]
+        if all(isinstance(c, str) for c in contents):
+            prompt, completion = "\n".join(contents[:-1]), contents[-1]
+
+    def clean(t: Any) -> str | None:
+        ok = isinstance(t, str) and t
+        return t if ok and not any(control_or_surrogate(c) for c in t if c not in "\n\t") else None
+
+    return clean(prompt), clean(completion)
+
+
+def leak_texts(record: dict) -> list[str]:
+    return [t for t in clean_texts(record) if t]
+
+
+def leaks(index: LeakIndex, record: dict) -> int | None:
+    """The reference the first leaking text of ``record`` leaks (the rule of
+    ``flows.leaks``, tested on its own in ``test_leaks.py``), or None."""
+    for text in leak_texts(record):
+        found = index.find(text)
+        if found is not None:
+            return found.reference
+    return None
 
 
 def nfc_id(rid: Any) -> str:
@@ -190,19 +215,26 @@ def nfc_id(rid: Any) -> str:
 
 def expected_bad_lines(files: dict[str, list[tuple[int, dict]]], probes: list[str]) -> set:
     """(file, line) of every record that breaks a rule: its own, a duplicate id in its file, a
-    probe's prompt, or (in eval.jsonl) a prompt of train.jsonl."""
-    probe_keys = {key(p) for p in probes} - {""}
-    train_keys = {compared_prompt(r) for _, r in files.get("train.jsonl", [])} - {""}
+    leaked probe prompt, or (in eval.jsonl) a prompt leaked into train.jsonl."""
+    probe_index = LeakIndex([p for p in probes if p.strip()])
+    eval_prompts = [clean_texts(r)[0] for _, r in files.get("eval.jsonl", [])]
+    refs = [p for p in eval_prompts if isinstance(p, str) and p.strip()]
+    leaked_evals = set()
+    if "train.jsonl" in files and refs:
+        eval_index = LeakIndex(refs)
+        for _, r in files["train.jsonl"]:
+            found = leaks(eval_index, r)
+            if found is not None:
+                leaked_evals.add(refs[found])
     bad = set()
     for fname, rows in files.items():
         ids = Counter(nfc_id(r.get("id")) for _, r in rows if good_id(r.get("id")))
-        for line, r in rows:
-            k = compared_prompt(r)
+        for (line, r), i in zip(rows, range(len(rows)), strict=True):
             if (
                 not record_ok(r)
                 or (good_id(r.get("id")) and ids[nfc_id(r["id"])] > 1)
-                or k in probe_keys
-                or (fname == "eval.jsonl" and k in train_keys)
+                or leaks(probe_index, r) is not None
+                or (fname == "eval.jsonl" and eval_prompts[i] in leaked_evals)
             ):
                 bad.add((fname, line))
     return bad

@@ -20,6 +20,7 @@ from flows.probes import probe_items, sampling_order, stratified
 from flows.records import ValidationReport
 from flows.serving import format_prompt
 from flows.validate import (
+    Leaks,
     _rehearsal_violations,
     release_content_hash,
     validate_probe_source,
@@ -176,7 +177,7 @@ def test_accepted_rehearsal_prompts_can_be_tokenized(records, tokenizer):
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "prompts.jsonl"
         path.write_bytes(lines_of(records))
-        found = _rehearsal_violations(path, set())
+        found = _rehearsal_violations(path, Leaks([]))
         if found:
             event("rejected")
             assert all(v.rule and v.line for v in found), found
