@@ -55,14 +55,34 @@ def is_task_config(path: Path) -> bool:
     return Path(path).suffix in (".yaml", ".yml")
 
 
+MAX_RENDERED_CHARS = 100_000  # a template may not build a text longer than this
+
+
+def _sandbox():
+    """Jinja's sandbox (no Python internals from a probe source's template), with ``*`` and
+    ``**`` bounded so that ``{{ 'a' * 10**9 }}`` is refused instead of filling memory."""
+    from jinja2.sandbox import SandboxedEnvironment, SecurityError
+
+    class Sandbox(SandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**"})
+
+        def call_binop(self, context, operator, left, right):  # noqa: ANN001, ANN201
+            if operator == "**" and isinstance(right, int | float) and abs(right) > 64:
+                raise SecurityError(f"exponent {right} is too large for a template")
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    sized = isinstance(seq, str | list | tuple) and isinstance(n, int)
+                    if sized and len(seq) * n > MAX_RENDERED_CHARS:
+                        raise SecurityError("a template may not build a text this long")
+            return super().call_binop(context, operator, left, right)
+
+    return Sandbox
+
+
 def _render(template: str, doc: dict[str, Any], path: Path, line: int) -> str:
     from jinja2 import BaseLoader, StrictUndefined, TemplateError
-    from jinja2.sandbox import SandboxedEnvironment
 
-    # sandboxed: a template from a probe source must not reach Python internals
-    env = SandboxedEnvironment(
-        loader=BaseLoader, undefined=StrictUndefined, keep_trailing_newline=True
-    )
+    env = _sandbox()(loader=BaseLoader, undefined=StrictUndefined, keep_trailing_newline=True)
     try:
         return env.from_string(template).render(**doc)
     except TemplateError as exc:

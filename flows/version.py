@@ -13,6 +13,7 @@ missing, and the next push (a rerun, or ``dvc push`` in the workspace) sends it.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -99,7 +100,7 @@ def version_release(
         raise DataError(
             release_dir, None, f"{what} (a release is a folder with {' and '.join(RELEASE_FILES)})"
         )
-    missing = [f for f in RELEASE_FILES if not (release_dir / f).is_file()]
+    missing = [f for f in RELEASE_FILES if not os.path.lexists(release_dir / f)]
     if missing:
         raise DataError(
             release_dir,

@@ -18,6 +18,7 @@ import pytest
 from flows.config import MAX_CANDIDATES, ParamsError, load_params
 from flows.data import DataError, read_jsonl
 from flows.files import MAX_DEPTH, walk
+from flows.lm_eval_source import read_source
 from flows.records import ChampionRef
 from flows.validate import validate_step
 from tests.conftest import BAD_INPUTS, write_params
@@ -290,3 +291,27 @@ def test_a_file_store_is_refused_with_what_to_use(tmp_path, monkeypatch):
         with pytest.raises(ParamsError, match="is a file store") as err:
             load_params(path)
         assert "sqlite:///" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "template, expect",
+    [
+        ("{{ 'a' * 10**9 }}", "may not build a text this long"),
+        ("{{ 9 ** 99999 }}", "too large for a template"),
+        ("{{ ''.__class__.__mro__ }}", "unsafe"),
+    ],
+    ids=["a gigabyte string", "a huge power", "Python internals"],
+)
+def test_an_lm_eval_template_runs_sandboxed_and_bounded(template, expect, tmp_path):
+    (tmp_path / "docs.jsonl").write_text('{"q": "Which?", "choices": ["a", "b"]}\n')
+    config = tmp_path / "task.yaml"
+    config.write_text(
+        "task: t\ndataset_path: json\ndataset_kwargs: {data_files: {test: docs.jsonl}}\n"
+        "test_split: test\noutput_type: multiple_choice\n"
+        f'doc_to_text: "{template}"\ndoc_to_choice: choices\ndoc_to_target: 0\n'
+    )
+    BAD_INPUTS["lm-eval templates (read_source)"] += 1
+    start = time.perf_counter()
+    with pytest.raises(DataError, match=expect):
+        read_source(config)
+    assert time.perf_counter() - start < 1.0
