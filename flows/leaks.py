@@ -15,7 +15,7 @@ pair, both ways: each group is a star around its prototype).
 :meth:`LeakIndex.find` reports the strongest of four kinds of leak of a text against a
 reference (in this order, then by score):
 
-- ``same``: equal keys, spaces aside (as ``flows.validate.normalise_prompt`` compares:
+- ``same``: equal keys, spaces aside (as the exact rule this module replaced compared:
   "WHAT is the capital of Ghana ?" and "what is the capitalof ghana" are the same);
 - ``contains``: the reference's words stand, in order, inside the text: a prefix, a suffix, an
   instruction or an answer was added, or the prompt was pasted into a completion;

@@ -91,14 +91,6 @@ class ValidationFailed(ValueError):
         )
 
 
-def normalise_prompt(text: str) -> str:
-    """The key prompts are compared on: Unicode NFKC, case-folded, and only its letters, marks,
-    numbers and symbols (no punctuation, whitespace, control or invisible format characters),
-    so that "What's  the CAPITAL?" and "whats the capital" match."""
-    folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", str(text)).casefold())
-    return "".join(ch for ch in folded if unicodedata.category(ch)[0] in "LMNS")
-
-
 def _schema_column(errors: list[tuple[str, str]]) -> str | None:
     """A record's broken rules as one cell: ``rule<TAB>detail`` lines, or None."""
     return "\n".join(f"{rule}\t{detail}" for rule, detail in errors) or None

@@ -8,12 +8,12 @@ from flows import retrain as retrain_flow
 from flows.cli import main
 from flows.config import load_params
 from flows.demo_data import PROBE_FILES
+from flows.leaks import LeakIndex
 from flows.records import FILES, VersionedRelease
 from flows.stages import run_stage
 from flows.tracking import current_champion
 from flows.validate import (
     ValidationFailed,
-    normalise_prompt,
     release_content_hash,
     validate_probe_source,
     validate_release,
@@ -108,15 +108,17 @@ def test_chat_messages_are_accepted(release):
 
 
 def test_near_duplicate_prompts_compare_equal():
-    key = normalise_prompt("What is the capital of Ghana?")
+    index = LeakIndex(["What is the capital of Ghana?"])
     for variant in [
         "  what IS the capital of   Ghana",
         "“What is the capital of Ghana?!”",
         "Ｗｈａｔ ｉｓ the capital of Ghana？",  # full-width (NFKC)
         "What is the capi\u200btal of Ghana?",  # a zero-width space
     ]:
-        assert normalise_prompt(variant) == key, variant
-    assert normalise_prompt("What is the capital of Ghana? 2") != key
+        found = index.find(variant)
+        assert found is not None and found.kind == "same", variant
+    assert index.find("What is the capital of Ghana? 2").kind != "same"
+    assert index.find("What is the capital of Ghanaian food?") is None
 
 
 def test_content_hash_ignores_ids_order_and_layout(release, tmp_path):
