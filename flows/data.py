@@ -14,6 +14,7 @@ from __future__ import annotations
 import codecs
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,12 @@ from flows.records import Violation
 __all__ = ["DataError"]  # raised by every reader here; defined with the safe file reading
 
 RELEASE_FILES = ("train.jsonl", "eval.jsonl")
+# a release's folder name names its task, its DVC folder, its metrics and its landing URL
+RELEASE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+RELEASE_NAME_RULE = (
+    "a release name must be 1..100 letters, digits, '.', '_' or '-', starting with a letter "
+    "or digit (the folder's name names the task, its DVC folder and its metrics)"
+)
 CHOICE_KINDS = ("choice", "loglik")  # scoring kinds that rank an item's choices by likelihood
 
 

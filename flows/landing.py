@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -44,7 +43,7 @@ from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import ValidationError
 
-from flows.data import DataError
+from flows.data import RELEASE_NAME, RELEASE_NAME_RULE, DataError
 from flows.records import ChampionRef, Record
 from flows.validate import ValidationFailed, release_content_hash, validate_step
 from flows.workspace import git
@@ -57,7 +56,6 @@ if TYPE_CHECKING:  # flows.config imports torch (through cf_strategies); the CLI
 MARKER = "_LANDED"
 LEDGER = "landing_ledger.jsonl"
 EVENT = "forgetless.release.landed"
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 log = logging.getLogger(__name__)
 
 
@@ -164,13 +162,8 @@ def landed_releases(url: str) -> list[LandedRelease]:
 
 def check_name(release_dir: Path) -> None:
     """The folder name is the release name, and becomes part of a URL: a plain word."""
-    if not _NAME.fullmatch(release_dir.name):
-        raise DataError(
-            release_dir,
-            None,
-            "a release name must be 1..100 letters, digits, '.', '_' or '-', starting with a "
-            f"letter or digit, to land (got {release_dir.name!r})",
-        )
+    if not RELEASE_NAME.fullmatch(release_dir.name):
+        raise DataError(release_dir, None, f"{RELEASE_NAME_RULE} (got {release_dir.name!r})")
     if (release_dir / MARKER).exists():
         raise DataError(release_dir / MARKER, None, f"{MARKER} is the landing marker's name")
 

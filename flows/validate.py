@@ -63,7 +63,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from flows.data import RELEASE_FILES, DataError, links_outside, read_jsonl
+from flows.data import (
+    RELEASE_FILES,
+    RELEASE_NAME,
+    RELEASE_NAME_RULE,
+    DataError,
+    links_outside,
+    read_jsonl,
+)
 from flows.leaks import DEFAULT_THRESHOLD, LeakIndex
 from flows.records import ChampionRef, ValidationReport, Violation
 from flows.schemas import (
@@ -512,6 +519,16 @@ def validate_step(params: Params, release_dir: Path, champion: ChampionRef) -> V
     cfg = params.data
     gx, context = _gx_context()
     violations, readable = learned_release_violations(params.workspace_dir, release_dir, champion)
+    if not RELEASE_NAME.fullmatch(release_dir.name):
+        violations.append(
+            Violation(
+                file=str(release_dir),
+                line=None,
+                record_id=None,
+                rule=RELEASE_NAME_RULE,
+                detail=f"got {_preview(release_dir.name).removeprefix('got ')}",
+            )
+        )
     checked: dict[str, int] = {}
     learned = champion.model_copy(update={"releases": readable})
     prompts = [item["prompt"] for item in learned_probe_items(params, learned)]

@@ -185,6 +185,17 @@ def eval_as_train_completion(release: Path, ctx: Ctx) -> None:
     set_line(release, T, 10, {**rec, "completion": record(release, E, 4)["prompt"][:500]})
 
 
+def renamed(name: str) -> Build:
+    """The release folder under another name (a copy: the original stays for the snapshot)."""
+
+    def build(release: Path, ctx: Ctx) -> Path:
+        target = release.parent / name
+        shutil.copytree(release, target)
+        return target
+
+    return build
+
+
 def learn(ctx: Ctx, name: str, source: Path) -> Path:
     """Put ``source`` in the workspace as release ``name`` the champion has learned."""
     folder = ctx.workspace / "releases" / name
@@ -495,6 +506,10 @@ CASES = [
     ),
     Bad("eval prompt as a train completion", eval_as_train_completion, OVERLAP, E, 4),
     Bad("learned eval item in train", leaks_learned_eval_item, LEAK, T, 6),
+    # the release's name names its task, DVC folder and metrics
+    Bad("a release name with a space", renamed("my release"), "a release name must be", ""),
+    Bad("a release name with a newline", renamed("rel\nx"), "a release name must be", ""),
+    Bad("a release name of markup", renamed("[b]rel"), "a release name must be", ""),
     # the champion already learned this release
     Bad("identical to a learned release", reformatted_copy_of_learned, "identical in content", ""),
     Bad("a learned release again", learned_release_under_its_name, "already learned", ""),

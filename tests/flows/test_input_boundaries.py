@@ -261,8 +261,8 @@ def test_a_rehearsal_file_that_is_a_pipe_is_rejected(release_and_params, tmp_pat
 
 def test_the_cli_prints_a_release_path_with_markup_as_it_is(release_and_params):
     release, params_file = release_and_params
-    odd = release.parent / "rel[" / "b]ease[red]"  # the path holds "[/b]"
-    odd.parent.mkdir()
+    odd = release.parent / "a[" / "b]" / "rel[red]" / "release"  # the path holds "[/b]"
+    odd.parent.mkdir(parents=True)
     release.rename(odd)
     out = cli("--params", str(params_file), "validate", str(odd), cwd=params_file.parent)
     BAD_INPUTS["release path with console markup (CLI)"] += 1
