@@ -111,6 +111,19 @@ Id = Annotated[
     Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)] | int, AfterValidator(_id)
 ]
 Label = Annotated[str, Field(min_length=1, max_length=MAX_LABEL_CHARS), _checked(label=True)]
+
+# a task names MLflow metrics (retention.<task>), whose names allow word characters, spaces,
+# '.', '-' (and '/', ':', left out here: a path-like or Windows-unsafe name is refused late)
+_TASK = re.compile(r"\w[\w .-]{0,99}")
+
+
+def _task(value: str) -> str:
+    if not _TASK.fullmatch(value):
+        raise PydanticCustomError("task_rule", "got {value}", {"value": _shown(value)})
+    return value
+
+
+TaskName = Annotated[Label, AfterValidator(_task)]
 Text = Annotated[str, Field(min_length=1), _checked(label=False)]
 
 
@@ -204,7 +217,7 @@ class ProbeItem(_Strict):
         list[Annotated[Text, Field(max_length=MAX_PROBE_ANSWER_CHARS)]],
         Field(min_length=1, max_length=MAX_ANSWERS),
     ]
-    task: Label
+    task: TaskName
     category: Label | None = None
     choices: Annotated[list[Label], Field(max_length=MAX_CHOICES)] | None = None
     scoring: Literal["generate", "choice", "loglik"] = "generate"
@@ -251,7 +264,8 @@ _FIELD_RULES = {  # a pydantic error on a field (no custom rule) in the project'
     "category": f"category must be a string of 1..{MAX_LABEL_CHARS} characters on one line",
     "source": f"source must be a string of 1..{MAX_LABEL_CHARS} characters on one line",
     "answers": "answers must be a non-empty list of non-empty strings",
-    "task": f"task must be a string of 1..{MAX_LABEL_CHARS} characters on one line",
+    "task": "task must be 1..100 letters, digits, '_', '.', '-' or spaces, starting with a "
+    "letter or digit (it names MLflow metrics)",
     "scoring": "scoring must be 'generate', 'choice' or 'loglik'",
     "delimiter": f"delimiter must be a string of at most {MAX_DELIMITER_CHARS} characters",
 }

@@ -4,6 +4,7 @@ keys get a clear error at once (file, line, rule), through the functions and the
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -19,8 +20,9 @@ from flows.config import MAX_CANDIDATES, ParamsError, load_params
 from flows.data import DataError, read_jsonl
 from flows.files import MAX_DEPTH, walk
 from flows.lm_eval_source import read_source
+from flows.probes import probe_items, stratified
 from flows.records import ChampionRef
-from flows.validate import validate_step
+from flows.validate import validate_probe_source, validate_step
 from tests.conftest import BAD_INPUTS, write_params
 
 BILLION_LAUGHS = "\n".join(
@@ -315,3 +317,51 @@ def test_an_lm_eval_template_runs_sandboxed_and_bounded(template, expect, tmp_pa
     with pytest.raises(DataError, match=expect):
         read_source(config)
     assert time.perf_counter() - start < 1.0
+
+
+# --- probe sources ------------------------------------------------------------------------------
+
+PROBE = {"id": "p1", "prompt": "What is the capital of Ghana?", "answers": ["Accra"], "task": "gk"}
+PROBE_CASES = [
+    ({"id": ["p", 1]}, "id must be"),
+    ({"category": None}, "category must be a string"),
+    ({"category": ["capitals"]}, "category must be a string"),
+    ({"category": "cap\x07itals"}, "category contains"),
+    ({"answers": ["Acc\ud800ra"]}, "answers contains an unpaired surrogate"),
+    ({"choices": ["Accra", "Ku\udc00masi"], "scoring": "choice"}, "choices contains"),
+    ({"task": "capitals (world)"}, "task must be 1..100 letters"),
+    ({"task": "gk/../x"}, "task must be 1..100 letters"),
+    ({"prompt": "\u200b\u2060\u3164"}, "prompt must not be blank"),
+    ({"answer": ["Accra"]}, "unknown field 'answer'"),
+    ({"scoring": "choice"}, "choice probes need 2+ choices"),
+    ({"prompt": 30}, "prompt must be a string"),
+]
+
+
+@pytest.mark.parametrize(
+    "change, expect", PROBE_CASES, ids=[next(iter(c)) + ": " + e for c, e in PROBE_CASES]
+)
+def test_a_bad_probe_item_is_rejected_before_it_can_crash_sampling(change, expect, tmp_path):
+    source = tmp_path / "probes.jsonl"
+    record = {**PROBE, **change}
+    source.write_bytes(
+        json.dumps({**PROBE, "id": "p0"}).encode()
+        + b"\n"
+        + json.dumps(record).encode("utf-8", "surrogatepass")
+        + b"\n"
+    )
+    report = validate_probe_source(source)
+    BAD_INPUTS["bad probe items (validate_probe_source)"] += 1
+    assert any(v.line == 2 and expect in v.rule for v in report.violations), report.violations
+    with pytest.raises(DataError, match=re.escape(f"{source}:2: ")):
+        probe_items(source)
+
+
+def test_numeric_probe_ids_are_sampled_as_text(tmp_path):
+    source = tmp_path / "probes.jsonl"
+    items = [{**PROBE, "id": 7}, {**PROBE, "id": "7b", "prompt": "What is the capital of Peru?"}]
+    source.write_text("".join(json.dumps(r) + "\n" for r in items))
+    assert validate_probe_source(source).passed
+    got = probe_items(source)
+    assert [r["id"] for r in got] == ["7", "7b"]
+    assert len(stratified(got, per_group=5, seed=0)) == 2
