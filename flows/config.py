@@ -43,6 +43,9 @@ class Section(BaseModel):
     @classmethod
     def _types_as_written(cls, value: Any, info: ValidationInfo) -> Any:
         kind = _plain(cls.model_fields[info.field_name].annotation)
+        section = isinstance(kind, type) and issubclass(kind, BaseModel)  # checks its own keys
+        if not section and (where := _control_character(value)) is not None:
+            raise ValueError(f"contains a control character ({where}); paths and names cannot")
         if kind is bool and not isinstance(value, bool):
             raise ValueError("Input should be a valid boolean: true or false")
         values = [value]
@@ -54,6 +57,18 @@ class Section(BaseModel):
             word = "integer" if kind is int else "number"
             raise ValueError(f"Input should be a valid {word}, not a string (no quotes)")
         return value
+
+
+def _control_character(value: Any) -> str | None:
+    """Where a string in ``value`` (or in its lists and mappings) holds a control character."""
+    if isinstance(value, str):
+        found = re.search(r"[\x00-\x1f\x7f-\x9f]", value)
+        return f"U+{ord(found.group()):04X} at character {found.start() + 1}" if found else None
+    if isinstance(value, dict):
+        value = [*value.keys(), *value.values()]
+    if isinstance(value, list | tuple):
+        return next((w for v in value if (w := _control_character(v)) is not None), None)
+    return None
 
 
 def _plain(annotation: Any) -> Any:

@@ -76,6 +76,8 @@ def open_regular(path: Path | str, max_bytes: int = MAX_FILE_BYTES) -> BinaryIO:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise DataError(path, None, open_error(path, exc)) from None
+    except ValueError:  # a NUL in the path
+        raise DataError(repr(str(path)), None, "the path holds a NUL character") from None
     try:
         info = os.fstat(fd)
         why = not_a_file(info.st_mode)

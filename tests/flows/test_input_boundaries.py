@@ -365,3 +365,19 @@ def test_numeric_probe_ids_are_sampled_as_text(tmp_path):
     got = probe_items(source)
     assert [r["id"] for r in got] == ["7", "7b"]
     assert len(stratified(got, per_group=5, seed=0)) == 2
+
+
+def test_a_nul_in_a_path_is_an_error_naming_the_key(tmp_path):
+    path = tmp_path / "params.yaml"
+    for text, key in [
+        ('workspace: "ws\\0x"\n', "workspace"),
+        ('probes:\n  sources: ["a\\0b.jsonl"]\n', "probes.sources"),
+        ('train:\n  strategy: lwf\n  strategy_params: {lwf: {teacher: "a\\x07"}}\n', "train"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(ParamsError, match="contains a control character") as err:
+            load_params(path)
+        BAD_INPUTS["params paths (load_params)"] += 1
+        assert f"  {key}" in str(err.value), str(err.value)
+    with pytest.raises(DataError, match="the path holds a NUL character"):
+        read_jsonl(Path("a\0b"))
