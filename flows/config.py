@@ -29,6 +29,7 @@ import cf_strategies
 from flows.files import DataError, read_text
 from flows.safe_yaml import YamlError, load_yaml, shown
 
+EMBEDDED = "embedded:smollm2-135m-instruct"  # the model that ships with the project
 MAX_CANDIDATES = 64  # train.candidates: fine-tunes one retrain may run
 PARAMS_MAX_BYTES = 1_000_000
 
@@ -80,7 +81,7 @@ NonEmptyStr = Annotated[str, Field(min_length=1)]
 
 
 class ModelConfig(Section):
-    base: NonEmptyStr = "embedded:smollm2-135m-instruct"
+    base: NonEmptyStr = EMBEDDED
     cache_dir: Path = Path(".cache/models")
     # a name MLflow accepts that is also safe in file names (the promotion lock): no path parts
     registered_name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")] = (
@@ -88,6 +89,16 @@ class ModelConfig(Section):
     )
     use_chat_template: bool = True
     trust_remote_code: bool = False  # run Python code shipped with a model: only if trusted
+
+    @field_validator("base")
+    @classmethod
+    def _known_embedded(cls, value: str) -> str:
+        if value.startswith("embedded:") and value != EMBEDDED:
+            raise ValueError(
+                f"unknown embedded model {value!r}; the embedded model is {EMBEDDED} "
+                "(or give a model folder or a hub id)"
+            )
+        return value
 
 
 class DataConfig(Section):

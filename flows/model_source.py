@@ -11,7 +11,7 @@ import importlib.util
 import shutil
 from pathlib import Path
 
-EMBEDDED = "embedded:smollm2-135m-instruct"
+from flows.config import EMBEDDED
 
 
 def smollm2_gguf_file() -> Path:
