@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -79,9 +80,11 @@ def print_summary(summary) -> None:
 
 
 def cmd_run(args) -> int:
+    from flows.config import load_params
     from flows.landing import NoNewRelease
     from flows.retrain import PrefectUnavailable, retrain
 
+    load_params(args.params, parse_overrides(args.set))  # a bad file fails here, before a flow
     try:
         summary = retrain(
             params_file=args.params, release=args.release, overrides=parse_overrides(args.set)
@@ -376,6 +379,20 @@ def cmd_strategies(args) -> int:
     return 0
 
 
+class _NoTracebackFor(logging.Filter):
+    """Drops the traceback from a Prefect run's log record when the run failed on a user's
+    mistake (bad params, bad data): the CLI says what is wrong in one line after it."""
+
+    def __init__(self, kinds: tuple[type[BaseException], ...]):
+        super().__init__()
+        self.kinds = kinds
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], self.kinds):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="forgetless", description=__doc__)
     parser.add_argument(
@@ -469,9 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     from flows.validate import ValidationFailed
     from flows.version import RemoteUnavailable
 
-    try:
-        return args.fn(args)
-    except (
+    user_errors = (
         ParamsError,
         DataError,
         ValidationFailed,
@@ -481,7 +496,13 @@ def main(argv: list[str] | None = None) -> int:
         LockUnavailable,
         LockMisconfigured,
         LandingError,
-    ) as exc:
+    )
+    quiet = _NoTracebackFor(user_errors)
+    for name in ("prefect.flow_runs", "prefect.task_runs"):  # a user's mistake is one line
+        logging.getLogger(name).addFilter(quiet)
+    try:
+        return args.fn(args)
+    except user_errors as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         return 2
     except OSError as exc:  # a path that cannot be used: say which, without a traceback

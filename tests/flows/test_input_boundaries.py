@@ -381,3 +381,16 @@ def test_a_nul_in_a_path_is_an_error_naming_the_key(tmp_path):
         assert f"  {key}" in str(err.value), str(err.value)
     with pytest.raises(DataError, match="the path holds a NUL character"):
         read_jsonl(Path("a\0b"))
+
+
+def test_forgetless_run_on_a_broken_release_says_so_in_one_line(tmp_path, tiny_model_dir, demo_dir):
+    release = tmp_path / "broken"
+    shutil.copytree(demo_dir / "releases" / "wiki-topics-1", release)
+    with open(release / "train.jsonl", "a") as f:
+        f.write('{"id": 1\n')
+    params = write_params(tmp_path, tiny_model_dir, demo_dir)
+    out = cli("--params", str(params), "run", "--release", str(release), cwd=tmp_path, timeout=300)
+    BAD_INPUTS["broken release through forgetless run"] += 1
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "train.jsonl:241: not valid JSON" in out.stdout, out.stdout
+    assert "Traceback" not in out.stdout + out.stderr, out.stderr[-3000:]
