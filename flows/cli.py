@@ -1,6 +1,6 @@
 """The ``forgetless`` command: ``run``, ``validate``, ``submit``, ``step``, ``resume``,
-``demo-data``, ``status``, ``strategies``, and the registry commands ``history``, ``rollback``,
-``promote`` and ``prune``."""
+``schema``, ``demo-data``, ``status``, ``strategies``, and the registry commands ``history``,
+``rollback``, ``promote`` and ``prune``."""
 
 from __future__ import annotations
 
@@ -174,6 +174,23 @@ def cmd_resume(args) -> int:
     promo = Promotion.read(run_dir / FILES["promote"])
     status = "is now champion" if promo.promoted else f"not promoted: {promo.reason}"
     console.print(f"Model {reg.name} v{reg.version} {escape(status)}")
+    return 0
+
+
+def cmd_schema(args) -> int:
+    """The JSON Schema of one input (``flows/schemas.py``, ``flows/config.py``)."""
+    import json
+
+    from flows.config import Params
+    from flows.schemas import ProbeItem, RehearsalPrompt, ReleaseRecord
+
+    model = {
+        "release": ReleaseRecord,
+        "probe": ProbeItem,
+        "rehearsal": RehearsalPrompt,
+        "params": Params,
+    }[args.kind]
+    print(json.dumps(model.model_json_schema(), indent=1, ensure_ascii=False))
     return 0
 
 
@@ -437,6 +454,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     res.add_argument("run_dir", metavar="RUN_DIR")
     res.set_defaults(fn=cmd_resume)
+    sch = sub.add_parser(
+        "schema",
+        help="print the JSON Schema of a release record, probe item, rehearsal prompt or params",
+    )
+    sch.add_argument("kind", choices=["release", "probe", "rehearsal", "params"])
+    sch.set_defaults(fn=cmd_schema)
     demo = sub.add_parser("demo-data", help="write the embedded demo releases and probe source")
     demo.add_argument("--out", default=".cache/demo-data")
     demo.set_defaults(fn=cmd_demo_data)

@@ -394,3 +394,26 @@ def test_forgetless_run_on_a_broken_release_says_so_in_one_line(tmp_path, tiny_m
     assert out.returncode == 2, out.stdout + out.stderr
     assert "train.jsonl:241: not valid JSON" in out.stdout, out.stdout
     assert "Traceback" not in out.stdout + out.stderr, out.stderr[-3000:]
+
+
+def test_the_printed_json_schema_accepts_the_demo_and_refuses_a_misspelt_key(tmp_path, demo_dir):
+    """`forgetless schema` prints the declared schema; it agrees with validation on the demo."""
+    import jsonschema
+
+    schemas = {}
+    for kind in ("release", "probe", "rehearsal", "params"):
+        out = cli("schema", kind, cwd=tmp_path, timeout=120)
+        assert out.returncode == 0, out.stderr
+        schemas[kind] = json.loads(out.stdout)
+        assert schemas[kind]["additionalProperties"] is False
+    for split in ("train", "eval"):
+        for _, r in read_jsonl(demo_dir / "releases" / "wiki-topics-1" / f"{split}.jsonl"):
+            jsonschema.validate(r, schemas["release"])
+    for _, r in read_jsonl(demo_dir / "probes" / "country_facts.jsonl"):
+        jsonschema.validate(r, schemas["probe"])
+    for _, r in read_jsonl(demo_dir / "rehearsal" / "general_prompts.jsonl"):
+        jsonschema.validate(r, schemas["rehearsal"])
+    with pytest.raises(jsonschema.ValidationError, match="categroy"):
+        jsonschema.validate(
+            {"id": 1, "prompt": "p", "completion": "c", "categroy": "x"}, schemas["release"]
+        )
