@@ -182,8 +182,21 @@ def links_outside(folder: Path) -> list[Violation]:
     found = []
     try:
         for path in walk(folder):
-            target = Path(os.path.realpath(path))
-            if path.is_symlink() and not target.is_relative_to(root):
+            if not path.is_symlink():
+                continue
+            try:
+                target = Path(os.path.realpath(path))
+            except OSError as exc:
+                found.append(
+                    Violation(
+                        file=str(path),
+                        line=None,
+                        record_id=None,
+                        rule=f"symbolic link cannot be resolved ({exc.strerror})",
+                    )
+                )
+                continue
+            if not target.is_relative_to(root):
                 found.append(
                     Violation(
                         file=str(path),

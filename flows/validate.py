@@ -300,6 +300,10 @@ def _release_violations(
     min_records: dict[str, int],
 ) -> tuple[list[Violation], dict[str, int]]:
     threshold = probes.index.threshold
+    if not release_dir.is_dir():
+        what = "is not a folder" if release_dir.exists() else "does not exist"
+        rule = f"{what} (a release is a folder with {' and '.join(RELEASE_FILES)})"
+        return [Violation(file=str(release_dir), line=None, record_id=None, rule=rule)], {}
     violations = links_outside(release_dir)
     unsafe = {v.file for v in violations}  # never read through a link that leaves the folder
     checked: dict[str, int] = {}

@@ -22,7 +22,7 @@ from flows.files import MAX_DEPTH, walk
 from flows.lm_eval_source import read_source
 from flows.probes import probe_items, stratified
 from flows.records import ChampionRef
-from flows.validate import validate_probe_source, validate_step
+from flows.validate import validate_probe_source, validate_release, validate_step
 from tests.conftest import BAD_INPUTS, write_params
 
 BILLION_LAUGHS = "\n".join(
@@ -417,3 +417,14 @@ def test_the_printed_json_schema_accepts_the_demo_and_refuses_a_misspelt_key(tmp
         jsonschema.validate(
             {"id": 1, "prompt": "p", "completion": "c", "categroy": "x"}, schemas["release"]
         )
+
+
+def test_a_release_path_that_is_no_folder_is_one_clear_violation(tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    for path, expect in [
+        (tmp_path / "nowhere", "does not exist"),
+        (tmp_path / "a-file", "is not a folder"),
+    ]:
+        report = validate_release(path, [])
+        BAD_INPUTS["release path that is no folder (validate_release)"] += 1
+        assert [(v.file, v.rule.split(" (")[0]) for v in report.violations] == [(str(path), expect)]
