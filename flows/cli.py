@@ -21,7 +21,7 @@ console = Console()
 def parse_overrides(pairs: list[str]) -> dict:
     """``--set train.max_steps=5`` → ``{"train.max_steps": 5}`` (values parsed as YAML)."""
     from flows.config import ParamsError
-    from flows.safe_yaml import YamlError, load_yaml, shown
+    from flows.safe_yaml import YamlError, cut, load_yaml, shown
 
     out = {}
     for pair in pairs:
@@ -31,7 +31,7 @@ def parse_overrides(pairs: list[str]) -> dict:
         try:
             out[key] = load_yaml(value)
         except YamlError as exc:
-            raise ParamsError(f"--set {shown(key)[1:-1]}: {exc.rule}") from None
+            raise ParamsError(f"--set {cut(key)}: {exc.rule}") from None
     return out
 
 

@@ -27,7 +27,7 @@ from pydantic import (
 
 import cf_strategies
 from flows.files import DataError, read_text
-from flows.safe_yaml import YamlError, load_yaml, shown
+from flows.safe_yaml import YamlError, cut, load_yaml
 
 EMBEDDED = "embedded:smollm2-135m-instruct"  # the model that ships with the project
 MAX_CANDIDATES = 64  # train.candidates: fine-tunes one retrain may run
@@ -462,10 +462,7 @@ def validation_lines(exc: ValidationError) -> str:
             section = _section_model(err["loc"][:-1])
             valid = sorted(set(section.model_fields) - {"root"})  # root is set, not written
             hint = f" (valid keys here: {', '.join(valid)})"
-        message = err["msg"]
-        if len(message) > 300:
-            message = message[:300] + f"... ({len(message)} characters)"
-        lines.append(f"  {shown(key)[1:-1] if len(key) > 80 else key}: {message}{hint}")
+        lines.append(f"  {cut(key)}: {cut(err['msg'], 300)}{hint}")
     return "\n".join(lines)
 
 

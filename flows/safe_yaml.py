@@ -37,10 +37,14 @@ class YamlError(ValueError):
         super().__init__(f"line {line}: {rule}" if line else rule)
 
 
+def cut(text: str, limit: int = SHOWN_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, saying how long it was."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def shown(value: Any, limit: int = SHOWN_CHARS) -> str:
     """``repr(value)`` cut to ``limit`` characters, saying how long it was."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+    return cut(repr(value), limit)
 
 
 class _StrictLoader(yaml.SafeLoader):

@@ -32,6 +32,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from flows.safe_yaml import shown
+
 MAX_ID_CHARS = 200
 MAX_LABEL_CHARS = 200  # a category, a choice, a task name, a role
 MAX_CHOICES = 100
@@ -119,7 +121,7 @@ _TASK = re.compile(r"\w[\w .-]{0,99}")
 
 def _task(value: str) -> str:
     if not _TASK.fullmatch(value):
-        raise PydanticCustomError("task_rule", "got {value}", {"value": _shown(value)})
+        raise PydanticCustomError("task_rule", "got {value}", {"value": shown(value, 60)})
     return value
 
 
@@ -271,11 +273,6 @@ _FIELD_RULES = {  # a pydantic error on a field (no custom rule) in the project'
 }
 
 
-def _shown(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
-
-
 def record_errors(
     model: type[BaseModel], record: dict[str, Any], context: dict[str, Any] | None = None
 ) -> list[tuple[str, str]]:
@@ -318,7 +315,7 @@ def _rules(
         field = loc[0] if loc else ""
         kind = err["type"]
         if kind == "extra_forbidden":
-            rule, detail = f"unknown field {_shown(field)}", "a misspelt or unsupported key"
+            rule, detail = f"unknown field {shown(field, 60)}", "a misspelt or unsupported key"
         elif not loc:  # a rule of the whole record (format, lengths, choices)
             rule, detail = err["msg"], ""
         elif kind == "missing" and field == "id":
@@ -346,7 +343,7 @@ def _rules(
             where = ".".join(loc[1:])
             detail = f"{where}: {err['msg']}" if where else err["msg"]
             if kind != "id_rule" and field == "id":
-                detail = f"got {_shown(err['input'])}"
+                detail = f"got {shown(err['input'], 60)}"
         if (rule, detail) not in out:
             out.append((rule, detail))
     return out
