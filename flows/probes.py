@@ -31,6 +31,8 @@ from collections import defaultdict
 from itertools import zip_longest
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from flows.config import Params
 from flows.data import DataError, as_probe_record, load_release, probe_example, write_jsonl
 from flows.demo_data import PROBE_FILES, build_demo
@@ -62,11 +64,11 @@ def probe_items(source: Path) -> list[dict]:
     ids as NFC text); an item that breaks the schema is a :class:`DataError` naming it."""
     items = []
     for line, record in read_source(source):
-        errors = record_errors(ProbeItem, record)
-        if errors:
-            rule, detail = errors[0]
-            raise DataError(source, line, f"{rule} ({detail})" if detail else rule)
-        items.append(ProbeItem.model_validate(record).as_record())
+        try:
+            items.append(ProbeItem.model_validate(record).as_record())
+        except ValidationError:
+            rule, detail = record_errors(ProbeItem, record)[0]
+            raise DataError(source, line, f"{rule} ({detail})" if detail else rule) from None
     return items
 
 

@@ -277,17 +277,21 @@ class Leaks:
     containing it, or a near-duplicate."""
 
     def __init__(self, references: Iterable[Any], threshold: float = DEFAULT_THRESHOLD):
-        self.references = [r for r in references if isinstance(r, str) and r.strip()]
+        kept = [(i, r) for i, r in enumerate(references) if isinstance(r, str) and r.strip()]
+        self.positions = [i for i, _ in kept]  # where each indexed reference was given
+        self.references = [r for _, r in kept]
         self.index = LeakIndex(self.references, threshold=threshold)
 
     def find(self, texts: Iterable[tuple[str, Any]]) -> tuple[int, str] | None:
-        """(reference, detail) of the first text of ``(what, text)`` that leaks one, or None."""
+        """(position of the reference as given, detail) of the first text of ``(what, text)``
+        that leaks one, or None."""
         for what, text in texts:
             if isinstance(text, str) and text and not bad_character(text):
                 leak = self.index.find(text)
                 if leak is not None:
                     shown_ref = _preview(self.references[leak.reference]).removeprefix("got ")
-                    return leak.reference, f"{what} {leak.describe()}: {shown_ref}"
+                    detail = f"{what} {leak.describe()}: {shown_ref}"
+                    return self.positions[leak.reference], detail
         return None
 
 
@@ -340,13 +344,13 @@ def _release_violations(
         evals["train_leak"] = None
         if train is not None:  # an eval prompt in a train prompt or completion, or near one
             eval_prompts = Leaks(evals["prompt"], threshold)
-            row_of = {text: i for i, text in enumerate(evals["prompt"]) if isinstance(text, str)}
             for line, p, c in zip(train["line"], train["prompt"], train["completion"], strict=True):
                 found = eval_prompts.find([("prompt", p), ("completion", c)])
-                if found is not None:
-                    row = row_of[eval_prompts.references[found[0]]]
-                    if evals.at[row, "train_leak"] is None:
-                        evals.at[row, "train_leak"] = f"train.jsonl line {line}: {found[1]}"
+                if found is None:
+                    continue
+                same = evals["prompt"] == evals.at[found[0], "prompt"]  # every copy of it
+                for row in evals.index[same & evals["train_leak"].isna()]:
+                    evals.at[row, "train_leak"] = f"train.jsonl line {line}: {found[1]}"
     for fname, df in frames.items():
         suite = _release_suite(gx, f"{release_dir.name}-{fname}", eval_file=fname != "train.jsonl")
         violations += _run_suite(gx, context, release_dir / fname, df, suite)
@@ -530,7 +534,7 @@ def validate_step(params: Params, release_dir: Path, champion: ChampionRef) -> V
                 line=None,
                 record_id=None,
                 rule=RELEASE_NAME_RULE,
-                detail=f"got {_preview(release_dir.name).removeprefix('got ')}",
+                detail=_preview(release_dir.name),
             )
         )
     checked: dict[str, int] = {}
