@@ -15,7 +15,7 @@ is downloaded. ``--smoke`` puts a 2-layer, hidden-64 Llama in its place.
 
 The step is the pipeline's (``step_timing.step_trainer``): every knob from ``params.yaml`` (LoRA
 r=16 on all seven projections, batch 8, max_length 192; ``--set train.batch_size=32`` overrides
-one), bf16 mixed precision on a GPU that has it (fp32 master weights, as ``flows.finetune``),
+one), bf16 mixed precision on a GPU that has it (fp32 master weights, as ``flows.steps.finetune``),
 fp32 on the CPU. A release-2 setup, so that each strategy does its real work: the strategies
 first carry the state of the demo release ``wiki-topics-1``, built by their own hooks
 (``step_timing.carry_over``: EWC's Fisher of general knowledge and of release 1, its penalty on
@@ -82,9 +82,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from step_timing import step_trainer  # noqa: E402
 
 import cf_strategies  # noqa: E402
-from flows.config import load_params  # noqa: E402
-from flows.demo_data import build_demo, demo_releases  # noqa: E402
-from flows.model_source import resolve_model  # noqa: E402
+from flows.core.config import load_params  # noqa: E402
+from flows.demo.build import build_demo, demo_releases  # noqa: E402
+from flows.registry.model_source import resolve_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

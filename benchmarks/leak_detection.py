@@ -1,10 +1,10 @@
-"""Leak detection (``flows/leaks.py``): false positives on the project's real data, detection of
+"""Leak detection (``flows/core/leaks.py``): false positives on the project's real data, detection of
 generated leaks, and the time it adds to a validation.
 
 False positives: every text that must not match, against every reference it must not match,
 on the data the project builds (nothing here is a leak, so every match is a false positive):
 
-- the demo (``flows.demo_data.build_demo``): each release's train/eval prompts and completions
+- the demo (``flows.demo.build.build_demo``): each release's train/eval prompts and completions
   against the probe prompts of every probe source; each release's eval prompts against its own
   train prompts and completions (and the other way round); each release against the eval prompts
   of the other release (the eval items of a learned release become probes); release 2 against
@@ -52,9 +52,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flows import leaks  # noqa: E402
-from flows.data import load_probes, load_release  # noqa: E402
-from flows.demo_data import (  # noqa: E402
+from flows.core import leaks  # noqa: E402
+from flows.core.data import load_probes, load_release  # noqa: E402
+from flows.core.leaks import LeakIndex, leak_key  # noqa: E402
+from flows.demo.build import (  # noqa: E402
     FIRST_GENERAL_KNOWLEDGE,
     PROBE_FILES,
     build_demo,
@@ -64,7 +65,6 @@ from flows.demo_data import (  # noqa: E402
     topic_prompt,
     wiki_summaries,
 )
-from flows.leaks import LeakIndex, leak_key  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "leak_detection.json"
 SWEEP = (0.5, 0.7, 0.8, 0.9, 0.95)

@@ -30,10 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from step_timing import step_trainer  # noqa: E402
 
-from flows.config import load_params  # noqa: E402
-from flows.data import load_release  # noqa: E402
-from flows.demo_data import build_demo, demo_releases  # noqa: E402
-from flows.model_source import resolve_model  # noqa: E402
+from flows.core.config import load_params  # noqa: E402
+from flows.core.data import load_release  # noqa: E402
+from flows.demo.build import build_demo, demo_releases  # noqa: E402
+from flows.registry.model_source import resolve_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

@@ -28,12 +28,12 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from flows.config import load_params
-from flows.data import read_jsonl, write_jsonl
-from flows.demo_data import general_knowledge_source
-from flows.model_source import resolve_model
-from flows.probes import collect_probe_items, stratified
-from flows.records import ChampionRef
+from flows.core.config import load_params
+from flows.core.data import read_jsonl, write_jsonl
+from flows.core.records import ChampionRef
+from flows.demo.build import general_knowledge_source
+from flows.registry.model_source import resolve_model
+from flows.steps.probes import collect_probe_items, stratified
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "probe_scoring.json"
@@ -43,9 +43,9 @@ BEFORE = "29b883a"  # the gate's bootstrap, one probe source scored by generatio
 SCORE_TWICE = """
 import json, sys, time
 from pathlib import Path
-from flows.config import load_params
-from flows.data import load_probes
-from flows.evaluate import Scorer
+from flows.core.config import load_params
+from flows.core.data import load_probes
+from flows.steps.evaluate import Scorer
 params = load_params("params.yaml", {"evaluate.score_cache": False})
 items = load_probes(Path(sys.argv[1]))
 start = time.perf_counter()

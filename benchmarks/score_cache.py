@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from flows.retrain import retrain
+from flows.drivers.retrain import retrain
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "score_cache.json"

@@ -22,13 +22,13 @@ import shutil
 import time
 from pathlib import Path
 
-from flows.config import load_params
-from flows.demo_data import build_demo, demo_releases, general_knowledge_source
-from flows.evaluate import evaluate_candidate, score_model
-from flows.finetune import finetune
-from flows.model_source import resolve_model
-from flows.probes import build_probe_set
-from flows.records import ChampionRef, ProbeSet
+from flows.core.config import load_params
+from flows.core.records import ChampionRef, ProbeSet
+from flows.demo.build import build_demo, demo_releases, general_knowledge_source
+from flows.registry.model_source import resolve_model
+from flows.steps.evaluate import evaluate_candidate, score_model
+from flows.steps.finetune import finetune
+from flows.steps.probes import build_probe_set
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

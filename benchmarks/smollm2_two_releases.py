@@ -4,7 +4,7 @@ SmolLM2-135M-Instruct learns ``wiki-topics-1`` from the base model, then ``wiki-
 the model it made: what a pipeline that promoted every release would hold. Each stage is scored
 as the gate scores it, paired item by item against the model it started from: general
 knowledge and (at release 2) release 1's held-out items, through each task's own mask or
-column for packnet and progressive (``flows.evaluate.Scorer``). Probes are the benchmarks' fixed
+column for packnet and progressive (``flows.steps.evaluate.Scorer``). Probes are the benchmarks' fixed
 stratified sample (``build_probe_set``), the same for every strategy at release 1; at release 2
 the same general-knowledge items plus release 1's items, each strategy's own champion scored on
 them. Results go to ``results/smollm2_two_releases.json`` (one row per strategy, rewritten as
@@ -30,14 +30,14 @@ from pathlib import Path
 
 import torch
 
-from flows.config import load_params
-from flows.demo_data import build_demo, demo_releases, general_knowledge_source
-from flows.evaluate import evaluate_candidate, score_model
-from flows.finetune import finetune
-from flows.model_source import resolve_model
-from flows.probes import build_probe_set
-from flows.records import ChampionRef, EvalReport, ProbeSet
-from flows.serving import BASE_TASK, load, load_for_serving
+from flows.core.config import load_params
+from flows.core.records import ChampionRef, EvalReport, ProbeSet
+from flows.demo.build import build_demo, demo_releases, general_knowledge_source
+from flows.registry.model_source import resolve_model
+from flows.registry.serving import BASE_TASK, load, load_for_serving
+from flows.steps.evaluate import evaluate_candidate, score_model
+from flows.steps.finetune import finetune
+from flows.steps.probes import build_probe_set
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

@@ -18,10 +18,10 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from flows.config import load_params
-from flows.demo_data import build_demo, demo_releases, general_knowledge_source
-from flows.evaluate import retention, score_model
-from flows.model_source import resolve_model
+from flows.core.config import load_params
+from flows.demo.build import build_demo, demo_releases, general_knowledge_source
+from flows.registry.model_source import resolve_model
+from flows.steps.evaluate import retention, score_model
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "smollm2_wise_sweep.json"

@@ -1,6 +1,6 @@
 """Timing the fine-tune step: its own trainer, its batches counted, each optimizer step timed.
 
-``step_trainer`` is what ``flows.finetune.finetune`` trains with (``build_trainer``), so a
+``step_trainer`` is what ``flows.steps.finetune.finetune`` trains with (``build_trainer``), so a
 benchmark times the step as the pipeline runs it: on the GPU when there is one (bf16 mixed precision where the
 GPU has it, fp32 master weights), else fp32 on the CPU. Only what a benchmark must change is
 changed: the number of steps, no checkpoints, the seed.
@@ -25,17 +25,17 @@ from torch.utils.data import DataLoader
 from transformers import TrainerCallback
 
 import cf_strategies
-from flows.config import Params
-from flows.data import load_release
-from flows.finetune import (
+from flows.core.config import Params
+from flows.core.data import load_release
+from flows.registry.serving import STRATEGY_STATE
+from flows.steps.finetune import (
     build_trainer,
     check_padding_free,
     collator,
     lora_config,
     task_context,
 )
-from flows.modeling import load_model, tokenize_for_training
-from flows.serving import STRATEGY_STATE
+from flows.steps.modeling import load_model, tokenize_for_training
 
 
 class Counting:
@@ -135,7 +135,7 @@ def step_trainer(
     seed: int | None = None,
     previous_release: Path | None = None,
 ) -> tuple[cf_strategies.ContinualTrainer, Counting, StepTimer]:
-    """The fine-tune step's trainer (``flows.finetune.build_trainer``): the champion
+    """The fine-tune step's trainer (``flows.steps.finetune.build_trainer``): the champion
     ``model_dir`` with the LoRA of ``params`` learning ``release_dir`` with ``strategy``
     (``train.strategy`` and ``train.padding_free`` set to these), ``steps`` optimizer steps in
     all (warm-up included), no checkpoints, seeded with ``seed`` (default ``train.seed``: the

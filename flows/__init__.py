@@ -1,5 +1,5 @@
-"""Forgetless pipeline: one module per step, chained by the Prefect flow in ``flows.retrain``."""
+"""Forgetless pipeline: one module per step, chained by the Prefect flow in ``flows.drivers.retrain``."""
 
-from flows.workspace import quiet_env
+from flows.core.workspace import quiet_env
 
 quiet_env()  # before Prefect, MLflow or DVC start anything

@@ -172,7 +172,7 @@ class Stack:
             s3 = self.start_s3(values)
             values |= {"AWS_ENDPOINT_URL": s3, "MLFLOW_S3_ENDPOINT_URL": s3}
             mlflow_url = self.start_mlflow(pg_port, values)
-            # Forgetless reads its own variable (flows/config.py); mlflow's CLI reads the other
+            # Forgetless reads its own variable (flows/core/config.py); mlflow's CLI reads the other
             values |= {"FORGETLESS_TRACKING_URI": mlflow_url, "MLFLOW_TRACKING_URI": mlflow_url}
             values["PREFECT_API_URL"] = self.start_prefect(pg_port, values)
             self.write_env(values)

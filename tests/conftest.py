@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.demo_data import PROBE_FILES, build_demo
-from flows.workspace import quiet_env
+from flows.core.workspace import quiet_env
+from flows.demo.build import PROBE_FILES, build_demo
 from tests.tiny_llm import build_tiny_llm
 
 quiet_env()
@@ -66,7 +66,7 @@ def tiny_model_dir(tmp_path_factory, demo_dir) -> Path:
     return build_tiny_llm(tmp_path_factory.mktemp("tiny-llm"), corpus)
 
 
-# the probe tasks of the embedded sources (flows/demo_data.py)
+# the probe tasks of the embedded sources (flows/demo/build.py)
 GENERAL_TASKS = ("country-facts", "general-knowledge", "world-cities")
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -34,14 +34,14 @@ def test_prefect_deployments_point_at_the_real_flow_with_valid_parameters():
 def test_deployments_run_on_the_pools_params_yaml_names():
     """The retrain on deploy.cpu_pool, the fine-tune on deploy.gpu_pool, under the name the
     retrain starts it by (deploy.finetune_deployment)."""
-    from flows.config import load_params
+    from flows.core.config import load_params
 
     deploy = load_params(ROOT / "params.yaml").deploy
     spec = yaml.safe_load((INFRA / "prefect.yaml").read_text())
     pools = {d["entrypoint"]: d["work_pool"]["name"] for d in spec["deployments"]}
     assert pools == {
-        "flows/retrain.py:retrain": deploy.cpu_pool,
-        "flows/remote_finetune.py:finetune_flow": deploy.gpu_pool,
+        "flows/drivers/retrain.py:retrain": deploy.cpu_pool,
+        "flows/production/remote_finetune.py:finetune_flow": deploy.gpu_pool,
     }
     (finetune,) = [d for d in spec["deployments"] if d["entrypoint"].endswith("finetune_flow")]
     assert deploy.finetune_deployment == f"forgetless-finetune/{finetune['name']}"

@@ -7,10 +7,9 @@ import pytest
 from prefect.testing.utilities import prefect_test_harness
 from rich.console import Console
 
-from flows import cli
-from flows.config import Params
-from flows.promote import promote
-from flows.records import (
+from flows.cli import main as cli
+from flows.core.config import Params
+from flows.core.records import (
     FILES,
     STAGES,
     ChampionRef,
@@ -23,7 +22,8 @@ from flows.records import (
     ValidationReport,
     VersionedRelease,
 )
-from flows.register import register
+from flows.steps.promote import promote
+from flows.steps.register import register
 
 ROOT = Path(__file__).resolve().parents[2]
 

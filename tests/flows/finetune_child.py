@@ -2,7 +2,7 @@
 
     python -m tests.flows.finetune_child PARAMS_FILE CHAMPION_JSON RELEASE_DIR RUN_DIR
 
-It runs ``flows.finetune.finetune`` as the pipeline does and writes the step's record to
+It runs ``flows.steps.finetune.finetune`` as the pipeline does and writes the step's record to
 ``RUN_DIR/train_result.json`` when it finishes.
 """
 
@@ -11,9 +11,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from flows.config import load_params
-from flows.finetune import finetune
-from flows.records import ChampionRef
+from flows.core.config import load_params
+from flows.core.records import ChampionRef
+from flows.steps.finetune import finetune
 
 
 def main(params_file: str, champion_json: str, release_dir: str, run_dir: str) -> None:

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from flows.data import probe_example, write_jsonl
-from flows.modeling import tokenize_for_training
+from flows.core.data import probe_example, write_jsonl
+from flows.steps.modeling import tokenize_for_training
 from tests.tiny_llm import build_tiny_llm
 
 OLD_TASK = "capitals"

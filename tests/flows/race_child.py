@@ -15,11 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-import flows.promote
-from flows.config import load_params
-from flows.locks import lock_kind
-from flows.promote import promote
-from flows.records import Registration
+import flows.steps.promote
+from flows.core.config import load_params
+from flows.core.records import Registration
+from flows.registry.locks import lock_kind
+from flows.steps.promote import promote
 from tests.flows.conftest import PASSED
 
 RACERS = 2
@@ -35,7 +35,7 @@ def wait_for(barrier: Path, prefix: str, timeout: float) -> None:
 def main(params_file: str, version: str, champion_at_start: str, barrier: str, out: str) -> None:
     params = load_params(params_file)
     folder = Path(barrier)
-    read = flows.promote.champion_version
+    read = flows.steps.promote.champion_version
 
     def read_then_wait(p):
         current = read(p)
@@ -43,7 +43,7 @@ def main(params_file: str, version: str, champion_at_start: str, barrier: str, o
         wait_for(folder, "read-", READ_WINDOW)
         return current
 
-    flows.promote.champion_version = read_then_wait
+    flows.steps.promote.champion_version = read_then_wait
     (folder / f"ready-{version}").touch()
     wait_for(folder, "ready-", 300)
     name = params.model.registered_name

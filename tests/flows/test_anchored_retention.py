@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from flows import confidence
-from flows.config import GateConfig, Params
-from flows.data import probe_example
-from flows.evaluate import retention_by_task
-from flows.gate import gate
-from flows.records import EvalReport
-from flows.scoring import score_examples
-from flows.serving import load
+from flows.core.config import GateConfig, Params
+from flows.core.data import probe_example
+from flows.core.records import EvalReport
+from flows.registry.serving import load
+from flows.scoring import confidence
+from flows.scoring.scoring import score_examples
+from flows.steps.evaluate import retention_by_task
+from flows.steps.gate import gate
 from tests.flows.pretrained_tiny import old_task_items, pretrain_tiny_llm
 
 ITEMS = 240

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import main
-from flows.config import ParamsError, load_params
-from flows.records import ChampionRef, ValidationReport
-from flows.validate import ValidationFailed, validate_step
+from flows.cli.main import main
+from flows.core.config import ParamsError, load_params
+from flows.core.records import ChampionRef, ValidationReport
+from flows.steps.validate import ValidationFailed, validate_step
 from tests.conftest import BAD_INPUTS, write_params
 
 GOOD = "wiki-topics-1"

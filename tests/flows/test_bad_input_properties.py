@@ -1,7 +1,7 @@
 """Random malformed input: validation answers with the project's own errors, never another
 exception, and accepts a record or a params file only when it really keeps every rule.
 
-The checks below restate the rules independently of ``flows.validate``; a record the validator
+The checks below restate the rules independently of ``flows.steps.validate``; a record the validator
 lets through is re-checked against them, and so is a params file ``load_params`` accepts.
 """
 
@@ -20,11 +20,11 @@ import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from flows.config import Params, ParamsError, load_params
-from flows.data import DataError, read_jsonl
-from flows.leaks import LeakIndex
-from flows.records import ChampionRef, ValidationReport
-from flows.validate import validate_release, validate_step
+from flows.core.config import Params, ParamsError, load_params
+from flows.core.data import DataError, read_jsonl
+from flows.core.leaks import LeakIndex
+from flows.core.records import ChampionRef, ValidationReport
+from flows.steps.validate import validate_release, validate_step
 from tests.conftest import BAD_INPUTS, write_params
 
 FAST = settings(
@@ -200,7 +200,7 @@ def leak_texts(record: dict) -> list[str]:
 
 def leaks(index: LeakIndex, record: dict) -> int | None:
     """The reference the first leaking text of ``record`` leaks (the rule of
-    ``flows.leaks``, tested on its own in ``test_leaks.py``), or None."""
+    ``flows.core.leaks``, tested on its own in ``test_leaks.py``), or None."""
     for text in leak_texts(record):
         found = index.find(text)
         if found is not None:

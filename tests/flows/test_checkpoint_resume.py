@@ -27,12 +27,12 @@ from cf_strategies import (
 )
 from cf_strategies.buffer import collate
 from cf_strategies.replay import Replay
-from flows.config import load_params
-from flows.data import load_release
-from flows.finetune import CHECKPOINT_DIR, checkpoint_tag, checkpoint_to_resume, finetune
-from flows.modeling import tokenize_for_training
-from flows.records import ChampionRef
-from flows.serving import STRATEGY_STATE
+from flows.core.config import load_params
+from flows.core.data import load_release
+from flows.core.records import ChampionRef
+from flows.registry.serving import STRATEGY_STATE
+from flows.steps.finetune import CHECKPOINT_DIR, checkpoint_tag, checkpoint_to_resume, finetune
+from flows.steps.modeling import tokenize_for_training
 from tests.cf_strategies.tiny_models import tiny_lora, token_batches
 from tests.conftest import write_params
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from scipy import stats
 
-from flows import confidence
-from flows.config import GateConfig
-from flows.evaluate import task_retention
+from flows.core.config import GateConfig
+from flows.scoring import confidence
+from flows.steps.evaluate import task_retention
 
 
 def test_clopper_pearson_bounds_match_their_closed_forms_at_the_edges():

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.config import ParamsError, load_params
+from flows.core.config import ParamsError, load_params
 
 ROOT = Path(__file__).resolve().parents[2]
 

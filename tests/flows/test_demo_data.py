@@ -1,7 +1,7 @@
 import json
 
-from flows.data import load_probes, load_release
-from flows.demo_data import RELEASE_TOPICS, build_demo
+from flows.core.data import load_probes, load_release
+from flows.demo.build import RELEASE_TOPICS, build_demo
 
 
 def test_demo_is_deterministic_and_releases_do_not_share_articles(tmp_path, demo_dir):

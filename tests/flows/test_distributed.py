@@ -47,12 +47,13 @@ from cf_strategies import distributed, latest_checkpoint
 from cf_strategies.buffer import ReservoirBuffer
 from cf_strategies.replay import Replay
 from cf_strategies.trainer import label_tokens
-from flows import launch
-from flows.config import load_params
-from flows.data import load_release
-from flows.finetune import CHECKPOINT_DIR, checkpoint_tag, finetune
-from flows.modeling import tokenize_for_training
-from flows.records import ChampionRef
+from flows.core.config import load_params
+from flows.core.data import load_release
+from flows.core.records import ChampionRef
+from flows.production import launch
+from flows.steps import ranks
+from flows.steps.finetune import CHECKPOINT_DIR, checkpoint_tag
+from flows.steps.modeling import tokenize_for_training
 from tests.conftest import write_params
 from tests.flows.pretrained_tiny import write_new_release
 from tests.flows.rank_child import examples, rank_checks
@@ -126,7 +127,7 @@ def runs(tmp_path_factory, tiny_model_dir, demo_dir) -> dict[str, Path]:
     out = {}
     for name, batch, processes in (("ddp", B, 2), ("one", 2 * B, 1), ("control", B, 1)):
         params = _params(root / name, tiny_model_dir, demo_dir, batch, processes)
-        out[name] = finetune(params, champion, release, root / name / "run").model_dir
+        out[name] = launch.train(params, champion, release, root / name / "run").model_dir
     return out
 
 
@@ -177,7 +178,7 @@ def test_ewc_fisher_is_reduced_over_both_ranks_and_replay_holds_both_shards(runs
     )
 
     # both ranks held the same state, and rank 0 saved exactly that (once)
-    prints = json.loads((runs["ddp"].parent / launch.LAUNCH_DIR / launch.FINGERPRINTS).read_text())
+    prints = json.loads((runs["ddp"].parent / ranks.LAUNCH_DIR / ranks.FINGERPRINTS).read_text())
     assert len(prints) == 2 and prints[0] == prints[1]
     for strategy in cf_strategies.build_strategies("ewc+replay"):
         strategy.load(state["ddp"])
@@ -228,7 +229,7 @@ def varied_runs(tmp_path_factory, tiny_model_dir, demo_dir) -> dict[str, Path]:
                 "train.strategy_params": {"l2": {"lambda_": 10.0}, "replay": {"buffer_size": 16}},
             }
         )
-        out[name] = finetune(params, champion, release, root / name / "run").model_dir
+        out[name] = launch.train(params, champion, release, root / name / "run").model_dir
 
     base = ChampionRef(version=None, model_dir=tiny_model_dir)
     run("ddp1", base, first, B, 2)
@@ -293,7 +294,7 @@ def test_a_second_release_replays_distils_and_measures_si_across_ranks(
         params = params.with_overrides(
             {"train.strategy": spec, "train.strategy_params": {"der": {"buffer_size": 12}}}
         )
-        return finetune(params, champion, release, tmp_path / name / "run").model_dir
+        return launch.train(params, champion, release, tmp_path / name / "run").model_dir
 
     base = ChampionRef(version=None, model_dir=tiny_model_dir)
     champion = ChampionRef(version="1", model_dir=run("first", base, first, 2 * B, 1))
@@ -318,7 +319,7 @@ def test_a_second_release_replays_distils_and_measures_si_across_ranks(
         assert torch.equal(mine["input_ids"], alone["input_ids"])  # the same rows, same slots
         # and the logits of the same model up to rounding (float16 as stored)
         assert torch.allclose(mine["_der_logits"].float(), alone["_der_logits"].float(), atol=1e-2)
-    prints = json.loads((runs["ddp"].parent / launch.LAUNCH_DIR / launch.FINGERPRINTS).read_text())
+    prints = json.loads((runs["ddp"].parent / ranks.LAUNCH_DIR / ranks.FINGERPRINTS).read_text())
     assert prints[0] == prints[1] and set(prints[0]) == {"si", "der", "lwf"}
 
 
@@ -331,11 +332,11 @@ def test_a_strategy_not_made_rank_safe_is_refused_before_anything_runs(
     run_dir = tmp_path / "run"
     champion = ChampionRef(version=None, model_dir=tiny_model_dir)
     with pytest.raises(RuntimeError, match=r"strategy packnet does not run on several processes"):
-        finetune(params, champion, demo_dir / "releases" / "wiki-topics-1", run_dir)
+        launch.train(params, champion, demo_dir / "releases" / "wiki-topics-1", run_dir)
     assert not run_dir.exists()
     fsdp = params.with_overrides({"train.strategy": "naive", "train.fsdp": True})
     with pytest.raises(RuntimeError, match="train.fsdp shards the model over GPUs and none"):
-        finetune(fsdp, champion, demo_dir / "releases" / "wiki-topics-1", run_dir)
+        launch.train(fsdp, champion, demo_dir / "releases" / "wiki-topics-1", run_dir)
     assert not run_dir.exists()
 
 
@@ -345,7 +346,7 @@ def test_a_failing_rank_surfaces_in_the_flow_with_its_error_and_log(
     params = _params(tmp_path, tiny_model_dir, demo_dir, B, 2)
     champion = ChampionRef(version=None, model_dir=tmp_path / "no-such-model")
     with pytest.raises(launch.RankFailedError) as failure:
-        finetune(params, champion, demo_dir / "releases" / "wiki-topics-1", tmp_path / "run")
+        launch.train(params, champion, demo_dir / "releases" / "wiki-topics-1", tmp_path / "run")
     message = str(failure.value)
     assert "rank 0 failed: " in message and "rank 1 failed: " in message
     assert "no-such-model" in message and "rank 0 stderr, last" in message
@@ -358,7 +359,7 @@ def test_the_launch_command_picks_ddp_or_fsdp(tmp_path):
     assert ddp[ddp.index("--num_processes") + 1] == "4" and "--multi_gpu" in ddp
     assert "--use_fsdp" in fsdp and "--multi_gpu" not in fsdp
     assert fsdp[fsdp.index("--fsdp_version") + 1] == "2"
-    assert ddp[-3:] == ["-m", "flows.launch", str(tmp_path / "inputs.json")]
+    assert ddp[-3:] == ["-m", "flows.production.launch", str(tmp_path / "inputs.json")]
 
 
 # ---- a two-process run killed after a checkpoint resumes as the uninterrupted run ------------
@@ -402,7 +403,7 @@ def kill_after_a_checkpoint(
         if child.poll() is None:
             os.kill(child.pid, signal.SIGKILL)
         child.wait()
-    inputs = str(run_dir / launch.LAUNCH_DIR / launch.INPUTS)
+    inputs = str(run_dir / ranks.LAUNCH_DIR / launch.INPUTS)
     deadline = time.monotonic() + 30
     while left := processes_reading(inputs):  # the launcher and the ranks follow it
         assert time.monotonic() < deadline, f"still running after the step was killed: {left}"
@@ -435,8 +436,8 @@ def test_two_ranks_killed_after_a_checkpoint_resume_with_the_global_path_integra
     crashed = tmp_path / "crashed"
     kill_after_a_checkpoint(params_file, champion, release, crashed)
 
-    resumed = finetune(params, champion, release, crashed)
-    reference = finetune(params, champion, release, tmp_path / "uninterrupted")
+    resumed = launch.train(params, champion, release, crashed)
+    reference = launch.train(params, champion, release, tmp_path / "uninterrupted")
     assert resumed.steps == reference.steps == steps
     assert resumed.resumed_from_step is not None and 2 <= resumed.resumed_from_step < steps
     si = {

@@ -1,8 +1,8 @@
 """Every DVC stage lists as deps every project module its step runs, so that ``dvc repro`` reruns
 a stage whenever code that can change its output changes.
 
-A stage ``X`` runs ``forgetless step X``: the branch ``name == "X"`` of ``flows.stages.run_stage``
-and what it calls. Its modules are ``flows/stages.py``, the modules of the names that branch (and
+A stage ``X`` runs ``forgetless step X``: the branch ``name == "X"`` of ``flows.drivers.stages.run_stage``
+and what it calls. Its modules are ``flows/drivers/stages.py``, the modules of the names that branch (and
 the code of ``run_stage`` around the branches) uses, and every project module those import,
 at the top or inside a function, read from the source with ``ast``.
 """
@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.records import STAGES
+from flows.core.records import STAGES
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("flows", "cf_strategies")
 
 
 def module_file(name: str) -> Path | None:
-    """``flows.data`` → ``flows/data.py`` (or a package's ``__init__.py``); None outside."""
+    """``flows.core.data`` → ``flows/core/data.py`` (or a package's ``__init__.py``); None outside."""
     if name.split(".")[0] not in PACKAGES:
         return None
     base = ROOT.joinpath(*name.split("."))
@@ -72,7 +72,7 @@ def closure(modules: set[str]) -> set[str]:
 
 
 def stage_roots() -> dict[str, set[str]]:
-    """Per stage: ``flows.stages`` and the modules of the names its branch of ``run_stage`` uses."""
+    """Per stage: ``flows.drivers.stages`` and the modules of the names its branch of ``run_stage`` uses."""
     tree = ast.parse((ROOT / "flows" / "stages.py").read_text())
     origin = {
         alias.asname or alias.name: node.module
@@ -107,13 +107,15 @@ def stage_roots() -> dict[str, set[str]]:
         elif isinstance(node, ast.Module):
             around += node.body
     common = modules(around)
-    return {stage: {"flows.stages"} | common | modules(body) for stage, body in branches.items()}
+    return {
+        stage: {"flows.drivers.stages"} | common | modules(body) for stage, body in branches.items()
+    }
 
 
 def stage_modules(roots: set[str]) -> set[Path]:
     """The files a stage runs: its roots and what they import, but not everything
-    ``flows.stages`` imports for the other stages."""
-    names = closure(roots - {"flows.stages"}) | with_parents("flows.stages")
+    ``flows.drivers.stages`` imports for the other stages."""
+    names = closure(roots - {"flows.drivers.stages"}) | with_parents("flows.drivers.stages")
     return {module_file(n).relative_to(ROOT) for n in names}
 
 
@@ -145,6 +147,11 @@ def test_each_stage_depends_on_every_module_it_runs(name, dvc_stages):
 
 def test_imports_are_found_at_any_depth():
     """The walk sees imports inside functions (the validate step's are) and submodules."""
-    validate = closure({"flows.validate"})
-    assert {"flows.probes", "flows.finetune", "flows.evaluate", "cf_strategies.ewc"} <= validate
-    assert "flows.register" not in validate and "flows.stages" not in validate
+    validate = closure({"flows.steps.validate"})
+    assert {
+        "flows.steps.probes",
+        "flows.steps.finetune",
+        "flows.steps.evaluate",
+        "cf_strategies.ewc",
+    } <= validate
+    assert "flows.steps.register" not in validate and "flows.drivers.stages" not in validate

@@ -72,5 +72,5 @@ def test_dvc_repro_runs_the_gated_retrain(tmp_path, tiny_model_dir, demo_dir):
     with open(repo / "flows" / "modeling.py", "a") as f:
         f.write("\n# changed\n")
     status = json.loads(run(sys.executable, "-m", "dvc", "status", "--json"))
-    stale = {name for name, changes in status.items() if "flows/modeling.py" in str(changes)}
+    stale = {name for name, changes in status.items() if "flows/steps/modeling.py" in str(changes)}
     assert stale == {"validate", "probes", "finetune", "evaluate", "promote"}, status

@@ -5,9 +5,9 @@ import torch
 from safetensors.torch import load_file
 
 from cf_strategies import NonFiniteLossError
-from flows.config import load_params
-from flows.finetune import finetune
-from flows.records import ChampionRef
+from flows.core.config import load_params
+from flows.core.records import ChampionRef
+from flows.steps.finetune import finetune
 
 
 def champion(tiny_model_dir) -> ChampionRef:

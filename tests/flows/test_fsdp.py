@@ -1,7 +1,7 @@
 """The fine-tune step sharded with FSDP on two CPU ranks (gloo) against one process.
 
 accelerate offers FSDP on accelerators only; torch's FSDP2 also shards over gloo, and
-``FORGETLESS_FSDP_ON_CPU=1`` lets the ranks use it (``flows.launch.allow_fsdp_on_cpu``). What
+``FORGETLESS_FSDP_ON_CPU=1`` lets the ranks use it (``flows.production.launch.allow_fsdp_on_cpu``). What
 runs is the path a GPU launch takes: every rank reads the champion on the CPU, accelerate moves
 it to the meta device, shards it block by block and loads rank 0's weights into the shards
 (``--fsdp_cpu_ram_efficient_loading``); at the end ``gathered_adapter`` all-gathers the LoRA
@@ -21,10 +21,11 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from flows import launch
-from flows.config import load_params
-from flows.finetune import CHECKPOINT_DIR, finetune
-from flows.records import ChampionRef
+from flows.core.config import load_params
+from flows.core.records import ChampionRef
+from flows.production import launch
+from flows.steps import ranks
+from flows.steps.finetune import CHECKPOINT_DIR
 from tests.conftest import write_params
 from tests.flows.pretrained_tiny import write_new_release
 from tests.flows.test_distributed import (
@@ -57,7 +58,7 @@ def sharded_runs(tmp_path_factory, tiny_model_dir, demo_dir) -> dict[str, Path]:
                 "train.fsdp": processes > 1,
             }
         )
-        return finetune(params, champion, release, root / name / "run").model_dir
+        return launch.train(params, champion, release, root / name / "run").model_dir
 
     out = {
         "champion": run(
@@ -66,7 +67,7 @@ def sharded_runs(tmp_path_factory, tiny_model_dir, demo_dir) -> dict[str, Path]:
     }
     champion = ChampionRef(version="1", model_dir=out["champion"])
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(launch.FSDP_ON_CPU, "1")
+        patch.setenv(ranks.FSDP_ON_CPU, "1")
         out["fsdp"] = run("fsdp", champion, second, B, 2)
     out["one"] = run("one", champion, second, 2 * B, 1)
     out["control"] = run("control", champion, second, B, 1)
@@ -83,13 +84,13 @@ def test_two_sharded_ranks_train_the_adapter_one_process_trains_on_the_global_ba
 
 
 def test_each_rank_held_half_the_model_and_the_state_agreed(sharded_runs):
-    folder = sharded_runs["fsdp"].parent / launch.LAUNCH_DIR
-    shares = json.loads((folder / launch.SHARDS).read_text())
+    folder = sharded_runs["fsdp"].parent / ranks.LAUNCH_DIR
+    shares = json.loads((folder / ranks.SHARDS).read_text())
     assert len(shares) == 2 and shares[0]["total"] == shares[1]["total"]
     assert shares[0]["held"] + shares[1]["held"] == shares[0]["total"]  # disjoint shards
     for share in shares:  # half each, give or take a row of an odd-sized matrix
         assert abs(share["held"] / share["total"] - 0.5) < 0.01, share
-    prints = json.loads((folder / launch.FINGERPRINTS).read_text())
+    prints = json.loads((folder / ranks.FINGERPRINTS).read_text())
     assert prints[0] == prints[1] and set(prints[0]) == {"lwf", "replay"}
     replay = json.loads((sharded_runs["fsdp"] / "strategy_state" / "replay.json").read_text())
     alone = json.loads((sharded_runs["one"] / "strategy_state" / "replay.json").read_text())
@@ -101,13 +102,13 @@ def test_fsdp_needs_gpus_unless_cpu_ranks_are_asked_for(tmp_path, tiny_model_dir
         {"train.strategy": "naive", "train.strategy_params": {}, "train.fsdp": True}
     )
     with pytest.raises(RuntimeError, match="FORGETLESS_FSDP_ON_CPU=1 to try the sharded path"):
-        launch.check_ranks(params.train, 2)
+        ranks.check_ranks(params.train, 2)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(launch.FSDP_ON_CPU, "1")
-        launch.check_ranks(params.train, 2)  # allowed
+        patch.setenv(ranks.FSDP_ON_CPU, "1")
+        ranks.check_ranks(params.train, 2)  # allowed
         ewc = params.with_overrides({"train.strategy": "ewc"})
         with pytest.raises(RuntimeError, match="strategy ewc reads or keeps the weights itself"):
-            launch.check_ranks(ewc.train, 2)
+            ranks.check_ranks(ewc.train, 2)
 
 
 def test_two_sharded_ranks_killed_after_a_checkpoint_resume_as_an_uninterrupted_run(
@@ -117,7 +118,7 @@ def test_two_sharded_ranks_killed_after_a_checkpoint_resume_as_an_uninterrupted_
     state (``SHARDED_STATE_DICT``, adapter only: torch's distributed checkpoint, every rank
     writes its own) beside the strategies' state; the step is SIGKILLed after the first one, and the retry
     resumes there and ends with the uninterrupted run's adapter and replay buffer."""
-    monkeypatch.setenv(launch.FSDP_ON_CPU, "1")  # inherited by the killed step's process
+    monkeypatch.setenv(ranks.FSDP_ON_CPU, "1")  # inherited by the killed step's process
     steps = 12
     train = {
         "strategy": SPEC,
@@ -135,8 +136,8 @@ def test_two_sharded_ranks_killed_after_a_checkpoint_resume_as_an_uninterrupted_
     champion = ChampionRef(version=None, model_dir=tiny_model_dir)
     kill_after_a_checkpoint(params_file, champion, release, tmp_path / "crashed")
 
-    resumed = finetune(params, champion, release, tmp_path / "crashed")
-    reference = finetune(params, champion, release, tmp_path / "uninterrupted")
+    resumed = launch.train(params, champion, release, tmp_path / "crashed")
+    reference = launch.train(params, champion, release, tmp_path / "uninterrupted")
     assert resumed.steps == reference.steps == steps
     assert resumed.resumed_from_step is not None and 2 <= resumed.resumed_from_step < steps
     start = load_file(str(tiny_model_dir / "model.safetensors"))

@@ -1,9 +1,9 @@
 from __future__ import annotations
 
-from flows.config import GateConfig, UncertainPolicy
-from flows.evaluate import task_retention
-from flows.gate import gate
-from flows.records import EvalReport, TaskRetention
+from flows.core.config import GateConfig, UncertainPolicy
+from flows.core.records import EvalReport, TaskRetention
+from flows.steps.evaluate import task_retention
+from flows.steps.gate import gate
 
 
 def stats(known: int, lost: int, threshold: float = 0.9, needed: int = 89, **kw) -> TaskRetention:

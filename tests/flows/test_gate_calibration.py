@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from flows.config import GateConfig
-from flows.evaluate import task_retention
-from flows.gate import gate
-from flows.records import EvalReport
+from flows.core.config import GateConfig
+from flows.core.records import EvalReport
+from flows.steps.evaluate import task_retention
+from flows.steps.gate import gate
 
 TRIALS = 2000
 KNOWN = (5, 12, 30, 60, 200)

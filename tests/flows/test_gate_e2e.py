@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from flows.config import GateConfig, load_params
-from flows.records import FILES, GateDecision, Promotion
-from flows.retrain import RetrainSummary, retrain
+from flows.core.config import GateConfig, load_params
+from flows.core.records import FILES, GateDecision, Promotion
+from flows.drivers.retrain import RetrainSummary, retrain
 from tests.conftest import write_params
 from tests.flows.pretrained_tiny import (
     OLD_TASK,

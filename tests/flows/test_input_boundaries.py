@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from flows.config import MAX_CANDIDATES, ParamsError, load_params
-from flows.data import DataError, read_jsonl
-from flows.files import MAX_DEPTH, walk
-from flows.lm_eval_source import read_source
-from flows.probes import probe_items, stratified
-from flows.records import ChampionRef
-from flows.validate import validate_probe_source, validate_release, validate_step
+from flows.core.config import MAX_CANDIDATES, ParamsError, load_params
+from flows.core.data import DataError, read_jsonl
+from flows.core.files import MAX_DEPTH, walk
+from flows.core.lm_eval_source import read_source
+from flows.core.records import ChampionRef
+from flows.steps.probes import probe_items, stratified
+from flows.steps.validate import validate_probe_source, validate_release, validate_step
 from tests.conftest import BAD_INPUTS, write_params
 
 BILLION_LAUGHS = "\n".join(
@@ -33,7 +33,7 @@ BILLION_LAUGHS = "\n".join(
 
 def cli(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args],
+        [sys.executable, "-m", "flows.cli.main", *args],
         cwd=cwd,
         capture_output=True,
         text=True,

@@ -20,9 +20,10 @@ from mlflow import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.events.filters import EventFilter, EventNameFilter
 
-from flows.config import load_params
-from flows.data import DataError
-from flows.landing import (
+from flows.core.config import load_params
+from flows.core.data import DataError
+from flows.drivers.retrain import retrain
+from flows.production.landing import (
     EVENT,
     LEDGER,
     MARKER,
@@ -32,8 +33,7 @@ from flows.landing import (
     read_ledger,
     submit,
 )
-from flows.retrain import retrain
-from flows.validate import release_content_hash
+from flows.steps.validate import release_content_hash
 from tests.conftest import count, write_params
 from tests.flows.conftest import run_cli
 

@@ -1,5 +1,5 @@
-"""Leak detection (flows/leaks.py): every kind of leak a reviewer would call one, and none in the
-project's real data (the demo built by ``flows.demo_data.build_demo``)."""
+"""Leak detection (flows/core/leaks.py): every kind of leak a reviewer would call one, and none in the
+project's real data (the demo built by ``flows.demo.build.build_demo``)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from flows.data import load_probes, load_release
-from flows.demo_data import FIRST_GENERAL_KNOWLEDGE, PROBE_FILES, RELEASE_TOPICS, topic_prompt
-from flows.leaks import Leak, LeakIndex, leak_key
+from flows.core.data import load_probes, load_release
+from flows.core.leaks import Leak, LeakIndex, leak_key
+from flows.demo.build import FIRST_GENERAL_KNOWLEDGE, PROBE_FILES, RELEASE_TOPICS, topic_prompt
 
 TOPICS_1, TOPICS_2 = RELEASE_TOPICS["wiki-topics-1"], RELEASE_TOPICS["wiki-topics-2"]
 CEBU = (

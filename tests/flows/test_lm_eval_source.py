@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from flows.data import DataError, probe_example
-from flows.lm_eval_source import probe_records, read_source
-from flows.scoring import score_examples
-from flows.serving import load
+from flows.core.data import DataError, probe_example
+from flows.core.lm_eval_source import probe_records, read_source
+from flows.registry.serving import load
+from flows.scoring.scoring import score_examples
 from tests.flows.pretrained_tiny import CAPITALS
 
 CONFIG = """\

@@ -14,8 +14,8 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from flows.config import load_params
-from flows.retrain import retrain
+from flows.core.config import load_params
+from flows.drivers.retrain import retrain
 from tests.conftest import write_params
 from tests.flows.mlflow_server import MlflowServer
 

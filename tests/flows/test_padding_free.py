@@ -16,10 +16,10 @@ from cf_strategies import STRATEGIES, ContinualTrainer
 from cf_strategies.base import trainable_parameters
 from cf_strategies.l2 import L2
 from cf_strategies.lwf import LwF
-from flows.config import TrainConfig, load_params
-from flows.finetune import check_padding_free, collator, finetune
-from flows.modeling import load_model
-from flows.records import ChampionRef
+from flows.core.config import TrainConfig, load_params
+from flows.core.records import ChampionRef
+from flows.steps.finetune import check_padding_free, collator, finetune
+from flows.steps.modeling import load_model
 from tests.tiny_llm import build_tiny_llm
 
 CORPUS = [

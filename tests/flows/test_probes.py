@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from collections import Counter
 
-from flows.probes import known_needed, sample_with_known, sampling_order, split_dev_test, stratified
+from flows.steps.probes import (
+    known_needed,
+    sample_with_known,
+    sampling_order,
+    split_dev_test,
+    stratified,
+)
 
 
 def items(task: str, per_category: dict[str, int]) -> list[dict]:

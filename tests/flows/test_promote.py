@@ -6,10 +6,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from mlflow import MlflowClient
 
-from flows.config import load_params
-from flows.promote import promote
-from flows.records import Registration
-from flows.tracking import champion_version, client
+from flows.core.config import load_params
+from flows.core.records import Registration
+from flows.registry.tracking import champion_version, client
+from flows.steps.promote import promote
 from tests.conftest import count
 from tests.flows.conftest import FAILED, PASSED
 

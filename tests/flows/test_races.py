@@ -21,11 +21,11 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from flows.config import ParamsError, load_params
-from flows.locks import LockMisconfigured, LockUnavailable, limit_name, lock_kind
-from flows.promote import promote, promotion_lock, rollback
-from flows.records import Registration
-from flows.tracking import CHAMPION, champion_version
+from flows.core.config import ParamsError, load_params
+from flows.core.records import Registration
+from flows.registry.locks import LockMisconfigured, LockUnavailable, limit_name, lock_kind
+from flows.registry.tracking import CHAMPION, champion_version
+from flows.steps.promote import promote, promotion_lock, rollback
 from tests.conftest import count, write_params
 from tests.flows.conftest import PASSED
 from tests.flows.mlflow_server import MlflowServer, free_port

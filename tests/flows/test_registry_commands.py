@@ -2,10 +2,10 @@
 ``status``) called through ``flows.cli.main`` on a real MLflow SQLite store in a temp folder.
 
 For speed, versions are not trained: each is a trivial pyfunc logged with
-``mlflow.pyfunc.log_model`` in a run that carries the run tags and metrics ``flows.register``
+``mlflow.pyfunc.log_model`` in a run that carries the run tags and metrics ``flows.steps.register``
 logs, with the same model-version tags it sets (its ``model_dir`` artifact is a folder with a
 ``config.json``, so ``status`` can fetch the champion like a real one). Gate promotions go
-through the real ``flows.promote.promote``.
+through the real ``flows.steps.promote.promote``.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from datetime import UTC, datetime
 import mlflow
 import pytest
 
-from flows.config import load_params
-from flows.history import history
-from flows.promote import promote, promotion_lock
-from flows.records import GateCheck, GateDecision, Registration
-from flows.tracking import CHAMPION, champion_version, client, experiment_id
+from flows.core.config import load_params
+from flows.core.records import GateCheck, GateDecision, Registration
+from flows.registry.history import history
+from flows.registry.tracking import CHAMPION, champion_version, client, experiment_id
+from flows.steps.promote import promote, promotion_lock
 from tests.conftest import write_params
 from tests.flows.conftest import PASSED, run_cli
 
@@ -58,7 +58,7 @@ class Store:
         new_task: float = 0.6,
         retention: float = 0.95,
     ) -> str:
-        """Register a version as ``flows.register`` does (tags, metrics), trivially."""
+        """Register a version as ``flows.steps.register`` does (tags, metrics), trivially."""
         champion = champion_version(self.params)
         learned = []
         if champion:
@@ -120,7 +120,7 @@ class Store:
 
     def state(self) -> tuple:
         """Everything a command may change: the aliases and every version's tags."""
-        from flows.history import all_versions
+        from flows.registry.history import all_versions
 
         aliases = dict(self.c.get_registered_model(NAME).aliases)
         return aliases, {mv.version: self.tags(mv.version) for mv in all_versions(self.c, NAME)}

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from flows.config import load_params
-from flows.data import load_probes
-from flows.evaluate import Scorer
-from flows.serving import load
+from flows.core.config import load_params
+from flows.core.data import load_probes
+from flows.registry.serving import load
+from flows.steps.evaluate import Scorer
 from tests.conftest import count, write_params
 
 # The model's own code: it leaves a file behind when it is imported.

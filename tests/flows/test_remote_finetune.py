@@ -13,8 +13,8 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.exceptions import ObjectAlreadyExists
 
-from flows.config import ParamsError, load_params
-from flows.remote_finetune import (
+from flows.core.config import ParamsError, load_params
+from flows.production.remote_finetune import (
     RemoteFinetuneFailed,
     check_deployment_pool,
     download,

@@ -17,10 +17,10 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.client.schemas.sorting import ArtifactSort
 
-from flows.config import load_params
-from flows.data import DataError
-from flows.retrain import retrain
-from flows.validate import ValidationFailed
+from flows.core.config import load_params
+from flows.core.data import DataError
+from flows.drivers.retrain import retrain
+from flows.steps.validate import ValidationFailed
 from tests.conftest import GENERAL_TASKS, write_params
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")

@@ -15,11 +15,11 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from flows.data import load_probes, load_release, probe_example, read_jsonl, write_jsonl
-from flows.probes import probe_items, sampling_order, stratified
-from flows.records import ValidationReport
-from flows.serving import format_prompt
-from flows.validate import (
+from flows.core.data import load_probes, load_release, probe_example, read_jsonl, write_jsonl
+from flows.core.records import ValidationReport
+from flows.registry.serving import format_prompt
+from flows.steps.probes import probe_items, sampling_order, stratified
+from flows.steps.validate import (
     Leaks,
     _rehearsal_violations,
     release_content_hash,

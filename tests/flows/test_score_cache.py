@@ -10,10 +10,10 @@ import shutil
 import pytest
 from safetensors.torch import load_file, save_file
 
-from flows.config import load_params
-from flows.data import load_probes, load_release
-from flows.evaluate import Scorer
-from flows.score_cache import model_key
+from flows.core.config import load_params
+from flows.core.data import load_probes, load_release
+from flows.scoring.score_cache import model_key
+from flows.steps.evaluate import Scorer
 from tests.conftest import write_params
 
 

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from flows.data import Example
-from flows.modeling import format_prompt, load_model
-from flows.scoring import choice_scores, first_choice_named, generate, generation_correct
+from flows.core.data import Example
+from flows.scoring.scoring import choice_scores, first_choice_named, generate, generation_correct
+from flows.steps.modeling import format_prompt, load_model
 
 
 def ex(answers, choices=(), prompt="What is the capital of Ghana?", scoring="generate"):

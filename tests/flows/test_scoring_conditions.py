@@ -11,11 +11,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from flows.config import load_params
-from flows.data import load_probes, write_jsonl
-from flows.evaluate import Scorer, evaluate_candidate, read_results, write_results
-from flows.records import ChampionRef, ProbeSet, ScoringConditions
-from flows.score_cache import item_key
+from flows.core.config import load_params
+from flows.core.data import load_probes, write_jsonl
+from flows.core.records import ChampionRef, ProbeSet, ScoringConditions
+from flows.scoring.score_cache import item_key
+from flows.steps.evaluate import Scorer, evaluate_candidate, read_results, write_results
 from tests.conftest import write_params
 
 FP32 = ScoringConditions(dtype="float32", device="cpu")

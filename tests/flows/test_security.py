@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from flows.retrain import retrain
-from flows.serving import load
+from flows.drivers.retrain import retrain
+from flows.registry.serving import load
 from tests.conftest import count, write_params
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")

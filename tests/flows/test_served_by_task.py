@@ -12,13 +12,13 @@ import pytest
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
-from flows import serving
-from flows.config import load_params
-from flows.data import probe_example, read_jsonl
-from flows.evaluate import read_results
-from flows.retrain import retrain
-from flows.scoring import score_examples
-from flows.tracking import candidate_dir
+from flows.core.config import load_params
+from flows.core.data import probe_example, read_jsonl
+from flows.drivers.retrain import retrain
+from flows.registry import serving
+from flows.registry.tracking import candidate_dir
+from flows.scoring.scoring import score_examples
+from flows.steps.evaluate import read_results
 from tests.conftest import GENERAL_TASKS, write_params
 from tests.flows.conftest import ROOT
 from tests.flows.outside_repo import run_outside_repo

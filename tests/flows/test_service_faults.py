@@ -20,10 +20,10 @@ import pytest
 from mlflow import MlflowClient
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-import flows.register
-from flows.cli import main
-from flows.config import load_params
-from flows.records import (
+import flows.steps.register
+from flows.cli.main import main
+from flows.core.config import load_params, run_params, save_params
+from flows.core.records import (
     FILES,
     STAGES,
     EvalReport,
@@ -34,12 +34,12 @@ from flows.records import (
     TrainResult,
     VersionedRelease,
 )
-from flows.register import IDEMPOTENCY_TAG, register
-from flows.retrain import PrefectUnavailable, retrain
-from flows.stages import run_params, run_stage, save_params
-from flows.tracking import TrackingUnavailable, champion_version
-from flows.version import RemoteUnavailable
-from flows.workspace import git
+from flows.core.workspace import git
+from flows.drivers.retrain import PrefectUnavailable, retrain
+from flows.drivers.stages import run_stage
+from flows.registry.tracking import TrackingUnavailable, champion_version
+from flows.steps.register import IDEMPOTENCY_TAG, register
+from flows.steps.version import RemoteUnavailable
 from tests.conftest import count, write_params
 from tests.flows.conftest import gated_run
 from tests.flows.mlflow_server import MlflowServer, free_port
@@ -279,13 +279,13 @@ def test_two_registrations_of_one_candidate_racing_keep_one_version(
     for run_dir in dirs:
         gated_run(params, tiny_model_dir, demo_dir, dvc_hash="e" * 32).write(run_dir)
     barrier = threading.Barrier(2, timeout=120)
-    create = flows.register._register_new
+    create = flows.steps.register._register_new
 
     def create_after_both_looked(*args, **kwargs):
         barrier.wait()
         return create(*args, **kwargs)
 
-    monkeypatch.setattr(flows.register, "_register_new", create_after_both_looked)
+    monkeypatch.setattr(flows.steps.register, "_register_new", create_after_both_looked)
     count("race", "two registrations of one candidate at once")
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(lambda d: run_stage("register", params, d), dirs))

@@ -18,11 +18,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from flows import serving
-from flows.config import load_params
-from flows.data import Example, read_jsonl
-from flows.modeling import load_model
-from flows.scoring import generate
+from flows.core.config import load_params
+from flows.core.data import Example, read_jsonl
+from flows.registry import serving
+from flows.scoring.scoring import generate
+from flows.steps.modeling import load_model
 from tests.conftest import write_params
 from tests.flows.conftest import register_candidate
 from tests.flows.outside_repo import run_outside_repo

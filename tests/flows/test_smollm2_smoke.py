@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.model_source import EMBEDDED, resolve_model
-from flows.retrain import retrain
+from flows.drivers.retrain import retrain
+from flows.registry.model_source import EMBEDDED, resolve_model
 from tests.conftest import write_params
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -25,7 +25,7 @@ import httpx
 import pytest
 from mlflow import MlflowClient
 
-from flows.records import FILES, Promotion, Registration
+from flows.core.records import FILES, Promotion, Registration
 from tests.conftest import count, write_params
 
 pytestmark = pytest.mark.slow

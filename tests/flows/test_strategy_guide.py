@@ -14,9 +14,9 @@ from rich.console import Console
 
 from cf_strategies import STRATEGIES
 from cf_strategies.base import Strategy
-from flows import cli
-from flows import strategy_guide as guide
-from flows.config import pipeline_strategy
+from flows.cli import main as cli
+from flows.cli import strategy_guide as guide
+from flows.core.config import pipeline_strategy
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 OVERHEAD_FILES = sorted(RESULTS.glob("strategy_overhead*.json")) + sorted(

@@ -5,10 +5,9 @@ import time
 
 import pytest
 
-from flows.config import load_params
-from flows.promote import promote
-from flows.records import Registration
-from flows.tracking import (
+from flows.core.config import load_params
+from flows.core.records import Registration
+from flows.registry.tracking import (
     TrackingUnavailable,
     artifact_location,
     champion_version,
@@ -17,6 +16,7 @@ from flows.tracking import (
     experiment_id,
     model_version_dir,
 )
+from flows.steps.promote import promote
 from tests.conftest import write_params
 from tests.flows.conftest import PASSED, register_candidate
 from tests.flows.mlflow_server import MlflowServer, free_port

@@ -4,15 +4,15 @@ import shutil
 import pytest
 from mlflow import MlflowClient
 
-from flows import retrain as retrain_flow
-from flows.cli import main
-from flows.config import load_params
-from flows.demo_data import PROBE_FILES
-from flows.leaks import LeakIndex
-from flows.records import FILES, VersionedRelease
-from flows.stages import run_stage
-from flows.tracking import current_champion
-from flows.validate import (
+from flows.cli.main import main
+from flows.core.config import load_params
+from flows.core.leaks import LeakIndex
+from flows.core.records import FILES, VersionedRelease
+from flows.demo.build import PROBE_FILES
+from flows.drivers import retrain as retrain_flow
+from flows.drivers.stages import run_stage
+from flows.registry.tracking import current_champion
+from flows.steps.validate import (
     ValidationFailed,
     release_content_hash,
     validate_probe_source,

@@ -2,9 +2,9 @@ import shutil
 
 import pytest
 
-from flows.data import DataError
-from flows.version import version_release
-from flows.workspace import git
+from flows.core.data import DataError
+from flows.core.workspace import git
+from flows.steps.version import version_release
 
 
 def test_versioning_records_hash_commit_and_pushes(tmp_path, demo_dir):

@@ -16,25 +16,26 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
 import cf_strategies
-from flows import retention, serving
-from flows.config import load_params
-from flows.finetune import finetune, save_candidate
-from flows.history import all_versions
-from flows.promote import promote
-from flows.records import (
+from flows.core.config import load_params
+from flows.core.records import (
     FILES,
     ChampionRef,
     EvalReport,
     TrainResult,
 )
-from flows.score_cache import model_key
-from flows.tracking import (
+from flows.registry import prune as retention
+from flows.registry import serving
+from flows.registry.history import all_versions
+from flows.registry.tracking import (
     champion_version,
     client,
     current_champion,
     model_version_dir,
     version_store,
 )
+from flows.scoring.score_cache import model_key
+from flows.steps.finetune import finetune, save_candidate
+from flows.steps.promote import promote
 from tests.conftest import ALL_LINEAR, write_params
 from tests.flows.conftest import gated_run, run_cli
 from tests.flows.mlflow_server import MlflowServer
@@ -204,7 +205,7 @@ def test_a_registered_candidate_is_stored_once_and_resume_promote_rollback_still
 def test_a_retrain_through_the_flow_leaves_one_copy_of_the_weights(
     tmp_path, tiny_model_dir, demo_dir
 ):
-    from flows.retrain import retrain
+    from flows.drivers.retrain import retrain
 
     params_file = write_params(
         tmp_path, tiny_model_dir, demo_dir, train={"max_steps": 3}, gate={"beat_champion": False}

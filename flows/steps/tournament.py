@@ -1,0 +1,139 @@
+"""Step 4b, tournament: train several strategies and strengths, choose one on the dev probes.
+
+``train.candidates`` maps a strategy spec to a grid of its options; every combination is a
+candidate::
+
+    candidates:
+      lwf: {alpha: [0.15, 0.5, 1.0]}            # three candidates
+      lwf+self_rehearsal: {lwf.alpha: [0.15]}   # options of a combination name their strategy
+      ewc: {lambda_: [1.0e4, 1.0e6]}
+      naive: {}                                 # one candidate, its options from strategy_params
+
+Each candidate is fine-tuned from the champion (its options laid over ``train.strategy_params``)
+and scored on the **dev** probes and the dev half of the new release's eval set, never on the
+test parts. The rule that picks the winner:
+
+1. eligible: every dev retention (point estimate) meets its threshold, the dev new-task score
+   meets ``gate.min_new_task_score`` (and beats the champion's with ``gate.beat_champion``);
+2. the winner is the eligible candidate with the best dev new-task score; ties go to the higher
+   lowest retention, then to the earlier candidate in ``params.yaml``;
+3. with no eligible candidate, the one with the highest lowest retention (the least forgetting)
+   goes forward, and the gate will most likely block it: that is reported, not hidden.
+
+Only the winner is scored on the test parts and gated; it is the registered version. Every
+candidate becomes a child run of the retrain's MLflow run.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from cf_strategies import split_spec
+from flows.core.config import Params, grid
+from flows.core.records import EvalReport, Record, TrainResult
+
+
+class Candidate(Record):
+    label: str  # e.g. "lwf alpha=0.15"
+    strategy: str
+    strategy_params: dict[str, dict[str, Any]]  # the full strategy_params it trains with
+
+
+class CandidateResult(Record):
+    candidate: Candidate
+    trained: TrainResult
+    dev: EvalReport
+    eligible: bool
+    min_retention: float  # lowest dev retention over probe tasks
+    winner: bool = False
+    note: str = ""
+
+
+def expand_candidates(params: Params) -> list[Candidate]:
+    """The candidates of ``train.candidates``, in the order written."""
+    out = []
+    for spec, options in params.train.candidates.items():
+        for chosen in grid(spec, options or {}):
+            merged = {k: dict(v) for k, v in params.train.strategy_params.items()}
+            for strategy, opts in chosen.items():
+                merged[strategy] = {**merged.get(strategy, {}), **opts}
+            shown = " ".join(
+                f"{k if len(split_spec(spec)) == 1 else f'{s}.{k}'}={v}"
+                for s, opts in chosen.items()
+                for k, v in opts.items()
+            )
+            out.append(
+                Candidate(label=f"{spec} {shown}".strip(), strategy=spec, strategy_params=merged)
+            )
+    labels = [c.label for c in out]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"train.candidates lists a candidate twice: {labels}")
+    return out
+
+
+def folder_name(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+=-]+", "_", label)
+
+
+def candidate_params(params: Params, candidate: Candidate) -> Params:
+    return params.with_overrides(
+        {"train.strategy": candidate.strategy, "train.strategy_params": candidate.strategy_params}
+    )
+
+
+def judge(candidate: Candidate, trained: TrainResult, dev: EvalReport, params: Params):
+    """The candidate's dev result and whether it meets every threshold on dev."""
+    gate = params.gate
+    low = min(dev.retention.values(), default=1.0)
+    kept = all(
+        r >= gate.min_retention_per_task.get(t, gate.min_retention)
+        for t, r in dev.retention.items()
+    )
+    learned = dev.new_task_score >= gate.min_new_task_score and (
+        not gate.beat_champion or dev.new_task_score > dev.new_task_baseline
+    )
+    return CandidateResult(
+        candidate=candidate,
+        trained=trained,
+        dev=dev,
+        eligible=kept and learned,
+        min_retention=low,
+        note="" if kept and learned else ("forgets on dev" if not kept else "misses the new task"),
+    )
+
+
+def choose(results: list[CandidateResult]) -> list[CandidateResult]:
+    """The results with the winner marked, by the rule of this module's docstring."""
+    eligible = [i for i, r in enumerate(results) if r.eligible]
+    if eligible:
+        best = max(
+            eligible,
+            key=lambda i: (results[i].dev.new_task_score, results[i].min_retention, -i),
+        )
+    else:
+        best = max(range(len(results)), key=lambda i: (results[i].min_retention, -i))
+    note = "" if eligible else "no candidate met every threshold on dev; the least forgetting"
+    return [
+        r.model_copy(update={"winner": i == best, "note": note if i == best else r.note})
+        for i, r in enumerate(results)
+    ]
+
+
+def summary_rows(results: list[CandidateResult]) -> list[dict]:
+    """What the report's trade-off plot and table show, one dict per candidate."""
+    return [
+        {
+            "label": r.candidate.label,
+            "new_task_score": r.dev.new_task_score,
+            "min_retention": r.min_retention,
+            "winner": r.winner,
+            "note": r.note,
+        }
+        for r in results
+    ]
+
+
+def candidate_dir(run_dir: Path, candidate: Candidate) -> Path:
+    return run_dir / "candidates" / folder_name(candidate.label)

@@ -1,0 +1,152 @@
+"""The import graph keeps the layers the docs draw (docs/architecture.md).
+
+Every ``import`` and ``from ... import`` of the project's code is read from the source (also
+those inside functions) and checked against two rules:
+
+- no import circle between modules;
+- a module imports only from its own sub-package or from one below it in ``LAYERS``: the steps
+  never import production, a driver or the CLI; nothing imports a driver but the CLI;
+  ``cf_strategies`` never imports ``flows``.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Bottom to top: a sub-package may import its own modules and those of the layers before it.
+LAYERS = ["core", "demo", "registry", "scoring", "steps", "production", "drivers", "cli"]
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def project_modules() -> dict[str, Path]:
+    return {
+        module_name(p): p
+        for package in ("flows", "cf_strategies")
+        for p in sorted((ROOT / package).rglob("*.py"))
+    }
+
+
+def imports_of(path: Path, modules: dict[str, Path]) -> set[str]:
+    """The project modules ``path`` imports (``from flows.steps import gate`` is flows.steps.gate)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [f"{node.module}.{a.name}" for a in node.names] + [node.module]
+        else:
+            continue
+        for name in names:
+            # the longest project module the name starts with
+            while name and name not in modules:
+                name = name.rpartition(".")[0]
+            if name:
+                found.add(name)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = project_modules()
+    graph = {name: imports_of(path, modules) - {name} for name, path in modules.items()}
+    for name in graph:  # a package's __init__ runs before any module in it: not an edge to it
+        graph[name] = {d for d in graph[name] if not name.startswith(d + ".")}
+    return graph
+
+
+def layer(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if parts[0] == "flows" and len(parts) > 1 else None
+
+
+def direction_errors(graph: dict[str, set[str]]) -> list[str]:
+    errors = []
+    for module, deps in sorted(graph.items()):
+        for dep in sorted(deps):
+            if module.startswith("cf_strategies") and dep.startswith("flows"):
+                errors.append(f"{module} imports {dep}: cf_strategies never imports flows")
+            mine, theirs = layer(module), layer(dep)
+            if mine is None or theirs is None:
+                continue
+            if mine not in LAYERS or theirs not in LAYERS:
+                errors.append(f"{module} or {dep} is in no declared layer: add it to LAYERS")
+            elif LAYERS.index(theirs) > LAYERS.index(mine):
+                errors.append(f"{module} ({mine}) imports {dep} ({theirs}), a layer above it")
+    return errors
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every strongly connected component of more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for dep in graph.get(node, ()):
+            if dep not in index:
+                visit(dep)
+                low[node] = min(low[node], low[dep])
+            elif dep in stack:
+                low[node] = min(low[node], index[dep])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                top = stack.pop()
+                component.append(top)
+                if top == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_import_circles():
+    assert circles(import_graph()) == []
+
+
+def test_imports_point_down_the_layers():
+    assert direction_errors(import_graph()) == []
+
+
+def test_every_module_of_flows_is_in_a_layer():
+    loose = [m for m in project_modules() if m.count(".") == 1 and m.startswith("flows.")]
+    assert all(m.removeprefix("flows.") in LAYERS for m in loose), loose
+
+
+def test_each_sub_package_says_what_lives_there():
+    for name in LAYERS:
+        doc = ast.get_docstring(ast.parse((ROOT / "flows" / name / "__init__.py").read_text()))
+        assert doc and len(doc.splitlines()) == 3, name
+
+
+@pytest.mark.parametrize(
+    ("graph", "expected"),
+    [
+        ({"flows.core.a": {"flows.steps.b"}, "flows.steps.b": set()}, "a layer above it"),
+        ({"flows.steps.a": {"flows.drivers.b"}, "flows.drivers.b": set()}, "a layer above it"),
+        ({"cf_strategies.x": {"flows.core.a"}, "flows.core.a": set()}, "never imports flows"),
+    ],
+)
+def test_the_check_catches_a_wrong_direction(graph, expected):
+    assert any(expected in e for e in direction_errors(graph))
+
+
+def test_the_check_catches_a_circle():
+    graph = {"flows.core.a": {"flows.core.b"}, "flows.core.b": {"flows.core.c"}}
+    graph["flows.core.c"] = {"flows.core.a"}
+    assert circles(graph) == [["flows.core.a", "flows.core.b", "flows.core.c"]]
