@@ -73,7 +73,7 @@ def closure(modules: set[str]) -> set[str]:
 
 def stage_roots() -> dict[str, set[str]]:
     """Per stage: ``flows.drivers.stages`` and the modules of the names its branch of ``run_stage`` uses."""
-    tree = ast.parse((ROOT / "flows" / "stages.py").read_text())
+    tree = ast.parse((ROOT / "flows" / "drivers" / "stages.py").read_text())
     origin = {
         alias.asname or alias.name: node.module
         for node in tree.body
