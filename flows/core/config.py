@@ -31,6 +31,7 @@ import cf_strategies
 from flows.core.files import DataError, read_text
 from flows.core.records import PARAMS_FILE
 from flows.core.safe_yaml import YamlError, cut, load_yaml
+from flows.core.schemas import bad_character
 
 EMBEDDED = "embedded:smollm2-135m-instruct"  # the model that ships with the project
 MAX_CANDIDATES = 64  # train.candidates: fine-tunes one retrain may run
@@ -64,15 +65,13 @@ class Section(BaseModel):
 
 
 def _control_character(value: Any) -> str | None:
-    """Where a string in ``value`` (or in its lists and mappings) holds a control character."""
-    if isinstance(value, str):
-        found = re.search(r"[\x00-\x1f\x7f-\x9f]", value)
-        return f"U+{ord(found.group()):04X} at character {found.start() + 1}" if found else None
+    """Where a string in ``value`` (or in its lists and mappings) holds a character a name or a
+    path may not hold (:func:`flows.core.schemas.bad_character` with the label rule)."""
     if isinstance(value, dict):
         value = [*value.keys(), *value.values()]
     if isinstance(value, list | tuple):
         return next((w for v in value if (w := _control_character(v)) is not None), None)
-    return None
+    return bad_character(value, label=True)
 
 
 def _plain(annotation: Any) -> Any:

@@ -225,34 +225,20 @@ def _run_suite(gx, context, file: Path, df: pd.DataFrame, suite) -> list[Violati
             rid = bad.get("id")
             value = bad.get(column)
             record_id = None if rid is None or pd.isna(rid) else str(rid)
-            if meta.get("rules_in_value"):
-                for cell in str(value).split("\n"):
-                    broken, _, detail = cell.partition("\t")
-                    violations.append(
-                        Violation(
-                            file=str(file),
-                            line=int(bad["line"]),
-                            record_id=record_id,
-                            rule=broken,
-                            detail=detail,
-                        )
-                    )
-                continue
-            if meta.get("detail_is_value"):
-                detail = str(value)
+            if meta.get("rules_in_value"):  # one cell lists every rule the record broke
+                broken = [cell.partition("\t")[::2] for cell in str(value).split("\n")]
+            elif meta.get("detail_is_value"):
+                broken = [(rule, str(value))]
             elif column in ("id", None) or isinstance(value, bool | np.bool_):
-                detail = ""
+                broken = [(rule, "")]
             else:
-                detail = _preview(value)
-            violations.append(
+                broken = [(rule, _preview(value))]
+            violations += [
                 Violation(
-                    file=str(file),
-                    line=int(bad["line"]),
-                    record_id=record_id,
-                    rule=rule,
-                    detail=detail,
+                    file=str(file), line=int(bad["line"]), record_id=record_id, rule=r, detail=d
                 )
-            )
+                for r, d in broken
+            ]
     return violations
 
 
