@@ -39,7 +39,7 @@ from flows.core.records import (
     Registration,
 )
 from flows.core.workspace import quiet_env
-from flows.demo import build as demo_data
+from flows.demo import build
 from flows.production import landing
 from flows.production.landing import LandedRelease, LandingPick, NoNewRelease
 from flows.production.launch import RankFailedError
@@ -91,8 +91,8 @@ class RetrainSummary(Record):
 
 def next_demo_release(params: Params, champion: ChampionRef) -> Path:
     """The first embedded demo release the champion has not learned yet."""
-    demo = demo_data.build_demo(params.path(params.data.demo_dir))
-    for release in demo_data.demo_releases(demo):
+    demo = build.build_demo(params.path(params.data.demo_dir))
+    for release in build.demo_releases(demo):
         if release.name not in champion.releases:
             return release
     raise SystemExit(

@@ -1,4 +1,4 @@
-"""The retention policy: the weights of a version that failed the gate are removed once
+"""Pruning, the registry's retention policy for weights: the weights of a version that failed the gate are removed once
 ``registry.keep_failed_weights`` newer versions have been registered after it.
 
 What goes: the weight files (``*.safetensors``: the model's and its strategy state's) of the

@@ -46,8 +46,7 @@ from flows.core.records import (
     TrainResult,
     VersionedRelease,
 )
-from flows.registry import prune as retention
-from flows.registry import serving
+from flows.registry import prune, serving
 from flows.registry.tracking import (
     PENDING,
     candidate_dir,
@@ -90,7 +89,7 @@ def weights_tags(model_dir: Path) -> dict[str, str]:
     parent = json.loads(link_file.read_text())["parent"]
     tags = {"weights_format": "adapter", "parent": serving.describe(parent)}
     if parent.get("kind") == "registered":
-        tags[retention.PARENT_TAG] = str(parent["version"])
+        tags[prune.PARENT_TAG] = str(parent["version"])
     return tags
 
 
@@ -215,7 +214,7 @@ def register(
             mine = _register_new(params, release, probe_set, train, report, decision, run_dir, key)
             done = keep_oldest(c, mine, key)
         release_run_weights(params, train, run_dir, done, weights)
-    retention.apply_after_registration(params)
+    prune.apply_after_registration(params)
     return done
 
 
@@ -244,7 +243,7 @@ def release_run_weights(
         return pointer
     repo, path = version_store(params, registration.version)
     files = folder_files(model_dir)
-    if retention.artifact_files(repo, path) != files:
+    if prune.artifact_files(repo, path) != files:
         warnings.warn(
             f"{registration.name} v{registration.version} does not hold the same files as "
             f"{model_dir}; the run folder keeps its copy of the weights",

@@ -23,8 +23,7 @@ from flows.core.records import (
     EvalReport,
     TrainResult,
 )
-from flows.registry import prune as retention
-from flows.registry import serving
+from flows.registry import prune, serving
 from flows.registry.history import all_versions
 from flows.registry.tracking import (
     champion_version,
@@ -297,7 +296,7 @@ def retrain_by_hand(
 def weights_in_store(params, version: str) -> list[str]:
     """The weight files a version's model folder holds in the artifact store."""
     repo, path = version_store(params, version)
-    return sorted(f for f in retention.artifact_files(repo, path) if f.endswith(".safetensors"))
+    return sorted(f for f in prune.artifact_files(repo, path) if f.endswith(".safetensors"))
 
 
 def test_the_failed_versions_weights_go_after_n_newer_versions_and_nothing_else(
