@@ -1,5 +1,5 @@
-"""Pruning, the registry's retention policy for weights: the weights of a version that failed the gate are removed once
-``registry.keep_failed_weights`` newer versions have been registered after it.
+"""Pruning, the registry's retention policy for weights: the weights of a version that failed
+the gate are removed once ``registry.keep_failed_weights`` newer versions were registered after it.
 
 What goes: the weight files (``*.safetensors``: the model's and its strategy state's) of the
 version's ``model_dir`` artifact in the MLflow artifact store, and any local copy of them in
