@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT    := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get
 
-.PHONY: install browser postgres demo test test-fast lint mlflow-ui stack stack-down clean-workspace
+.PHONY: install browser postgres demo test test-fast lint docs mlflow-ui stack stack-down clean-workspace
 
 $(STAMP): pyproject.toml requirements-offline-assets.txt
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,9 @@ test-fast: install
 
 lint: install
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+docs: install   ## serve the documentation site (mkdocs.yml, docs/) at http://127.0.0.1:8000
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 mlflow-ui: install   ## browse runs and the model registry of the embedded store
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///workspace/mlflow.db --workers 1

@@ -2,7 +2,8 @@
 
     python -m tests.flows.finetune_child PARAMS_FILE CHAMPION_JSON RELEASE_DIR RUN_DIR
 
-It runs ``flows.steps.finetune.finetune`` as the pipeline does and writes the step's record to
+It runs the step as the pipeline does (``flows.production.launch.train``: on several ranks when
+``train.num_processes`` asks) and writes the step's record to
 ``RUN_DIR/train_result.json`` when it finishes.
 """
 
@@ -13,12 +14,12 @@ from pathlib import Path
 
 from flows.core.config import load_params
 from flows.core.records import ChampionRef
-from flows.steps.finetune import finetune
+from flows.production import launch
 
 
 def main(params_file: str, champion_json: str, release_dir: str, run_dir: str) -> None:
     champion = ChampionRef.read(Path(champion_json))
-    result = finetune(load_params(params_file), champion, Path(release_dir), Path(run_dir))
+    result = launch.train(load_params(params_file), champion, Path(release_dir), Path(run_dir))
     result.write(Path(run_dir) / "train_result.json")
 
 
