@@ -105,7 +105,9 @@ def cmd_validate(args) -> int:
     from flows.steps.validate import ValidationFailed, validate_step
 
     params = load_params(args.params)
-    report = validate_step(params, Path(args.release).resolve(), current_champion(params))
+    report = validate_step(
+        params, Path(args.release).resolve(), current_champion(params.model_store)
+    )
     if report.passed:
         console.print(f"[green]{escape(args.release)}: valid[/green] {escape(str(report.checked))}")
         return 0
@@ -208,7 +210,7 @@ def cmd_status(args) -> int:
     from flows.scoring import accuracy_matrix
 
     params = load_params(args.params)
-    champ = current_champion(params)
+    champ = current_champion(params.model_store)
     console.print(
         escape(
             f"champion: {champ.version or 'base model'} ({champ.model_dir}); learned {champ.releases}"
@@ -232,7 +234,7 @@ def print_lineage(params) -> None:
     """The champion and the champions before it, back to the base model."""
     from flows.registry.history import lineage
 
-    entries = lineage(params)
+    entries = lineage(params.model_store)
     chain = " ← ".join(
         e.version if e.version in ("base", "?") else f"v{e.version}" for e in entries
     )
@@ -255,7 +257,7 @@ def cmd_history(args) -> int:
     from flows.registry.history import history
 
     params = load_params(args.params)
-    rows = history(params)
+    rows = history(params.model_store)
     if not rows:
         console.print(f"no versions of {params.model.registered_name} registered yet")
         return 0
@@ -335,7 +337,7 @@ def cmd_prune(args) -> int:
     if keep is None:
         console.print("registry.keep_failed_weights is null: the retention policy removes nothing")
         return 0
-    decided = prune(params, keep, dry_run=args.dry_run)
+    decided = prune(params.model_store, keep, dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
     table = Table(title=f"retention policy: failed versions' weights go after {keep} newer")
     for col in ("version", "release", "newer", "weights", "why"):

@@ -368,6 +368,22 @@ class DeployConfig(Section):
         return self
 
 
+class ModelStore(BaseModel):
+    """The model registry as the registry functions read it (``flows.registry``): the sections
+    of ``params.yaml`` they use, with every path and URI resolved once (``Params.model_store``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    uri: str  # the MLflow tracking and registry URI (Params.tracking_uri)
+    experiment: str  # tracking.experiment
+    model_name: str  # model.registered_name
+    workspace: Path  # remote weights are cached and the promotion file lock lives here
+    promote_lock: Literal["auto", "file", "prefect"]  # tracking.promote_lock
+    keep_failed_weights: int | None  # registry.keep_failed_weights
+    base_model: str  # model.base: the champion before any promotion
+    model_cache: Path  # model.cache_dir, where the embedded base model is converted
+
+
 class Params(Section):
     """All of ``params.yaml``; relative paths are resolved against ``root``."""
 
@@ -412,6 +428,19 @@ class Params(Section):
             self.tracking.uri
             or os.environ.get("FORGETLESS_TRACKING_URI")
             or f"sqlite:///{self.workspace_dir / 'mlflow.db'}"
+        )
+
+    @property
+    def model_store(self) -> ModelStore:
+        return ModelStore(
+            uri=self.tracking_uri,
+            experiment=self.tracking.experiment,
+            model_name=self.model.registered_name,
+            workspace=self.workspace_dir,
+            promote_lock=self.tracking.promote_lock,
+            keep_failed_weights=self.registry.keep_failed_weights,
+            base_model=self.model.base,
+            model_cache=self.path(self.model.cache_dir),
         )
 
     @property

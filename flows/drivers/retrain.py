@@ -256,7 +256,7 @@ def retrain(
             log.info(done.message)
             return done
         landed, release = found.release, str(found.staged)
-    champion = timed("champion", champion_task, params)
+    champion = timed("champion", champion_task, params.model_store)
     for spec in params.train.candidates or [params.train.strategy]:
         check_champion_kind(champion.model_dir, spec)  # before any work, not at the fine-tune
     release_dir = Path(release).resolve() if release else next_demo_release(params, champion)

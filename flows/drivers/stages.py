@@ -53,11 +53,11 @@ def run_stage(name: str, params: Params, run_dir: Path, release_dir: Path | None
             release_dir,
             params.workspace_dir,
             params.dvc_remote,
-            current_champion(params).releases,
+            current_champion(params.model_store).releases,
         )
     elif name == "validate":
         versioned = read(VersionedRelease, "version")
-        record = validate_step(params, versioned.path, current_champion(params))
+        record = validate_step(params, versioned.path, current_champion(params.model_store))
         record.write(out)
         if not record.passed:
             raise ValidationFailed(record)
@@ -65,7 +65,9 @@ def run_stage(name: str, params: Params, run_dir: Path, release_dir: Path | None
         versioned = read(VersionedRelease, "version")
         if not read(ValidationReport, "validate").passed:
             raise ValidationFailed(read(ValidationReport, "validate"))
-        record = create_probe_set(params, versioned.path, current_champion(params), run_dir)
+        record = create_probe_set(
+            params, versioned.path, current_champion(params.model_store), run_dir
+        )
     elif name == "finetune":
         if params.train.candidates:
             raise ValueError(
@@ -78,7 +80,9 @@ def run_stage(name: str, params: Params, run_dir: Path, release_dir: Path | None
     elif name == "evaluate":
         record = evaluate_where_trained(
             params,
-            candidate_dir(params, read(TrainResult, "finetune").model_dir),  # or registered copy
+            candidate_dir(
+                params.model_store, read(TrainResult, "finetune").model_dir
+            ),  # or registered copy
             read(ProbeSet, "probes"),
             read(VersionedRelease, "version").path,
             run_dir,

@@ -178,7 +178,7 @@ def submit(params: Params, release_dir: Path, champion: ChampionRef | None = Non
     open_landing(url)  # a bad URL fails before validation
     release_dir = Path(release_dir).resolve()
     check_name(release_dir)
-    report = validate_step(params, release_dir, champion or current_champion(params))
+    report = validate_step(params, release_dir, champion or current_champion(params.model_store))
     if not report.passed:
         raise ValidationFailed(report, limit=100)
     return land(release_dir, url, release_content_hash(release_dir))

@@ -238,7 +238,7 @@ def champion_here(params: Params, version: str | None, releases: list[str]) -> C
         base = resolve_model(params.model.base, params.path(params.model.cache_dir))
         return ChampionRef(version=None, model_dir=Path(base), releases=[])
     return ChampionRef(
-        version=version, model_dir=model_version_dir(params, version), releases=releases
+        version=version, model_dir=model_version_dir(params.model_store, version), releases=releases
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from flows.core.config import Params
+from flows.core.config import ModelStore
 from flows.registry.tracking import BASE, champion_version, client
 
 
@@ -123,12 +123,12 @@ def how_champion(tags: dict[str, str]) -> str:
     return short_times(f"{label} ({at})")
 
 
-def history(params: Params) -> list[VersionRow]:
+def history(store: ModelStore) -> list[VersionRow]:
     """One row per registered version, oldest first."""
-    c = client(params)
-    champion = champion_version(params)
+    c = client(store)
+    champion = champion_version(store)
     rows = []
-    for mv in all_versions(c, params.model.registered_name):
+    for mv in all_versions(c, store.model_name):
         tags = dict(mv.tags)
         run_tags, metrics = _run(c, mv.run_id)
         rows.append(
@@ -150,16 +150,16 @@ def history(params: Params) -> list[VersionRow]:
     return rows
 
 
-def lineage(params: Params) -> list[LineageEntry]:
+def lineage(store: ModelStore) -> list[LineageEntry]:
     """The champion now and the champions before it, newest first, ending with the base model
     (or with the reason the chain stops: a version without ``previous_champion``, or gone)."""
     from mlflow.exceptions import MlflowException
 
-    c = client(params)
-    name = params.model.registered_name
+    c = client(store)
+    name = store.model_name
     entries: list[LineageEntry] = []
     seen: set[str] = set()
-    version = champion_version(params)
+    version = champion_version(store)
     while version and version != BASE:
         if version in seen:
             entries.append(LineageEntry(version, "", "", "seen above: the chain loops"))
@@ -183,5 +183,5 @@ def lineage(params: Params) -> list[LineageEntry]:
         if not version:
             entries.append(LineageEntry("?", "", "", "no previous_champion tag: chain unknown"))
             return entries
-    entries.append(LineageEntry(BASE, "", "", f"the base model ({params.model.base})"))
+    entries.append(LineageEntry(BASE, "", "", f"the base model ({store.base_model})"))
     return entries

@@ -33,7 +33,7 @@ from typing import Literal
 from filelock import FileLock
 from filelock import Timeout as FileLockTimeout
 
-from flows.core.config import Params
+from flows.core.config import ModelStore
 
 TIMEOUT_SECONDS = 600.0  # how long a promotion waits for the lock before giving up
 LEASE_SECONDS = 60.0  # the Prefect slot's lease (the server's minimum), renewed while held
@@ -55,9 +55,9 @@ def prefect_api_url() -> str | None:
     return PREFECT_API_URL.value() or None
 
 
-def lock_kind(params: Params) -> Literal["file", "prefect"]:
+def lock_kind(store: ModelStore) -> Literal["file", "prefect"]:
     """The lock ``tracking.promote_lock`` names, ``auto`` resolved."""
-    kind = params.tracking.promote_lock
+    kind = store.promote_lock
     if kind == "auto":
         return "prefect" if prefect_api_url() else "file"
     if kind == "prefect" and not prefect_api_url():
@@ -70,28 +70,28 @@ def lock_kind(params: Params) -> Literal["file", "prefect"]:
     return kind
 
 
-def limit_name(params: Params) -> str:
+def limit_name(store: ModelStore) -> str:
     """The Prefect global concurrency limit of this registered model's promotions."""
-    return "forgetless-promote-" + re.sub(r"[/%&<>]", "-", params.model.registered_name)
+    return "forgetless-promote-" + re.sub(r"[/%&<>]", "-", store.model_name)
 
 
-def file_lock(params: Params) -> FileLock:
+def file_lock(store: ModelStore) -> FileLock:
     """The file lock: beside a SQLite store, else in the workspace (this machine only)."""
-    uri = params.tracking_uri
+    uri = store.uri
     folder = (
         Path(uri.removeprefix("sqlite:///")).parent
         if uri.startswith("sqlite:///")
-        else params.workspace_dir
+        else store.workspace
     )
-    path = folder / f".{params.model.registered_name}.promote.lock"
+    path = folder / f".{store.model_name}.promote.lock"
     return FileLock(str(path), timeout=TIMEOUT_SECONDS)
 
 
 @contextmanager
-def promotion_lock(params: Params) -> Iterator[str]:
-    """Hold the promotion lock of ``params``' registered model; yields what it is, in words."""
-    kind = lock_kind(params)
-    lock = file_lock(params)
+def promotion_lock(store: ModelStore) -> Iterator[str]:
+    """Hold the promotion lock of the store's registered model; yields what it is, in words."""
+    kind = lock_kind(store)
+    lock = file_lock(store)
     with ExitStack() as stack:
         try:
             stack.enter_context(lock)
@@ -103,7 +103,7 @@ def promotion_lock(params: Params) -> Iterator[str]:
         if kind == "file":
             yield f"file lock {lock.lock_file}"
             return
-        name = limit_name(params)
+        name = limit_name(store)
         stack.enter_context(prefect_slot(name))
         yield f"Prefect concurrency limit {name} at {prefect_api_url()}"
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from flows.core.config import Params
+from flows.core.config import ModelStore
 from flows.registry import serving
 from flows.registry.tracking import (
     PENDING,
@@ -85,12 +85,12 @@ def protected(mv, aliased: set[str], parents: set[str]) -> str | None:
     return None
 
 
-def plan(params: Params, keep: int) -> list[Candidate]:
+def plan(store: ModelStore, keep: int) -> list[Candidate]:
     """Every registered version with the policy's decision on it, oldest first."""
     from flows.registry.history import all_versions
 
-    c = client(params)
-    name = params.model.registered_name
+    c = client(store)
+    name = store.model_name
     versions = all_versions(c, name)
     if not versions:
         return []
@@ -118,9 +118,9 @@ def plan(params: Params, keep: int) -> list[Candidate]:
     return out
 
 
-def removal_message(params: Params, version: str, release: str, keep: int, newer: int) -> str:
+def removal_message(store: ModelStore, version: str, release: str, keep: int, newer: int) -> str:
     """What loading a version whose weights were removed says."""
-    name = params.model.registered_name
+    name = store.model_name
     day = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     return (
         f"{name} v{version} has no weights: the retention policy removed them on {day} "
@@ -130,12 +130,12 @@ def removal_message(params: Params, version: str, release: str, keep: int, newer
     )
 
 
-def remove_weights(params: Params, version: str, message: str) -> int:
+def remove_weights(store: ModelStore, version: str, message: str) -> int:
     """Remove a version's weight files from the artifact store (the ``WEIGHTS_REMOVED.json``
     marker first, the tag last, so a crash half-way is finished by the next run) and any local
     cached copy; returns the bytes removed."""
-    name = params.model.registered_name
-    repo, path = version_store(params, version)
+    name = store.model_name
+    repo, path = version_store(store, version)
     weights = {f: n for f, n in artifact_files(repo, path).items() if f.endswith(WEIGHT_SUFFIX)}
     with tempfile.TemporaryDirectory() as tmp:
         marker = Path(tmp) / serving.WEIGHTS_REMOVED
@@ -143,43 +143,43 @@ def remove_weights(params: Params, version: str, message: str) -> int:
         repo.log_artifact(str(marker), path)
     for f in sorted(weights):
         repo.delete_artifacts(f"{path}/{f}")
-    cached = params.workspace_dir / "cache" / "models" / f"{name}-v{version}"
+    cached = store.workspace / "cache" / "models" / f"{name}-v{version}"
     shutil.rmtree(cached, ignore_errors=True)
-    c = client(params)
+    c = client(store)
     c.set_model_version_tag(name, version, WEIGHTS_REMOVED_TAG, message)
     c.set_model_version_tag(name, version, WEIGHTS_TAG, "removed")
     return sum(weights.values())
 
 
-def prune(params: Params, keep: int | None = None, dry_run: bool = False) -> list[Candidate]:
+def prune(store: ModelStore, keep: int | None = None, dry_run: bool = False) -> list[Candidate]:
     """Apply the policy (``keep`` newer versions, default ``registry.keep_failed_weights``):
     remove the weights it allows, or with ``dry_run`` only say which and how many bytes.
     Returns every version with its decision; ``keep`` None with the policy off changes nothing."""
-    keep = params.registry.keep_failed_weights if keep is None else keep
+    keep = store.keep_failed_weights if keep is None else keep
     if keep is None:
         return []
     decided = []
-    for cand in plan(params, keep):
+    for cand in plan(store, keep):
         if cand.remove:
             if dry_run:
-                repo, path = version_store(params, cand.version)
+                repo, path = version_store(store, cand.version)
                 files = artifact_files(repo, path)
                 size = sum(n for f, n in files.items() if f.endswith(WEIGHT_SUFFIX))
             else:
-                message = removal_message(params, cand.version, cand.release, keep, cand.newer)
-                size = remove_weights(params, cand.version, message)
+                message = removal_message(store, cand.version, cand.release, keep, cand.newer)
+                size = remove_weights(store, cand.version, message)
             cand = Candidate(**{**cand.__dict__, "bytes": size})
         decided.append(cand)
     return decided
 
 
-def apply_after_registration(params: Params) -> list[Candidate]:
+def apply_after_registration(store: ModelStore) -> list[Candidate]:
     """The policy after a registration; a failure is a warning, never a failed retrain (the
     registration is done; ``forgetless prune`` applies the policy later)."""
-    if params.registry.keep_failed_weights is None:
+    if store.keep_failed_weights is None:
         return []
     try:
-        return prune(params)
+        return prune(store)
     except Exception as exc:  # housekeeping: whatever went wrong, the version stands
         warnings.warn(
             f"retention policy not applied ({type(exc).__name__}: {exc}); "

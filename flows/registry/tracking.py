@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from flows.core.config import Params
+from flows.core.config import ModelStore
 from flows.core.records import ChampionRef
 from flows.registry.model_source import resolve_model
 
@@ -46,11 +46,11 @@ def is_server(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
-def client(params: Params):
+def client(store: ModelStore):
     import mlflow
     from mlflow import MlflowClient
 
-    uri = params.tracking_uri
+    uri = store.uri
     if is_server(uri):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(HTTP_RETRIES))
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", str(HTTP_BACKOFF_FACTOR))
@@ -99,7 +99,7 @@ def check_server(uri: str, timeout: float = 10.0) -> None:
 
 
 @contextmanager
-def tracking_errors(params: Params, doing: str, left: str) -> Iterator[None]:
+def tracking_errors(store: ModelStore, doing: str, left: str) -> Iterator[None]:
     """Turn the loss of the tracking server in the middle of a step into ``TrackingUnavailable``
     (``doing``: what the step was doing; ``left``: what that leaves in the registry). An error
     while the server still answers is a real one and passes through unchanged."""
@@ -108,7 +108,7 @@ def tracking_errors(params: Params, doing: str, left: str) -> Iterator[None]:
     except TrackingUnavailable:
         raise
     except Exception as exc:
-        uri = params.tracking_uri
+        uri = store.uri
         problem = server_problem(uri, timeout=5.0) if is_server(uri) else None
         if problem is None:
             raise
@@ -119,43 +119,43 @@ def tracking_errors(params: Params, doing: str, left: str) -> Iterator[None]:
         ) from exc
 
 
-def artifact_location(params: Params) -> str | None:
+def artifact_location(store: ModelStore) -> str | None:
     """Where a new experiment keeps its artifacts (a file URI): ``mlartifacts/`` beside a SQLite
     store (the default store: ``<workspace>/mlartifacts``), in the workspace for another local
     store; None for a tracking server, which keeps its own artifact root."""
-    uri = params.tracking_uri
+    uri = store.uri
     if uri.startswith(("http://", "https://", "databricks")):
         return None
     db = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else ""
-    folder = Path(db).parent if db else params.workspace_dir
+    folder = Path(db).parent if db else store.workspace
     return (folder / "mlartifacts").resolve().as_uri()
 
 
-def experiment_id(params: Params) -> str:
+def experiment_id(store: ModelStore) -> str:
     """The id of ``tracking.experiment``, created on first use with its artifacts at
     ``artifact_location`` (MLflow's own default is ``./mlruns`` of whatever folder runs it)."""
     from mlflow.exceptions import MlflowException
 
-    c = client(params)
-    name = params.tracking.experiment
+    c = client(store)
+    name = store.experiment
     experiment = c.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
     try:
-        return c.create_experiment(name, artifact_location=artifact_location(params))
+        return c.create_experiment(name, artifact_location=artifact_location(store))
     except MlflowException as exc:  # another retrain created it meanwhile
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
         return c.get_experiment_by_name(name).experiment_id
 
 
-def champion_version(params: Params) -> str | None:
+def champion_version(store: ModelStore) -> str | None:
     """The version the ``champion`` alias points at, or None."""
     from mlflow.exceptions import MlflowException
 
-    c = client(params)
+    c = client(store)
     try:
-        return str(c.get_model_version_by_alias(params.model.registered_name, CHAMPION).version)
+        return str(c.get_model_version_by_alias(store.model_name, CHAMPION).version)
     except MlflowException as exc:
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
             return None
@@ -166,15 +166,15 @@ WEIGHTS_TAG = "weights"  # "removed" once the retention policy removed a version
 WEIGHTS_REMOVED_TAG = "weights_removed"  # ... and what it did, when and why (its message)
 
 
-def version_store(params: Params, version: str):
+def version_store(store: ModelStore, version: str):
     """The artifact repository holding a registered version's pyfunc model, and the path in it
     of the version's weights folder (the ``model_dir`` artifact, e.g. ``artifacts/candidate_model``)."""
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
     from flows.registry import serving
 
-    uri = params.tracking_uri
-    location = client(params).get_model_version_download_uri(params.model.registered_name, version)
+    uri = store.uri
+    location = client(store).get_model_version_download_uri(store.model_name, version)
     repo = get_artifact_repository(location, tracking_uri=uri, registry_uri=uri)
     with tempfile.TemporaryDirectory() as tmp:
         mlmodel = Path(repo.download_artifacts("MLmodel", tmp))
@@ -188,27 +188,27 @@ def local_folder(repo) -> Path | None:
     return Path(repo.artifact_dir) if isinstance(repo, LocalArtifactRepository) else None
 
 
-def check_weights_kept(params: Params, version: str) -> None:
+def check_weights_kept(store: ModelStore, version: str) -> None:
     """Refuse a version whose weights the retention policy removed, in the policy's words."""
     from flows.registry import serving
 
-    mv = client(params).get_model_version(params.model.registered_name, version)
+    mv = client(store).get_model_version(store.model_name, version)
     if mv.tags.get(WEIGHTS_TAG) == "removed":
         raise serving.WeightsRemoved(mv.tags.get(WEIGHTS_REMOVED_TAG, "weights removed"))
 
 
-def model_version_dir(params: Params, version: str) -> Path:
+def model_version_dir(store: ModelStore, version: str) -> Path:
     """A local folder with the weights of a registered version. With the artifact store on this
     machine (the default, ``mlartifacts/`` beside the SQLite store) it is the store's own
     folder, read in place: nothing is copied. From a remote store the weights folder is
     downloaded once into ``workspace/cache/models/<name>-v<N>``. A version whose weights the
     retention policy removed is an error that says so (``flows/registry/prune.py``)."""
-    check_weights_kept(params, version)
-    repo, weights = version_store(params, version)
+    check_weights_kept(store, version)
+    repo, weights = version_store(store, version)
     folder = local_folder(repo)
     if folder is not None:
         return folder / weights
-    cache = params.workspace_dir / "cache" / "models" / f"{params.model.registered_name}-v{version}"
+    cache = store.workspace / "cache" / "models" / f"{store.model_name}-v{version}"
     if not cache.is_dir():
         tmp = cache.with_name(cache.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -233,28 +233,28 @@ def read_candidate_pointer(model_dir: Path) -> dict | None:
     return json.loads(pointer.read_text()) if pointer.is_file() else None
 
 
-def candidate_dir(params: Params, model_dir: Path) -> Path:
+def candidate_dir(store: ModelStore, model_dir: Path) -> Path:
     """A run's candidate folder, or, once registered, the registered version's weights folder
     (what ``evaluate`` reads when ``forgetless resume`` runs it again)."""
     pointer = read_candidate_pointer(model_dir)
     if pointer is None:
         return Path(model_dir)
-    return model_version_dir(params, pointer["version"])
+    return model_version_dir(store, pointer["version"])
 
 
-def current_champion(params: Params) -> ChampionRef:
+def current_champion(store: ModelStore) -> ChampionRef:
     """The champion now: a registered version, or the base model when none is promoted yet."""
-    version = champion_version(params)
+    version = champion_version(store)
     if version is None:
-        base = resolve_model(params.model.base, params.path(params.model.cache_dir))
+        base = resolve_model(store.base_model, store.model_cache)
         return ChampionRef(version=None, model_dir=Path(base), releases=[])
-    mv = client(params).get_model_version(params.model.registered_name, version)
+    mv = client(store).get_model_version(store.model_name, version)
     releases = json.loads(mv.tags.get("releases_learned", "[]"))
     # the version that learned each release: the anchor its retention is measured from
     learned_by = json.loads(mv.tags.get("learned_by", "{}")) | {mv.tags.get("release"): version}
     return ChampionRef(
         version=version,
-        model_dir=model_version_dir(params, version),
+        model_dir=model_version_dir(store, version),
         releases=releases,
         learned_by={r: v for r, v in learned_by.items() if r in releases},
     )

@@ -289,7 +289,7 @@ def anchor_of(params: Params, champion: ChampionRef, task: str) -> tuple[str, Pa
             )
         if version == champion.version:
             return f"v{version}", champion.model_dir
-        return f"v{version}", model_version_dir(params, version)
+        return f"v{version}", model_version_dir(params.model_store, version)
     return "base", Path(resolve_model(params.model.base, params.path(params.model.cache_dir)))
 
 
@@ -345,7 +345,9 @@ def reference_results(
         candidate_dir,  # a champion folder that gave way to a pointer
     )
 
-    scorer = Scorer(params, candidate_dir(params, probe_set.champion.model_dir), conditions)
+    scorer = Scorer(
+        params, candidate_dir(params.model_store, probe_set.champion.model_dir), conditions
+    )
     champ_probes = scorer.score(probes)
     champ_new = scorer.score(new_task, params.evaluate.new_task_max_new_tokens)
     anchor_rows: list[dict] = []

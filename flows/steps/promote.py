@@ -46,10 +46,10 @@ def promote(
     """Replace the version's ``promotion=pending`` tag with the decision, moving the alias on a
     pass. Safe to repeat: a version that is champion already (a retry after the alias moved) is
     reported promoted, and its missing tags are completed."""
-    c = client(params)
+    c = client(params.model_store)
     name, version = registration.name, registration.version
     with tracking_errors(
-        params,
+        params.model_store,
         f"promoting {name} v{version}",
         f"{name} v{version} keeps promotion=pending unless the alias moved",
     ):
@@ -62,9 +62,11 @@ def _promote(
     if not decision.passed:
         reason = "gate failed: " + "; ".join(decision.reasons)
         c.set_model_version_tag(name, version, "promotion", "not promoted (gate failed)")
-        return Promotion(promoted=False, champion_version=champion_version(params), reason=reason)
-    with promotion_lock(params):
-        current = champion_version(params)
+        return Promotion(
+            promoted=False, champion_version=champion_version(params.model_store), reason=reason
+        )
+    with promotion_lock(params.model_store):
+        current = champion_version(params.model_store)
         if current == version:  # this step ran before, and stopped after moving the alias
             tags = c.get_model_version(name, version).tags
             if tags.get("promotion", PENDING) == PENDING:
@@ -179,10 +181,10 @@ def rollback(params: Params, version: str | None, reason: str | None) -> AliasMo
     target_arg = None if version is None else str(version).strip()
     if target_arg is not None and target_arg != BASE:
         target_arg = _version_arg(target_arg)
-    c = client(params)
+    c = client(params.model_store)
     name = params.model.registered_name
-    with promotion_lock(params):
-        current = champion_version(params)
+    with promotion_lock(params.model_store):
+        current = champion_version(params.model_store)
         if current is None:
             raise RegistryActionError(
                 f"no champion to roll back: {name} has no {CHAMPION} alias, the base model "
@@ -232,10 +234,10 @@ def force_promote(params: Params, version: str, force: bool, reason: str | None)
         )
     why = _reason(reason)
     target = _version_arg(version)
-    c = client(params)
+    c = client(params.model_store)
     name = params.model.registered_name
-    with promotion_lock(params):
-        current = champion_version(params)
+    with promotion_lock(params.model_store):
+        current = champion_version(params.model_store)
         target_mv = _get_version(c, name, target)
         if target == current:
             raise RegistryActionError(f"{name} v{target} is already the champion")

@@ -196,12 +196,12 @@ def register(
     decision: GateDecision,
     run_dir: Path,
 ) -> Registration:
-    c = client(params)
+    c = client(params.model_store)
     name = params.model.registered_name
     weights = candidate_weights_hash(train.model_dir)
     key = idempotency_key(params, release, probe_set, train, decision, weights)
     with tracking_errors(
-        params,
+        params.model_store,
         f"registering {name} (idempotency key {key[:12]})",
         "nothing was promoted; a version already created is found again by its key",
     ):
@@ -214,7 +214,7 @@ def register(
             mine = _register_new(params, release, probe_set, train, report, decision, run_dir, key)
             done = keep_oldest(c, mine, key)
         release_run_weights(params, train, run_dir, done, weights)
-    prune.apply_after_registration(params)
+    prune.apply_after_registration(params.model_store)
     return done
 
 
@@ -241,7 +241,7 @@ def release_run_weights(
     if pointer.is_file():  # released before, and stopped while removing the folder
         shutil.rmtree(model_dir)
         return pointer
-    repo, path = version_store(params, registration.version)
+    repo, path = version_store(params.model_store, registration.version)
     files = folder_files(model_dir)
     if prune.artifact_files(repo, path) != files:
         warnings.warn(
@@ -314,7 +314,7 @@ def _register_new(
     import mlflow
 
     name = params.model.registered_name
-    mlflow.set_experiment(experiment_id=experiment_id(params))
+    mlflow.set_experiment(experiment_id=experiment_id(params.model_store))
     verdict = "passed" if decision.passed else "failed"
     with mlflow.start_run(run_name=f"retrain-{release.name}", tags={IDEMPOTENCY_TAG: key}) as run:
         mlflow.log_params(flat_params(params))
@@ -370,7 +370,9 @@ def _register_new(
         mlflow.log_dict(report.model_dump(mode="json"), "eval_report.json")
         for f in sorted(run_dir.glob("*/*.jsonl")):
             mlflow.log_artifact(str(f), artifact_path=f"outputs/{f.parent.name}")
-        model_dir = candidate_dir(params, train.model_dir)  # the registered copy, if released
+        model_dir = candidate_dir(
+            params.model_store, train.model_dir
+        )  # the registered copy, if released
         code_paths, requirements = model_code(model_dir)
         info = mlflow.pyfunc.log_model(
             name="model",
@@ -409,16 +411,16 @@ def _register_new(
 
 def log_artifact(params: Params, run_id: str, path: Path, folder: str = "plots") -> None:
     """Attach a file made after registration (the accuracy heatmap) to the retrain's run."""
-    client(params).log_artifact(run_id, str(path), folder)
+    client(params.model_store).log_artifact(run_id, str(path), folder)
 
 
 def log_candidates(params: Params, parent_run_id: str, results: list) -> None:
     """One child run per tournament candidate under the retrain's run: its strategy and
     options, dev scores and whether it won (``flows/tournament.CandidateResult``)."""
-    c = client(params)
+    c = client(params.model_store)
     for r in results:
         run = c.create_run(
-            experiment_id(params),
+            experiment_id(params.model_store),
             run_name=r.candidate.label,
             tags={
                 "mlflow.parentRunId": parent_run_id,

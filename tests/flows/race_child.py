@@ -52,7 +52,7 @@ def main(params_file: str, version: str, champion_at_start: str, barrier: str, o
         json.dumps(
             {
                 "version": version,
-                "lock": lock_kind(params),
+                "lock": lock_kind(params.model_store),
                 "promoted": result.promoted,
                 "reason": result.reason,
                 "champion": result.champion_version,

@@ -18,7 +18,7 @@ from tests.flows.conftest import FAILED, PASSED
 def registry(params_file):
     params = load_params(params_file)
     params.workspace_dir.mkdir(parents=True)
-    c: MlflowClient = client(params)
+    c: MlflowClient = client(params.model_store)
     c.create_registered_model("forgetless-lm")
 
     def new_version(gate: str) -> Registration:
@@ -32,9 +32,9 @@ def registry(params_file):
 def test_only_a_pass_moves_the_alias(registry):
     params, c, new_version = registry
     failed = promote(params, new_version("failed"), FAILED, None)
-    assert not failed.promoted and champion_version(params) is None
+    assert not failed.promoted and champion_version(params.model_store) is None
     passed = promote(params, new_version("passed"), PASSED, None)
-    assert passed.promoted and champion_version(params) == "2"
+    assert passed.promoted and champion_version(params.model_store) == "2"
     assert c.get_model_version("forgetless-lm", "2").tags["previous_champion"] == "base"
 
 
@@ -44,7 +44,7 @@ def test_a_stale_champion_blocks_promotion(registry):
     promote(params, new_version("passed"), PASSED, None)  # v1 becomes champion meanwhile
     late = promote(params, new_version("passed"), PASSED, None)  # measured against the base
     assert not late.promoted and "changed from base to 1" in late.reason
-    assert champion_version(params) == "1"
+    assert champion_version(params.model_store) == "1"
     assert "not promoted" in c.get_model_version("forgetless-lm", "2").tags["promotion"]
 
 
@@ -55,7 +55,7 @@ def test_a_version_not_tagged_passed_is_never_promoted(registry):
         promote(
             params, new_version("failed"), PASSED, None
         )  # a decision that disagrees with the tag
-    assert champion_version(params) is None
+    assert champion_version(params.model_store) is None
     assert "promotion" not in c.get_model_version("forgetless-lm", "1").tags  # untouched
 
 
@@ -68,7 +68,7 @@ def test_two_retrains_racing_to_promote_one_wins(registry):
     assert sorted(r.promoted for r in results) == [False, True]
     (won,) = [reg.version for r, reg in zip(results, [a, b], strict=True) if r.promoted]
     (lost,) = [(r, reg.version) for r, reg in zip(results, [a, b], strict=True) if not r.promoted]
-    assert champion_version(params) == won
+    assert champion_version(params.model_store) == won
     assert lost[0].reason.startswith(f"champion changed from base to {won}")
     tag = c.get_model_version("forgetless-lm", lost[1]).tags["promotion"]
     assert tag.startswith(f"not promoted (champion changed from base to {won}")

@@ -178,7 +178,7 @@ def test_a_rollback_waits_for_the_prefect_lock_and_reads_the_champion_inside_it(
     count("race", "a rollback while another machine promotes (Prefect lock)")
     results: list = []
     with temporary_settings(updates={PREFECT_API_URL: prefect.url}):
-        with promotion_lock(holder) as held:
+        with promotion_lock(holder.model_store) as held:
             assert held == f"Prefect concurrency limit forgetless-promote-{name} at {prefect.url}"
             run = contextvars.copy_context().run  # the thread sees the same Prefect settings
             worker = threading.Thread(
@@ -231,9 +231,9 @@ def test_an_unreachable_prefect_api_promotes_nothing(sqlite_registry):
         promote(params, registration, PASSED, None)
     message = str(err.value)
     assert f"Prefect API {url} is unreachable" in message
-    assert f"the promotion lock {limit_name(params)} cannot be taken" in message
+    assert f"the promotion lock {limit_name(params.model_store)} cannot be taken" in message
     assert "nothing was promoted" in message and "forgetless resume RUN_DIR" in message
-    assert champion_version(params) is None
+    assert champion_version(params.model_store) is None
     assert c.get_model_version(registration.name, "1").tags["promotion"] == "pending"
 
 
@@ -241,7 +241,7 @@ def test_an_unreachable_prefect_api_promotes_nothing(sqlite_registry):
 def test_a_promotion_limit_that_does_not_serialise_is_refused(sqlite_registry, servers):
     params, c, registration = sqlite_registry
     _, prefect = servers
-    name = limit_name(params)
+    name = limit_name(params.model_store)
     count("service fault", "Prefect promotion limit set to 2 slots")
     with temporary_settings(updates={PREFECT_API_URL: prefect.url}):
         with get_client(sync_client=True) as client:
@@ -250,7 +250,7 @@ def test_a_promotion_limit_that_does_not_serialise_is_refused(sqlite_registry, s
             promote(params, registration, PASSED, None)
     assert f"{name} at {prefect.url} has limit 2" in str(err.value)
     assert f"prefect gcl update {name} --limit 1 --enable" in str(err.value)
-    assert champion_version(params) is None
+    assert champion_version(params.model_store) is None
     assert c.get_model_version(registration.name, "1").tags["promotion"] == "pending"
 
 
@@ -260,11 +260,15 @@ def test_the_lock_setting(tmp_path, tiny_model_dir, demo_dir):
     prefect = params.with_overrides({"tracking.promote_lock": "prefect"})
     file = params.with_overrides({"tracking.promote_lock": "file"})
     with temporary_settings(restore_defaults={PREFECT_API_URL}):  # no server: ephemeral
-        assert lock_kind(params) == "file"
+        assert lock_kind(params.model_store) == "file"
         with pytest.raises(LockMisconfigured, match="PREFECT_API_URL is not set"):
-            lock_kind(prefect)
+            lock_kind(prefect.model_store)
     with temporary_settings(updates={PREFECT_API_URL: "http://prefect.example:4200/api"}):
-        assert (lock_kind(params), lock_kind(file), lock_kind(prefect)) == (
+        assert (
+            lock_kind(params.model_store),
+            lock_kind(file.model_store),
+            lock_kind(prefect.model_store),
+        ) == (
             "prefect",
             "file",
             "prefect",

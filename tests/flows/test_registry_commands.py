@@ -48,7 +48,7 @@ class Store:
         self.params_file = write_params(tmp_path, weights, tmp_path / "demo")
         self.params = load_params(self.params_file)
         self.params.workspace_dir.mkdir(parents=True)
-        self.c = client(self.params)
+        self.c = client(self.params.model_store)
 
     def add(
         self,
@@ -59,11 +59,11 @@ class Store:
         retention: float = 0.95,
     ) -> str:
         """Register a version as ``flows.steps.register`` does (tags, metrics), trivially."""
-        champion = champion_version(self.params)
+        champion = champion_version(self.params.model_store)
         learned = []
         if champion:
             learned = json.loads(self.tag(champion, "releases_learned"))
-        with mlflow.start_run(experiment_id=experiment_id(self.params)):
+        with mlflow.start_run(experiment_id=experiment_id(self.params.model_store)):
             mlflow.log_metrics(
                 {
                     "new_task_score": new_task,
@@ -103,7 +103,7 @@ class Store:
 
     def retrain(self, release: str, gate: str = "passed", **kw) -> str:
         """Register and run the real promotion step, as a retrain does."""
-        start = champion_version(self.params)
+        start = champion_version(self.params.model_store)
         version = self.add(release, gate, **kw)
         reg = Registration(name=NAME, version=version, run_id="r")
         promote(self.params, reg, PASSED if gate == "passed" else FAIL, start)
@@ -116,7 +116,7 @@ class Store:
         return dict(self.c.get_model_version(NAME, version).tags)
 
     def champion(self) -> str | None:
-        return champion_version(self.params)
+        return champion_version(self.params.model_store)
 
     def state(self) -> tuple:
         """Everything a command may change: the aliases and every version's tags."""
@@ -246,7 +246,7 @@ def test_rollback_reads_the_champion_inside_the_lock(store):
     v1 = store.retrain("wiki-topics-1")
     v2 = store.retrain("wiki-topics-2")
     results = []
-    with promotion_lock(store.params):
+    with promotion_lock(store.params.model_store):
         worker = threading.Thread(
             target=lambda: results.append(store.cli("rollback", "--reason", "late")), daemon=True
         )
@@ -310,7 +310,7 @@ def test_history_lists_every_version_with_its_decision(store):
     v3 = store.retrain("wiki-topics-3", strategy="replay", new_task=0.7)
     assert store.cli("rollback", "--reason", "drift")[0] == 0
 
-    rows = history(store.params)
+    rows = history(store.params.model_store)
     assert [r.version for r in rows] == [v1, v2, v3]
     assert [r.release for r in rows] == ["wiki-topics-1", "wiki-topics-2", "wiki-topics-3"]
     assert [r.strategy for r in rows] == ["naive", "ewc", "replay"]

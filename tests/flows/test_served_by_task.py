@@ -93,7 +93,7 @@ def test_each_old_task_is_scored_through_its_own_parameters(two_releases, tiny_m
             assert r["answered_by"] == "default"
     # The gate scored general knowledge on the answers the endpoint gives without a task.
     params = load_params(params_file)
-    v2_dir = candidate_dir(params, second.run_dir / "candidate_model")
+    v2_dir = candidate_dir(params.model_store, second.run_dir / "candidate_model")
     general = [r for r in candidate if r["task"] in GENERAL_TASKS]
     test_file = params.workspace_dir / "probes" / "test.jsonl"
     probes = {(r["task"], r["id"]): r for _, r in read_jsonl(test_file)}
@@ -115,7 +115,7 @@ def test_each_old_task_is_scored_through_its_own_parameters(two_releases, tiny_m
 
     # Nothing merged: the candidate's weights are the base model's, bit for bit (registered:
     # the run folder keeps a pointer to them).
-    folder = candidate_dir(load_params(params_file), second.run_dir / "candidate_model")
+    folder = candidate_dir(load_params(params_file).model_store, second.run_dir / "candidate_model")
     kept = json.loads((folder / serving.TASKS_FILE).read_text())
     assert kept["tasks"] == ["wiki-topics-1", "wiki-topics-2"]
     base = load_file(tiny_model_dir / "model.safetensors")
@@ -148,7 +148,9 @@ def test_registered_model_answers_by_task_in_a_fresh_process(
         SERVE_BY_TASK, tmp_path, params.tracking_uri, inputs, blocked=NOT_CF_STRATEGIES
     )
 
-    v2_dir, v1_dir = (candidate_dir(params, r.run_dir / "candidate_model") for r in (second, first))
+    v2_dir, v1_dir = (
+        candidate_dir(params.model_store, r.run_dir / "candidate_model") for r in (second, first)
+    )
     for task in tasks:  # the served model answers as the pipeline scored it
         assert out[task] == answers(v2_dir, prompts, task), task
     assert out["no task"] == out["wiki-topics-2"]  # the default: the latest release

@@ -332,7 +332,7 @@ def test_dvc_remote_failure_keeps_the_release(tmp_path, tiny_model_dir, demo_dir
     assert f"releases/{RELEASE}.dvc" in git(ws, "ls-files")
     assert f"Release {RELEASE}" in git(ws, "log", "--format=%s")
     assert any(p.is_file() for p in (ws / ".dvc" / "cache").rglob("*"))
-    assert champion_version(params) is None  # nothing registered or promoted
+    assert champion_version(params.model_store) is None  # nothing registered or promoted
     assert MlflowClient(params.tracking_uri).search_registered_models() == []
 
     # With the remote fixed, the same step pushes the very same data.

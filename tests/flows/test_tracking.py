@@ -37,17 +37,17 @@ def test_unreachable_server_is_a_clear_error_before_anything_runs(params_file):
     with pytest.raises(
         TrackingUnavailable, match=rf"{url} is unreachable .*nothing was registered"
     ):
-        current_champion(params)
+        current_champion(params.model_store)
     assert time.perf_counter() - start < 30
 
 
 def test_registry_and_promotion_over_http(params_file, mlflow_server):
     params = load_params(params_file, {"tracking.uri": mlflow_server})
-    c = client(params)
-    assert champion_version(params) is None
+    c = client(params.model_store)
+    assert champion_version(params.model_store) is None
     c.create_registered_model("forgetless-lm")
-    assert artifact_location(params) is None
-    experiment = c.get_experiment(experiment_id(params))
+    assert artifact_location(params.model_store) is None
+    experiment = c.get_experiment(experiment_id(params.model_store))
     assert experiment.artifact_location.startswith("mlflow-artifacts:")  # the server's root
     run = c.create_run(experiment.experiment_id)
     mv = c.create_model_version(
@@ -57,7 +57,7 @@ def test_registry_and_promotion_over_http(params_file, mlflow_server):
     reg = Registration(name="forgetless-lm", version=str(mv.version), run_id="r")
     ok = PASSED
     assert promote(params, reg, ok, None).promoted
-    assert champion_version(params) == str(mv.version)
+    assert champion_version(params.model_store) == str(mv.version)
 
 
 def test_artifacts_stay_in_their_workspace(tmp_path, tiny_model_dir, demo_dir, monkeypatch):
@@ -70,8 +70,8 @@ def test_artifacts_stay_in_their_workspace(tmp_path, tiny_model_dir, demo_dir, m
         params = load_params(write_params(tmp_path / name, tiny_model_dir, demo_dir))
         reg = register_candidate(params, tiny_model_dir, demo_dir)
         root = params.workspace_dir / "mlartifacts"
-        assert artifact_location(params) == root.as_uri()
-        c = client(params)
+        assert artifact_location(params.model_store) == root.as_uri()
+        c = client(params.model_store)
         assert c.get_run(reg.run_id).info.artifact_uri.startswith(root.as_uri() + "/")
         assert (root / reg.run_id / "artifacts" / "gate_report.json").exists()
         stored = c.get_model_version_download_uri(reg.name, reg.version)  # the logged model
@@ -79,7 +79,7 @@ def test_artifacts_stay_in_their_workspace(tmp_path, tiny_model_dir, demo_dir, m
         found[name] = {p.relative_to(root) for p in root.rglob("*")}
         # The weights come back from the registry as the folder that was registered, read in
         # place from this workspace's local artifact store (no second copy in cache/).
-        weights = model_version_dir(params, reg.version)
+        weights = model_version_dir(params.model_store, reg.version)
         assert weights.is_relative_to(root / "models")
         assert not (params.workspace_dir / "cache" / "models").exists()
         assert {p.name for p in weights.iterdir()} == {p.name for p in tiny_model_dir.iterdir()}

@@ -166,7 +166,7 @@ def test_a_registered_candidate_is_stored_once_and_resume_promote_rollback_still
     assert pointer["bytes"] > size and pointer["weights_dtype"] == "float32"
     (copy,) = weight_copies(ws, size)
     assert copy.is_relative_to(ws / "mlartifacts")
-    champion = current_champion(params)  # read in place: no download into the cache
+    champion = current_champion(params.model_store)  # read in place: no download into the cache
     assert champion.version == "1" and champion.model_dir.is_relative_to(ws / "mlartifacts")
     assert model_key(champion.model_dir) == content  # so the score cache still hits
     assert not (ws / "cache" / "models").exists()
@@ -181,21 +181,23 @@ def test_a_registered_candidate_is_stored_once_and_resume_promote_rollback_still
     eval_report = EvalReport.read(first / FILES["evaluate"])
     assert eval_report.new_task == RELEASE and eval_report.eval_seconds > 0
     assert json.loads((first / FILES["register"]).read_text())["version"] in {"1", "2"}
-    assert len(weight_copies(ws, size)) == len(all_versions(client(params), "forgetless-lm"))
+    assert len(weight_copies(ws, size)) == len(
+        all_versions(client(params.model_store), "forgetless-lm")
+    )
 
     # A second release from that champion, then a rollback to the first: every version loads.
     second = ws / "runs" / "second"
-    start = champion_version(params)
+    start = champion_version(params.model_store)
     candidate = write_candidate(tiny_model_dir, second / "candidate_model", seed=2)
     gated_run(params, candidate, demo_dir, dvc_hash="b" * 32, champion=start).write(second)
     code, out = run_cli(params_file, "resume", str(second))
     assert code == 0 and "is now champion" in out, out
     assert not (second / "candidate_model").exists()
-    versions = all_versions(client(params), "forgetless-lm")
+    versions = all_versions(client(params.model_store), "forgetless-lm")
     assert len(weight_copies(ws, size)) == len(versions)  # one copy per version, no more
     code, out = run_cli(params_file, "rollback", "--reason", "test")
     assert code == 0 and f"→ v{start}" in out, out
-    champion = current_champion(params)
+    champion = current_champion(params.model_store)
     assert champion.version == start and serving.load(champion.model_dir)[0] is not None
     assert len(weight_copies(ws, size)) == len(versions)
 
@@ -218,7 +220,7 @@ def test_a_retrain_through_the_flow_leaves_one_copy_of_the_weights(
     assert pointer["version"] == summary.registration.version == "1"
     assert not (summary.run_dir / "candidate_model").exists()
     (copy,) = weight_copies(ws, size)  # the registered one, read in place as the champion
-    assert current_champion(params).model_dir == copy.parent
+    assert current_champion(params.model_store).model_dir == copy.parent
     assert (copy.parent / "strategy_state" / "naive.json").is_file()
 
 
@@ -243,9 +245,9 @@ def test_with_a_tracking_server_the_weights_live_in_its_store_and_are_fetched_on
         assert (first / "candidate_model.json").is_file()
         assert weight_copies(ws, size) == []  # in the server's store only
         assert len(weight_copies(server.folder, size)) == 1
-        champion = current_champion(params)
+        champion = current_champion(params.model_store)
         assert champion.model_dir == ws / "cache" / "models" / "forgetless-lm-v1"
-        assert current_champion(params).model_dir == champion.model_dir  # fetched once
+        assert current_champion(params.model_store).model_dir == champion.model_dir  # fetched once
         assert len(weight_copies(ws, size)) == 1 and serving.load(champion.model_dir)
 
         v2 = retrain_by_hand(params, demo_dir, tiny_model_dir, 2, passed=False)
@@ -254,7 +256,7 @@ def test_with_a_tracking_server_the_weights_live_in_its_store_and_are_fetched_on
         assert code == 0 and "removed the weights of 1 version(s)" in out, out
         assert weights_in_store(params, v2) == [] and weights_in_store(params, v3)
         with pytest.raises(serving.WeightsRemoved, match="retention policy"):
-            model_version_dir(params, v2)
+            model_version_dir(params.model_store, v2)
     finally:
         server.stop()
 
@@ -273,7 +275,7 @@ def retrain_by_hand(
     """Register a candidate of "release-<n>" with the real register step (records made by
     ``gated_run``; the candidate is ``train``'s, else the tiny model nudged), from the current
     champion, and run the real promote step."""
-    start = champion_version(params)
+    start = champion_version(params.model_store)
     candidate: Path | TrainResult | None = train
     if candidate is None:
         run_dir = params.workspace_dir / "runs" / f"release-{n}"
@@ -295,7 +297,7 @@ def retrain_by_hand(
 
 def weights_in_store(params, version: str) -> list[str]:
     """The weight files a version's model folder holds in the artifact store."""
-    repo, path = version_store(params, version)
+    repo, path = version_store(params.model_store, version)
     return sorted(f for f in prune.artifact_files(repo, path) if f.endswith(".safetensors"))
 
 
@@ -305,13 +307,13 @@ def test_the_failed_versions_weights_go_after_n_newer_versions_and_nothing_else(
     params = load_params(
         write_params(tmp_path, tiny_model_dir, demo_dir, registry={"keep_failed_weights": 1})
     )
-    c = client(params)
+    c = client(params.model_store)
     v1 = retrain_by_hand(params, demo_dir, tiny_model_dir, 1, passed=True)
     v2 = retrain_by_hand(params, demo_dir, tiny_model_dir, 2, passed=False)
     kept = ["model.safetensors", "strategy_state/ewc.safetensors"]
     assert weights_in_store(params, v2) == kept  # no newer version yet
     v3 = retrain_by_hand(params, demo_dir, tiny_model_dir, 3, passed=True)
-    assert champion_version(params) == v3
+    assert champion_version(params.model_store) == v3
 
     # The failed version: weights gone from the store, everything else still there.
     assert weights_in_store(params, v2) == []
@@ -322,7 +324,7 @@ def test_the_failed_versions_weights_go_after_n_newer_versions_and_nothing_else(
     assert run.data.tags["gate"] == "failed"
     assert {"gate_report.json", "eval_report.json"} <= {a.path for a in c.list_artifacts(mv.run_id)}
     for load in (
-        lambda: model_version_dir(params, v2),
+        lambda: model_version_dir(params.model_store, v2),
         lambda: mlflow.pyfunc.load_model(f"models:/forgetless-lm/{v2}"),
     ):
         with pytest.raises(Exception, match=r"retention policy.*keep_failed_weights: 1") as err:
@@ -350,9 +352,9 @@ def test_prune_dry_run_then_prune_spares_pending_forced_and_passed_versions(
     code, _ = run_cli(params_file, "promote", v3, "--force", "--reason", "hotfix")  # forced
     assert code == 0
     v4 = retrain_by_hand(params, demo_dir, tiny_model_dir, 4, passed=False)
-    client(params).set_model_version_tag("forgetless-lm", v4, "promotion", "pending")
+    client(params.model_store).set_model_version_tag("forgetless-lm", v4, "promotion", "pending")
     v5 = retrain_by_hand(params, demo_dir, tiny_model_dir, 5, passed=True)
-    assert champion_version(params) == v5  # v3, forced, was champion before it
+    assert champion_version(params.model_store) == v5  # v3, forced, was champion before it
     kept = {v: weights_in_store(params, v) for v in (v1, v2, v3, v4, v5)}
     both = ["model.safetensors", "strategy_state/ewc.safetensors"]
     assert all(files == both for files in kept.values())  # the policy is off: nothing went
@@ -379,7 +381,7 @@ def two_releases(params, demo_dir: Path, tiny_model_dir: Path) -> list[TrainResu
     registered and promoted by the real steps; the two TrainResults."""
     trained = []
     for n, release in enumerate(["wiki-topics-1", "wiki-topics-2"], start=1):
-        champion = current_champion(params)
+        champion = current_champion(params.model_store)
         run_dir = params.workspace_dir / "runs" / release
         result = finetune(params, champion, demo_dir / "releases" / release, run_dir)
         trained.append(result)
@@ -409,16 +411,21 @@ def test_a_chain_of_adapters_loads_in_a_fresh_process_like_the_merged_models(
         two_releases(params, demo_dir, tiny_model_dir)
         workspaces[kind] = params
     merged, adapter = workspaces["merged"], workspaces["adapter"]
-    c = client(adapter)
+    c = client(adapter.model_store)
     v2 = c.get_model_version("forgetless-lm", "2")
     assert v2.tags["weights_format"] == "adapter" and v2.tags["parent_version"] == "1"
     assert "base model" in c.get_model_version("forgetless-lm", "1").tags["parent"]
 
     # The registered artifact is the adapter: a fraction of the merged model's bytes.
-    adapter_dir, merged_dir = model_version_dir(adapter, "2"), model_version_dir(merged, "2")
+    adapter_dir, merged_dir = (
+        model_version_dir(adapter.model_store, "2"),
+        model_version_dir(merged.model_store, "2"),
+    )
     link = json.loads((adapter_dir / "parent.json").read_text())
     assert link["parent"]["version"] == "1" and link["dtype"] == "float32"
-    assert link["parent"]["content_sha256"] == model_key(model_version_dir(adapter, "1"))
+    assert link["parent"]["content_sha256"] == model_key(
+        model_version_dir(adapter.model_store, "1")
+    )
     assert (adapter_dir / "adapter_model.safetensors").is_file()
     assert not (adapter_dir / "model.safetensors").exists()
     weights = lambda d: sum(f.stat().st_size for f in d.glob("*.safetensors"))  # noqa: E731
