@@ -302,7 +302,7 @@ def cmd_rollback(args) -> int:
     from flows.steps.promote import rollback
 
     params = load_params(args.params)
-    move = rollback(params, args.version, args.reason)
+    move = rollback(params.model_store, args.version, args.reason)
     console.print(
         f"champion of {move.name}: {_describe(move.from_version)} → {_describe(move.to_version)} "
         f"(rollback by {escape(move.by)} at {move.at}: {escape(move.reason)})"
@@ -320,7 +320,7 @@ def cmd_promote(args) -> int:
     from flows.steps.promote import force_promote
 
     params = load_params(args.params)
-    move = force_promote(params, args.version, args.force, args.reason)
+    move = force_promote(params.model_store, args.version, args.force, args.reason)
     console.print(
         f"champion of {move.name}: {_describe(move.from_version)} → {_describe(move.to_version)} "
         f"(forced promotion by {escape(move.by)} at {move.at}: {escape(move.reason)})"

@@ -332,7 +332,9 @@ def retrain(
     registration.write(run_dir / FILES["register"])
     if tournament:
         log_candidates(params, registration.run_id, tournament)
-    promotion = timed("promote", promote_task, params, registration, decision, champion.version)
+    promotion = timed(
+        "promote", promote_task, params.model_store, registration, decision, champion.version
+    )
     promotion.write(run_dir / FILES["promote"])
     publish(params, run_dir, summary_rows(tournament))
     summary = RetrainSummary(

@@ -105,7 +105,7 @@ def run_stage(name: str, params: Params, run_dir: Path, release_dir: Path | None
         )
     elif name == "promote":
         record = promote(
-            params,
+            params.model_store,
             read(Registration, "register"),
             read(GateDecision, "gate"),
             read(ProbeSet, "probes").champion.version,

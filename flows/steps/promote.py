@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from flows.core.config import Params
+from flows.core.config import ModelStore
 from flows.core.records import GateDecision, Promotion, Registration
 from flows.registry.locks import promotion_lock
 from flows.registry.tracking import (
@@ -38,7 +38,7 @@ from flows.registry.tracking import (
 
 
 def promote(
-    params: Params,
+    store: ModelStore,
     registration: Registration,
     decision: GateDecision,
     champion_at_start: str | None,
@@ -46,27 +46,25 @@ def promote(
     """Replace the version's ``promotion=pending`` tag with the decision, moving the alias on a
     pass. Safe to repeat: a version that is champion already (a retry after the alias moved) is
     reported promoted, and its missing tags are completed."""
-    c = client(params.model_store)
+    c = client(store)
     name, version = registration.name, registration.version
     with tracking_errors(
-        params.model_store,
+        store,
         f"promoting {name} v{version}",
         f"{name} v{version} keeps promotion=pending unless the alias moved",
     ):
-        return _promote(c, params, name, version, decision, champion_at_start)
+        return _promote(c, store, name, version, decision, champion_at_start)
 
 
 def _promote(
-    c, params: Params, name: str, version: str, decision: GateDecision, champion_at_start
+    c, store: ModelStore, name: str, version: str, decision: GateDecision, champion_at_start
 ) -> Promotion:
     if not decision.passed:
         reason = "gate failed: " + "; ".join(decision.reasons)
         c.set_model_version_tag(name, version, "promotion", "not promoted (gate failed)")
-        return Promotion(
-            promoted=False, champion_version=champion_version(params.model_store), reason=reason
-        )
-    with promotion_lock(params.model_store):
-        current = champion_version(params.model_store)
+        return Promotion(promoted=False, champion_version=champion_version(store), reason=reason)
+    with promotion_lock(store):
+        current = champion_version(store)
         if current == version:  # this step ran before, and stopped after moving the alias
             tags = c.get_model_version(name, version).tags
             if tags.get("promotion", PENDING) == PENDING:
@@ -173,7 +171,7 @@ def champion_chain(c, name: str, version: str | None) -> list[str]:
     return chain
 
 
-def rollback(params: Params, version: str | None, reason: str | None) -> AliasMove:
+def rollback(store: ModelStore, version: str | None, reason: str | None) -> AliasMove:
     """Move the champion back: to the current champion's ``previous_champion`` when ``version``
     is None, else to ``version`` (a number, or "base"), which must have held the alias before or
     passed the gate. Back to the base the alias is removed. Audit tags go on both versions."""
@@ -181,10 +179,10 @@ def rollback(params: Params, version: str | None, reason: str | None) -> AliasMo
     target_arg = None if version is None else str(version).strip()
     if target_arg is not None and target_arg != BASE:
         target_arg = _version_arg(target_arg)
-    c = client(params.model_store)
-    name = params.model.registered_name
-    with promotion_lock(params.model_store):
-        current = champion_version(params.model_store)
+    c = client(store)
+    name = store.model_name
+    with promotion_lock(store):
+        current = champion_version(store)
         if current is None:
             raise RegistryActionError(
                 f"no champion to roll back: {name} has no {CHAMPION} alias, the base model "
@@ -224,7 +222,7 @@ def rollback(params: Params, version: str | None, reason: str | None) -> AliasMo
     return AliasMove(name, current, None if target == BASE else target, who, at, why)
 
 
-def force_promote(params: Params, version: str, force: bool, reason: str | None) -> AliasMove:
+def force_promote(store: ModelStore, version: str, force: bool, reason: str | None) -> AliasMove:
     """Promote ``version`` whatever its gate said: an audited override, refused without
     ``force`` and a reason. A version already in the champion's chain is reached with
     ``rollback`` instead, which keeps the chain as it is."""
@@ -234,10 +232,10 @@ def force_promote(params: Params, version: str, force: bool, reason: str | None)
         )
     why = _reason(reason)
     target = _version_arg(version)
-    c = client(params.model_store)
-    name = params.model.registered_name
-    with promotion_lock(params.model_store):
-        current = champion_version(params.model_store)
+    c = client(store)
+    name = store.model_name
+    with promotion_lock(store):
+        current = champion_version(store)
         target_mv = _get_version(c, name, target)
         if target == current:
             raise RegistryActionError(f"{name} v{target} is already the champion")

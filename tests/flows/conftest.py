@@ -139,7 +139,7 @@ def register_candidate(params: Params, model_dir: Path, demo_dir: Path) -> Regis
     run_dir = params.workspace_dir / "runs" / "manual"
     run_dir.mkdir(parents=True, exist_ok=True)
     registration = run.register(params, run_dir)
-    assert promote(params, registration, run.decision, None).promoted
+    assert promote(params.model_store, registration, run.decision, None).promoted
     return registration
 
 

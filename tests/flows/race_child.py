@@ -47,7 +47,9 @@ def main(params_file: str, version: str, champion_at_start: str, barrier: str, o
     (folder / f"ready-{version}").touch()
     wait_for(folder, "ready-", 300)
     name = params.model.registered_name
-    result = promote(params, Registration(name=name, version=version, run_id="r"), PASSED, "1")
+    result = promote(
+        params.model_store, Registration(name=name, version=version, run_id="r"), PASSED, "1"
+    )
     Path(out).write_text(
         json.dumps(
             {

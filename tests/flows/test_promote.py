@@ -31,9 +31,9 @@ def registry(params_file):
 
 def test_only_a_pass_moves_the_alias(registry):
     params, c, new_version = registry
-    failed = promote(params, new_version("failed"), FAILED, None)
+    failed = promote(params.model_store, new_version("failed"), FAILED, None)
     assert not failed.promoted and champion_version(params.model_store) is None
-    passed = promote(params, new_version("passed"), PASSED, None)
+    passed = promote(params.model_store, new_version("passed"), PASSED, None)
     assert passed.promoted and champion_version(params.model_store) == "2"
     assert c.get_model_version("forgetless-lm", "2").tags["previous_champion"] == "base"
 
@@ -41,8 +41,12 @@ def test_only_a_pass_moves_the_alias(registry):
 def test_a_stale_champion_blocks_promotion(registry):
     params, c, new_version = registry
     count("race", "champion changed while a retrain ran (stale champion)")
-    promote(params, new_version("passed"), PASSED, None)  # v1 becomes champion meanwhile
-    late = promote(params, new_version("passed"), PASSED, None)  # measured against the base
+    promote(
+        params.model_store, new_version("passed"), PASSED, None
+    )  # v1 becomes champion meanwhile
+    late = promote(
+        params.model_store, new_version("passed"), PASSED, None
+    )  # measured against the base
     assert not late.promoted and "changed from base to 1" in late.reason
     assert champion_version(params.model_store) == "1"
     assert "not promoted" in c.get_model_version("forgetless-lm", "2").tags["promotion"]
@@ -52,9 +56,8 @@ def test_a_version_not_tagged_passed_is_never_promoted(registry):
     params, c, new_version = registry
     count("bad input", "a pass for a version tagged gate=failed (promote)")
     with pytest.raises(RuntimeError, match="not tagged gate=passed"):
-        promote(
-            params, new_version("failed"), PASSED, None
-        )  # a decision that disagrees with the tag
+        # a decision that disagrees with the tag
+        promote(params.model_store, new_version("failed"), PASSED, None)
     assert champion_version(params.model_store) is None
     assert "promotion" not in c.get_model_version("forgetless-lm", "1").tags  # untouched
 
@@ -64,7 +67,7 @@ def test_two_retrains_racing_to_promote_one_wins(registry):
     a, b = new_version("passed"), new_version("passed")
     count("race", "two retrains promote from one champion (threads, one machine)")
     with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(lambda r: promote(params, r, PASSED, None), [a, b]))
+        results = list(pool.map(lambda r: promote(params.model_store, r, PASSED, None), [a, b]))
     assert sorted(r.promoted for r in results) == [False, True]
     (won,) = [reg.version for r, reg in zip(results, [a, b], strict=True) if r.promoted]
     (lost,) = [(r, reg.version) for r, reg in zip(results, [a, b], strict=True) if not r.promoted]

@@ -182,7 +182,8 @@ def test_a_rollback_waits_for_the_prefect_lock_and_reads_the_champion_inside_it(
             assert held == f"Prefect concurrency limit forgetless-promote-{name} at {prefect.url}"
             run = contextvars.copy_context().run  # the thread sees the same Prefect settings
             worker = threading.Thread(
-                target=run, args=(lambda: results.append(rollback(other, None, "late")),)
+                target=run,
+                args=(lambda: results.append(rollback(other.model_store, None, "late")),),
             )
             worker.start()
             time.sleep(3.0)
@@ -228,7 +229,7 @@ def test_an_unreachable_prefect_api_promotes_nothing(sqlite_registry):
         temporary_settings(updates={PREFECT_API_URL: url}),
         pytest.raises(LockUnavailable) as err,
     ):
-        promote(params, registration, PASSED, None)
+        promote(params.model_store, registration, PASSED, None)
     message = str(err.value)
     assert f"Prefect API {url} is unreachable" in message
     assert f"the promotion lock {limit_name(params.model_store)} cannot be taken" in message
@@ -247,7 +248,7 @@ def test_a_promotion_limit_that_does_not_serialise_is_refused(sqlite_registry, s
         with get_client(sync_client=True) as client:
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=2))
         with pytest.raises(LockMisconfigured) as err:
-            promote(params, registration, PASSED, None)
+            promote(params.model_store, registration, PASSED, None)
     assert f"{name} at {prefect.url} has limit 2" in str(err.value)
     assert f"prefect gcl update {name} --limit 1 --enable" in str(err.value)
     assert champion_version(params.model_store) is None

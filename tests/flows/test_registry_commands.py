@@ -106,7 +106,7 @@ class Store:
         start = champion_version(self.params.model_store)
         version = self.add(release, gate, **kw)
         reg = Registration(name=NAME, version=version, run_id="r")
-        promote(self.params, reg, PASSED if gate == "passed" else FAIL, start)
+        promote(self.params.model_store, reg, PASSED if gate == "passed" else FAIL, start)
         return version
 
     def tag(self, version: str, key: str) -> str | None:

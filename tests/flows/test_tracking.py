@@ -56,7 +56,7 @@ def test_registry_and_promotion_over_http(params_file, mlflow_server):
     c.set_model_version_tag("forgetless-lm", mv.version, "gate", "passed")
     reg = Registration(name="forgetless-lm", version=str(mv.version), run_id="r")
     ok = PASSED
-    assert promote(params, reg, ok, None).promoted
+    assert promote(params.model_store, reg, ok, None).promoted
     assert champion_version(params.model_store) == str(mv.version)
 
 

@@ -291,7 +291,7 @@ def retrain_by_hand(
         new_task_score=0.2 + n / 100,
     )
     reg = run.register(params, Path(run.train.model_dir).parent)
-    promote(params, reg, run.decision, start)
+    promote(params.model_store, reg, run.decision, start)
     return reg.version
 
 
