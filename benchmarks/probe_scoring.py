@@ -33,7 +33,7 @@ from flows.core.data import read_jsonl, write_jsonl
 from flows.core.records import ChampionRef
 from flows.demo.build import general_knowledge_source
 from flows.registry.model_source import resolve_model
-from flows.steps.probes import collect_probe_items, stratified
+from flows.steps.probes import ProbesStep, collect_probe_items, stratified
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "probe_scoring.json"
@@ -45,12 +45,12 @@ import json, sys, time
 from pathlib import Path
 from flows.core.config import load_params
 from flows.core.data import load_probes
-from flows.steps.evaluate import Scorer
+from flows.steps.evaluate import EvaluateStep, Scorer
 params = load_params("params.yaml", {"evaluate.score_cache": False})
 items = load_probes(Path(sys.argv[1]))
 start = time.perf_counter()
 for _ in ("champion", "candidate"):
-    results = Scorer(params, Path(sys.argv[2])).score(items)
+    results = Scorer(EvaluateStep.from_params(params), Path(sys.argv[2])).score(items)
 print(json.dumps({"seconds": time.perf_counter() - start, "results": results}))
 """
 
@@ -86,7 +86,7 @@ def main() -> None:
     params = load_params(ROOT / "params.yaml")
     model_dir = Path(resolve_model(params.model.base, params.path(params.model.cache_dir)))
     champion = ChampionRef(version=None, model_dir=model_dir)
-    items = collect_probe_items(params, champion)
+    items = collect_probe_items(ProbesStep.from_params(params), champion)
     now = stratified(items, params.probes.per_category, params.probes.seed)
     source = general_knowledge_source(params.path(params.data.demo_dir))
     before = [r for _, r in read_jsonl(source)]  # the one probe source the gate read before

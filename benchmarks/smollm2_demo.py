@@ -26,9 +26,9 @@ from flows.core.config import load_params
 from flows.core.records import ChampionRef, ProbeSet
 from flows.demo.build import build_demo, demo_releases, general_knowledge_source
 from flows.registry.model_source import resolve_model
-from flows.steps.evaluate import evaluate_candidate, score_model
-from flows.steps.finetune import finetune
-from flows.steps.probes import build_probe_set
+from flows.steps.evaluate import EvaluateStep, evaluate_candidate, score_model
+from flows.steps.finetune import FinetuneStep, finetune
+from flows.steps.probes import ProbesStep, build_probe_set
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -61,8 +61,12 @@ def main() -> None:
     if args.release == 2:
         champion = release_1_champion(params, args.champion_strategy, champion, releases[0], work)
         release, out = releases[1], RESULTS / "smollm2_demo_release2.json"
-    probe_path, tasks = build_probe_set(params, champion, work / "probe_set.jsonl")
-    base_scores = score_model(params, champion.model_dir, probe_path, release, work / "baseline")
+    probe_path, tasks = build_probe_set(
+        ProbesStep.from_params(params), champion, work / "probe_set.jsonl"
+    )
+    base_scores = score_model(
+        EvaluateStep.from_params(params), champion.model_dir, probe_path, release, work / "baseline"
+    )
     probe_set = ProbeSet(
         path=probe_path,
         dvc_hash="-",
@@ -82,8 +86,10 @@ def main() -> None:
         options = json.loads(args.options)
         run = params.with_overrides({"train.strategy": name, "train.strategy_params": options})
         start = time.perf_counter()
-        trained = finetune(run, champion, release, work / name)
-        report = evaluate_candidate(run, trained.model_dir, probe_set, release, work / name)
+        trained = finetune(FinetuneStep.from_params(run), champion, release, work / name)
+        report = evaluate_candidate(
+            EvaluateStep.from_params(run), trained.model_dir, probe_set, release, work / name
+        )
         key = f"{name} {args.label}".strip()
         results[key] = {
             "champion": str(champion.version or "base"),
@@ -114,7 +120,8 @@ def release_1_champion(
     shutil.copytree(release, params.workspace_dir / "releases" / release.name, dirs_exist_ok=True)
     folder = work / f"champion-{spec}"
     if not (folder / "candidate_model").is_dir():
-        finetune(params.with_overrides({"train.strategy": spec}), base, release, folder)
+        step = FinetuneStep.from_params(params.with_overrides({"train.strategy": spec}))
+        finetune(step, base, release, folder)
     return ChampionRef(version="1", model_dir=folder / "candidate_model", releases=[release.name])
 
 

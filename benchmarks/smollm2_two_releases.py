@@ -35,9 +35,9 @@ from flows.core.records import ChampionRef, EvalReport, ProbeSet
 from flows.demo.build import build_demo, demo_releases, general_knowledge_source
 from flows.registry.model_source import resolve_model
 from flows.registry.serving import BASE_TASK, load, load_for_serving
-from flows.steps.evaluate import evaluate_candidate, score_model
-from flows.steps.finetune import finetune
-from flows.steps.probes import build_probe_set
+from flows.steps.evaluate import EvaluateStep, evaluate_candidate, score_model
+from flows.steps.finetune import FinetuneStep, finetune
+from flows.steps.probes import ProbesStep, build_probe_set
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -49,8 +49,10 @@ OPTIONS = {  # 30 steps a release: packnet prunes at 24 and retrains the kept ha
 
 def probe_set_for(params, champion: ChampionRef, release: Path, folder: Path) -> ProbeSet:
     """The fixed probe sample for ``champion`` and its per-item results (the pairing baseline)."""
-    path, tasks = build_probe_set(params, champion, folder / "probes.jsonl")
-    scores = score_model(params, champion.model_dir, path, release, folder / "baseline")
+    path, tasks = build_probe_set(ProbesStep.from_params(params), champion, folder / "probes.jsonl")
+    scores = score_model(
+        EvaluateStep.from_params(params), champion.model_dir, path, release, folder / "baseline"
+    )
     return ProbeSet(
         path=path,
         dvc_hash="-",
@@ -90,8 +92,10 @@ def chain(params, name: str, base: ChampionRef, releases: list[Path], work: Path
         )
         if i == 1:
             base_gk = probe_set.baseline["general-knowledge"]
-        trained = finetune(run, champion, release, folder)
-        report = evaluate_candidate(run, trained.model_dir, probe_set, release, folder)
+        trained = finetune(FinetuneStep.from_params(run), champion, release, folder)
+        report = evaluate_candidate(
+            EvaluateStep.from_params(run), trained.model_dir, probe_set, release, folder
+        )
         row[f"release{i}"] = stage(report, trained.train_seconds)
         row[f"release{i}"]["seconds_per_step"] = trained.train_seconds / trained.steps
         print(name, f"release {i}", json.dumps(row[f"release{i}"]["retention"]),

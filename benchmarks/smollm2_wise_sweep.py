@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from flows.core.config import load_params
 from flows.demo.build import build_demo, demo_releases, general_knowledge_source
 from flows.registry.model_source import resolve_model
-from flows.steps.evaluate import retention, score_model
+from flows.steps.evaluate import EvaluateStep, retention, score_model
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "smollm2_wise_sweep.json"
@@ -53,7 +53,9 @@ def main() -> None:
         mixed = {k: (w0[k].float().lerp(w1[k].float(), mix)).to(w1[k].dtype) for k in w1}
         save_file(mixed, str(folder / "model.safetensors"), metadata={"format": "pt"})
         probes = args.work / "probe_set.jsonl"
-        scores = score_model(params, folder, probes, release, folder / "scores")
+        scores = score_model(
+            EvaluateStep.from_params(params), folder, probes, release, folder / "scores"
+        )
         results[f"wise mix={mix}"] = {
             "new_task": scores.new_task_score,
             "probe_scores": scores.probe_scores,

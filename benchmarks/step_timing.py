@@ -29,6 +29,7 @@ from flows.core.config import Params
 from flows.core.data import load_release
 from flows.registry.serving import STRATEGY_STATE
 from flows.steps.finetune import (
+    FinetuneStep,
     build_trainer,
     check_padding_free,
     collator,
@@ -114,7 +115,7 @@ def carry_over(params: Params, model_dir: Path, release_dir: Path, work: Path) -
     ]
     batches = DataLoader(rows, batch_size=cfg.batch_size, collate_fn=collator(tokenizer, False))
     strategies = cf_strategies.build_strategies(cfg.strategy, cfg.strategy_params)
-    context = task_context(params, tokenizer, release_dir)
+    context = task_context(FinetuneStep.from_params(params), tokenizer, release_dir)
     for s in strategies:
         s.prepare(context)
         s.before_task(model, batches)
@@ -155,7 +156,9 @@ def step_trainer(
     check_padding_free(params.train)
     if previous_release is not None:
         model_dir = carry_over(params, model_dir, previous_release, work)
-    trainer, _ = build_trainer(params, model_dir, release_dir, work / "trainer")
+    trainer, _ = build_trainer(
+        FinetuneStep.from_params(params), model_dir, release_dir, work / "trainer"
+    )
     counting = Counting(trainer.data_collator)
     trainer.data_collator = counting
     timer = StepTimer(counting)

@@ -128,6 +128,38 @@ def test_every_module_of_flows_is_in_a_layer():
     assert all(m.removeprefix("flows.") in LAYERS for m in loose), loose
 
 
+def whole_params_readers(folder: Path) -> list[str]:
+    """Functions of ``folder`` that take the whole ``Params``, except ``from_params``: the
+    constructor of a step's own config record, which a driver calls once."""
+    found = []
+    for path in sorted(folder.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                args = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
+                takes = any(
+                    a.annotation is not None and ast.unparse(a.annotation) == "Params" for a in args
+                )
+                if takes and node.name != "from_params":
+                    found.append(f"{path.name}:{node.lineno} {node.name}")
+    return found
+
+
+def test_steps_take_their_own_config_not_the_whole_params():
+    """Only the drivers (and the CLI and production, which drive steps) hold the whole Params;
+    a step receives its own section and resolved paths (``XStep.from_params``)."""
+    assert whole_params_readers(ROOT / "flows" / "steps") == []
+    assert whole_params_readers(ROOT / "flows" / "scoring") == []
+    assert whole_params_readers(ROOT / "flows" / "registry") == []
+
+
+def test_the_params_check_finds_a_step_that_takes_params(tmp_path):
+    (tmp_path / "step.py").write_text(
+        "class S:\n    @classmethod\n    def from_params(cls, params: Params): ...\n\n"
+        "def run(params: Params, x: int) -> None: ...\n"
+    )
+    assert whole_params_readers(tmp_path) == ["step.py:5 run"]
+
+
 def test_each_sub_package_says_what_lives_there():
     for name in LAYERS:
         doc = ast.get_docstring(ast.parse((ROOT / "flows" / name / "__init__.py").read_text()))

@@ -102,11 +102,13 @@ def cmd_run(args) -> int:
 def cmd_validate(args) -> int:
     from flows.core.config import load_params
     from flows.registry.tracking import current_champion
-    from flows.steps.validate import ValidationFailed, validate_step
+    from flows.steps.validate import ValidateStep, ValidationFailed, validate_step
 
     params = load_params(args.params)
     report = validate_step(
-        params, Path(args.release).resolve(), current_champion(params.model_store)
+        ValidateStep.from_params(params),
+        Path(args.release).resolve(),
+        current_champion(params.model_store),
     )
     if report.passed:
         console.print(f"[green]{escape(args.release)}: valid[/green] {escape(str(report.checked))}")

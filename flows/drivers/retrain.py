@@ -51,20 +51,20 @@ from flows.production.remote_finetune import (
 from flows.registry.tracking import TrackingUnavailable, current_champion
 from flows.steps.finetune import check_champion_kind
 from flows.steps.gate import gate
-from flows.steps.probes import create_probe_set
+from flows.steps.probes import ProbesStep, create_probe_set
 from flows.steps.promote import promote
-from flows.steps.register import log_candidates, register
-from flows.steps.report import publish
+from flows.steps.register import RegisterStep, log_candidates, register
+from flows.steps.report import ReportStep, publish
 from flows.steps.tournament import (
+    Candidate,
     CandidateResult,
     candidate_dir,
-    candidate_params,
     choose,
     expand_candidates,
     judge,
     summary_rows,
 )
-from flows.steps.validate import ValidationFailed, validate_step
+from flows.steps.validate import ValidateStep, ValidationFailed, validate_step
 from flows.steps.version import version_release
 
 
@@ -188,12 +188,19 @@ class RetrainFlow(Flow):
         return super().__call__(*args, **kwargs)
 
 
+def candidate_params(params: Params, candidate: Candidate) -> Params:
+    """The params a tournament candidate trains with: its strategy and options."""
+    return params.with_overrides(
+        {"train.strategy": candidate.strategy, "train.strategy_params": candidate.strategy_params}
+    )
+
+
 def run_tournament(
     params: Params, champion: ChampionRef, release_dir: Path, probe_set: ProbeSet, run_dir: Path
 ) -> list[CandidateResult]:
     """Train every candidate of ``train.candidates`` (``parallel_candidates`` at a time), score
     each on the dev parts only, and mark the winner (``flows/steps/tournament.py``)."""
-    candidates = expand_candidates(params)
+    candidates = expand_candidates(params.train)
     results = []
     at_once = params.train.parallel_candidates
     for batch in (candidates[i : i + at_once] for i in range(0, len(candidates), at_once)):
@@ -217,7 +224,7 @@ def run_tournament(
                 "dev",
                 candidate_dir(run_dir, c) / "dev",
             )
-            results.append(judge(c, trained, dev, params))
+            results.append(judge(c, trained, dev, params.gate))
     results = choose(results)
     (run_dir / "tournament.json").write_text(
         json.dumps([r.model_dump(mode="json") for r in results], indent=1)
@@ -274,13 +281,17 @@ def retrain(
             f"versioned {versioned.name}: {versioned.dvc_hash} (commit {versioned.git_commit[:8]})"
         )
 
-        report = timed("validate", validate_task, params, versioned.path, champion)
+        report = timed(
+            "validate", validate_task, ValidateStep.from_params(params), versioned.path, champion
+        )
         report.write(run_dir / FILES["validate"])
         if not report.passed:
             raise ValidationFailed(report)
     log.info(f"validated {report.checked}")
 
-    probe_set = timed("probes", probes_task, params, versioned.path, champion, run_dir)
+    probe_set = timed(
+        "probes", probes_task, ProbesStep.from_params(params), versioned.path, champion, run_dir
+    )
     probe_set.write(run_dir / FILES["probes"])
     log.info(
         f"probe set: {probe_set.n_items} test + {probe_set.n_dev} dev items, baseline "
@@ -321,7 +332,7 @@ def retrain(
     registration = timed(
         "register",
         register_task,
-        params,
+        RegisterStep.from_params(params),
         versioned,
         probe_set,
         trained,
@@ -331,12 +342,12 @@ def retrain(
     )
     registration.write(run_dir / FILES["register"])
     if tournament:
-        log_candidates(params, registration.run_id, tournament)
+        log_candidates(params.model_store, registration.run_id, tournament)
     promotion = timed(
         "promote", promote_task, params.model_store, registration, decision, champion.version
     )
     promotion.write(run_dir / FILES["promote"])
-    publish(params, run_dir, summary_rows(tournament))
+    publish(ReportStep.from_params(params), run_dir, summary_rows(tournament))
     summary = RetrainSummary(
         release=versioned.name,
         run_dir=run_dir,

@@ -29,11 +29,11 @@ from flows.production.landing import record_processed
 from flows.production.remote_finetune import evaluate_where_trained, train_candidate
 from flows.registry.tracking import candidate_dir, current_champion
 from flows.steps.gate import gate
-from flows.steps.probes import create_probe_set
+from flows.steps.probes import ProbesStep, create_probe_set
 from flows.steps.promote import promote
-from flows.steps.register import register
-from flows.steps.report import publish
-from flows.steps.validate import ValidationFailed, validate_step
+from flows.steps.register import RegisterStep, register
+from flows.steps.report import ReportStep, publish
+from flows.steps.validate import ValidateStep, ValidationFailed, validate_step
 from flows.steps.version import version_release
 
 
@@ -57,7 +57,9 @@ def run_stage(name: str, params: Params, run_dir: Path, release_dir: Path | None
         )
     elif name == "validate":
         versioned = read(VersionedRelease, "version")
-        record = validate_step(params, versioned.path, current_champion(params.model_store))
+        record = validate_step(
+            ValidateStep.from_params(params), versioned.path, current_champion(params.model_store)
+        )
         record.write(out)
         if not record.passed:
             raise ValidationFailed(record)
@@ -66,7 +68,10 @@ def run_stage(name: str, params: Params, run_dir: Path, release_dir: Path | None
         if not read(ValidationReport, "validate").passed:
             raise ValidationFailed(read(ValidationReport, "validate"))
         record = create_probe_set(
-            params, versioned.path, current_champion(params.model_store), run_dir
+            ProbesStep.from_params(params),
+            versioned.path,
+            current_champion(params.model_store),
+            run_dir,
         )
     elif name == "finetune":
         if params.train.candidates:
@@ -95,7 +100,7 @@ def run_stage(name: str, params: Params, run_dir: Path, release_dir: Path | None
         record = gate(read(EvalReport, "evaluate"), params.gate)
     elif name == "register":
         record = register(
-            params,
+            RegisterStep.from_params(params),
             read(VersionedRelease, "version"),
             read(ProbeSet, "probes"),
             read(TrainResult, "finetune"),
@@ -111,7 +116,9 @@ def run_stage(name: str, params: Params, run_dir: Path, release_dir: Path | None
             read(ProbeSet, "probes").champion.version,
         )
         record.write(out)
-        publish(params, run_dir)  # the accuracy matrix and the report, as the flow does
+        publish(
+            ReportStep.from_params(params), run_dir
+        )  # the accuracy matrix and the report, as the flow does
         if params.data.landing:  # processed: a scheduled run does not train it again
             versioned = read(VersionedRelease, "version")
             passed, version = read(GateDecision, "gate").passed, read(Registration, "register")

@@ -46,7 +46,7 @@ from pydantic import ValidationError
 from flows.core.data import RELEASE_NAME, RELEASE_NAME_RULE, DataError
 from flows.core.records import ChampionRef, Record
 from flows.core.workspace import git
-from flows.steps.validate import ValidationFailed, release_content_hash, validate_step
+from flows.steps.validate import ValidateStep, ValidationFailed, release_content_hash, validate_step
 
 if TYPE_CHECKING:  # flows.core.config imports torch (through cf_strategies); the CLI imports this
     from prefect.events import Event
@@ -178,7 +178,11 @@ def submit(params: Params, release_dir: Path, champion: ChampionRef | None = Non
     open_landing(url)  # a bad URL fails before validation
     release_dir = Path(release_dir).resolve()
     check_name(release_dir)
-    report = validate_step(params, release_dir, champion or current_champion(params.model_store))
+    report = validate_step(
+        ValidateStep.from_params(params),
+        release_dir,
+        champion or current_champion(params.model_store),
+    )
     if not report.passed:
         raise ValidationFailed(report, limit=100)
     return land(release_dir, url, release_content_hash(release_dir))

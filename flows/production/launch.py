@@ -46,9 +46,8 @@ import traceback
 from pathlib import Path
 
 from cf_strategies import distributed
-from flows.core.config import Params
 from flows.core.records import ChampionRef, TrainResult
-from flows.steps.finetune import check_padding_free, finetune
+from flows.steps.finetune import FinetuneStep, check_padding_free, finetune
 from flows.steps.ranks import FSDP_ON_CPU, LAUNCH_DIR, check_ranks, launched_world, process_count
 
 INPUTS, RESULT = "inputs.json", "result.json"  # in the run folder's LAUNCH_DIR
@@ -79,19 +78,21 @@ def allow_fsdp_on_cpu() -> None:
     AcceleratorState.__init__ = init_with_fsdp
 
 
-def train(params: Params, champion: ChampionRef, release_dir: Path, run_dir: Path) -> TrainResult:
+def train(
+    step: FinetuneStep, champion: ChampionRef, release_dir: Path, run_dir: Path
+) -> TrainResult:
     """The fine-tune step: in this process, or on every rank when ``train.num_processes`` asks
     for several (``run_ranks``). What several ranks cannot run is refused before they start."""
-    check_padding_free(params.train)
-    if wants_ranks(params):
-        return run_ranks(params, champion, release_dir, run_dir)
-    return finetune(params, champion, release_dir, run_dir)
+    check_padding_free(step.train)
+    if wants_ranks(step):
+        return run_ranks(step, champion, release_dir, run_dir)
+    return finetune(step, champion, release_dir, run_dir)
 
 
-def wants_ranks(params: Params) -> bool:
+def wants_ranks(step: FinetuneStep) -> bool:
     """True in the flow's process when the step is to run on several processes; False inside a
     rank (which trains itself) and for one process."""
-    return launched_world() == 1 and process_count(params.train) > 1
+    return launched_world() == 1 and process_count(step.train) > 1
 
 
 def free_port() -> int:
@@ -121,11 +122,11 @@ def launch_command(inputs: Path, processes: int, fsdp: bool, port: int) -> list[
 
 
 def run_ranks(
-    params: Params, champion: ChampionRef, release_dir: Path, run_dir: Path
+    step: FinetuneStep, champion: ChampionRef, release_dir: Path, run_dir: Path
 ) -> TrainResult:
     """Run the fine-tune step on ``process_count`` ranks and return rank 0's result."""
-    processes = process_count(params.train)
-    check_ranks(params.train, processes)
+    processes = process_count(step.train)
+    check_ranks(step.train, processes)
     folder = Path(run_dir) / LAUNCH_DIR
     folder.mkdir(parents=True, exist_ok=True)
     for stale in [*folder.glob("rank*.error"), folder / RESULT]:
@@ -134,7 +135,7 @@ def run_ranks(
     inputs.write_text(
         json.dumps(
             {
-                "params": params.model_dump(mode="json"),
+                "step": step.model_dump(mode="json"),
                 "champion": champion.model_dump(mode="json"),
                 "release_dir": str(Path(release_dir).resolve()),
                 "run_dir": str(Path(run_dir).resolve()),
@@ -144,7 +145,7 @@ def run_ranks(
     )
     env = {**os.environ, "PYTHONPATH": _import_path()}
     env.setdefault("OMP_NUM_THREADS", "1")  # torch's threads × ranks would oversubscribe
-    cmd = launch_command(inputs, processes, params.train.fsdp, free_port())
+    cmd = launch_command(inputs, processes, step.train.fsdp, free_port())
     done = subprocess.run(cmd, env=env, check=False, preexec_fn=die_with_parent)
     if done.returncode != 0 or not (folder / RESULT).exists():
         raise RankFailedError(failure_report(folder, processes, done.returncode))
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             allow_fsdp_on_cpu()
         spec = json.loads(inputs.read_text())
         result = finetune(
-            Params.model_validate(spec["params"]),
+            FinetuneStep.model_validate(spec["step"]),
             ChampionRef.model_validate(spec["champion"]),
             Path(spec["release_dir"]),
             Path(spec["run_dir"]),

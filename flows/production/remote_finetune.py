@@ -36,7 +36,8 @@ from flows.core.records import FILES, ChampionRef, EvalReport, ProbeSet, TrainRe
 from flows.production import launch
 from flows.registry.model_source import resolve_model
 from flows.registry.tracking import model_version_dir
-from flows.steps.evaluate import evaluate_candidate
+from flows.steps.evaluate import EvaluateStep, evaluate_candidate
+from flows.steps.finetune import FinetuneStep
 
 CANDIDATE = "candidate_model"
 EVALUATION = "evaluation"  # the GPU's scores of the candidate (deploy.evaluate_remote)
@@ -99,7 +100,7 @@ def train_candidate(
     """The fine-tune step, here or on the GPU pool (``deploy.finetune_remote``; with
     ``deploy.evaluate_remote`` the GPU also scores the candidate on ``probe_set``'s test part)."""
     if not params.deploy.finetune_remote:
-        return launch.train(params, champion, release_dir, run_dir)
+        return launch.train(FinetuneStep.from_params(params), champion, release_dir, run_dir)
     return finetune_on_gpu_pool(params, champion, release_dir, run_dir, probe_set)
 
 
@@ -123,7 +124,15 @@ def evaluate_where_trained(
         report = EvalReport.model_validate_json(fs.cat_file(path))
         remove(handoff_url(params, "probes", run_key(params, run_dir)))  # scored: not needed
         return report
-    return evaluate_candidate(params, candidate_dir, probe_set, release_dir, run_dir, part, out_dir)
+    return evaluate_candidate(
+        EvaluateStep.from_params(params),
+        candidate_dir,
+        probe_set,
+        release_dir,
+        run_dir,
+        part,
+        out_dir,
+    )
 
 
 def check_deployment_pool(params: Params) -> None:
@@ -262,10 +271,12 @@ def finetune_flow(
     release = download(release_url, work / release_url.rstrip("/").rsplit("/", 1)[-1])
     champion = champion_here(config, champion_version, champion_releases)
     log.info(f"fine-tune {config.train.strategy} from champion {champion_version or 'base'}")
-    result = launch.train(config, champion, release, work)
+    result = launch.train(FinetuneStep.from_params(config), champion, release, work)
     if probes is not None:
         probe_set = probes_here(probes, work / "probes", champion)
-        report = evaluate_candidate(config, result.model_dir, probe_set, release, work)
+        report = evaluate_candidate(
+            EvaluateStep.from_params(config), result.model_dir, probe_set, release, work
+        )
         log.info(f"evaluated here: new task {report.new_task_score:.3f}, {report.retention}")
         upload(work / "candidate", f"{out_url}/{EVALUATION}/candidate")
         if (work / "references").is_dir():

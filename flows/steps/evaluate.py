@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel, ConfigDict
 from rich.progress import Progress
 
-from flows.core.config import GateConfig, Params
+from flows.core.config import EvaluateConfig, GateConfig, ModelStore, Params, ProbesConfig
 from flows.core.data import Example, load_probes, load_release
 from flows.core.records import ChampionRef, EvalReport, ProbeSet, ScoringConditions, TaskRetention
 from flows.registry.serving import default_device, learned_tasks, load_dtype, load_for_serving
@@ -34,6 +35,37 @@ def serving_conditions(model_dir: Path) -> ScoringConditions:
     """How serving answers with this model on this machine: its serving dtype, this device."""
     dtype = load_dtype(model_dir) if Path(model_dir).is_dir() else torch.float32
     return ScoringConditions(dtype=str(dtype).removeprefix("torch."), device=default_device())
+
+
+class EvaluateStep(BaseModel):
+    """What the evaluate step reads, and the probe step when it scores the champion: the
+    ``evaluate``, ``probes`` and ``gate`` sections, how the model is asked, the score cache's
+    folder and the model store, resolved from ``params.yaml`` once (:meth:`from_params`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    evaluate: EvaluateConfig
+    probes: ProbesConfig
+    gate: GateConfig
+    use_chat_template: bool  # model.use_chat_template
+    trust_remote_code: bool  # model.trust_remote_code
+    score_cache: Path | None  # workspace/cache/scores with evaluate.score_cache, else None
+    tournament: bool  # train.candidates: a tournament splits the release's eval set dev/test
+    store: ModelStore  # the registered anchors, the base model
+
+    @classmethod
+    def from_params(cls, params: Params) -> EvaluateStep:
+        cache = params.workspace_dir / "cache" / "scores"
+        return cls(
+            evaluate=params.evaluate,
+            probes=params.probes,
+            gate=params.gate,
+            use_chat_template=params.model.use_chat_template,
+            trust_remote_code=params.model.trust_remote_code,
+            score_cache=cache if params.evaluate.score_cache else None,
+            tournament=bool(params.train.candidates),
+            store=params.model_store,
+        )
 
 
 DEFAULT = "default"  # answered_by of an item a task model answers through its default route
@@ -57,16 +89,16 @@ class Scorer:
     passes the candidate's to the champion's and the anchors' scorers, so all answer alike."""
 
     def __init__(
-        self, params: Params, model_dir: Path, conditions: ScoringConditions | None = None
+        self, step: EvaluateStep, model_dir: Path, conditions: ScoringConditions | None = None
     ):
         self.model_dir = Path(model_dir)
         self.conditions = conditions or serving_conditions(self.model_dir)
-        self.cfg, self.chat = params.evaluate, params.model.use_chat_template
-        self.trust_remote_code = params.model.trust_remote_code
+        self.cfg, self.chat = step.evaluate, step.use_chat_template
+        self.trust_remote_code = step.trust_remote_code
         self.tasks = learned_tasks(model_dir)
         self.cache = (  # a hub id is not content we can hash: its answers are not cached
-            ScoreCache(params.workspace_dir / "cache" / "scores", model_key(model_dir))
-            if params.evaluate.score_cache and self.model_dir.is_dir()
+            ScoreCache(step.score_cache, model_key(model_dir))
+            if step.score_cache is not None and self.model_dir.is_dir()
             else None
         )
         self.cached = self.scored = 0
@@ -168,12 +200,12 @@ class Scores:
 
 
 def score_model(
-    params: Params, model_dir: Path, probe_path: Path, release_dir: Path, out_dir: Path
+    step: EvaluateStep, model_dir: Path, probe_path: Path, release_dir: Path, out_dir: Path
 ) -> Scores:
     """Scores of one model on the probes (per task) and on ``release_dir/eval.jsonl``;
     per-item results go to ``out_dir/{probes,new_task}.jsonl``."""
     start = time.perf_counter()
-    scorer = Scorer(params, model_dir)
+    scorer = Scorer(step, model_dir)
     probe_results = scorer.score(load_probes(probe_path))
     task_results = scorer.score_new_task(release_dir)
     write_results(out_dir / "probes.jsonl", probe_results)
@@ -231,12 +263,12 @@ def task_retention(
     )
 
 
-def needed_known(params: Params, task: str, threshold: float | None = None) -> int:
+def needed_known(step: EvaluateStep, task: str, threshold: float | None = None) -> int:
     """Known items a probe task needs: ``probes.min_known`` when set, else the gate's design
     (a candidate keeping ``gate.design_retention`` passes with probability ``gate.power``)."""
-    if params.probes.min_known is not None:
-        return params.probes.min_known
-    g = params.gate
+    if step.probes.min_known is not None:
+        return step.probes.min_known
+    g = step.gate
     return confidence.required_known(
         g.threshold(task) if threshold is None else threshold, g.alpha, g.power, g.design_retention
     )
@@ -256,24 +288,24 @@ def paired(champion: Sequence[dict], candidate: Sequence[dict]) -> dict[str, tup
     return out
 
 
-def new_task_items(params: Params, release_dir: Path, part: str) -> list[Example]:
+def new_task_items(step: EvaluateStep, release_dir: Path, part: str) -> list[Example]:
     """The new release's eval items the gate (``test``) or a tournament (``dev``) scores. Only a
     tournament splits them (stratified by category, ``probes.dev_fraction``, ``probes.seed``):
     without one nothing is selected, and the gate reads them all."""
     items = load_release(release_dir, "eval")
-    if not params.train.candidates:
+    if not step.tournament:
         return items
     dev, test = stratified_split(
         items,
         lambda ex: ex.category,
         lambda ex: ex.id,
-        params.probes.dev_fraction,
-        params.probes.seed,
+        step.probes.dev_fraction,
+        step.probes.seed,
     )
     return dev if part == "dev" else test
 
 
-def anchor_of(params: Params, champion: ChampionRef, task: str) -> tuple[str, Path]:
+def anchor_of(step: EvaluateStep, champion: ChampionRef, task: str) -> tuple[str, Path]:
     """A probe task's anchor, what its retention is measured from over any number of releases:
     for an earlier release's items, the registered version that learned it (its score when
     learned); for every other task (general knowledge), the base model."""
@@ -289,12 +321,12 @@ def anchor_of(params: Params, champion: ChampionRef, task: str) -> tuple[str, Pa
             )
         if version == champion.version:
             return f"v{version}", champion.model_dir
-        return f"v{version}", model_version_dir(params.model_store, version)
-    return "base", Path(resolve_model(params.model.base, params.path(params.model.cache_dir)))
+        return f"v{version}", model_version_dir(step.store, version)
+    return "base", Path(resolve_model(step.store.base_model, step.store.model_cache))
 
 
 def score_anchors(
-    params: Params,
+    step: EvaluateStep,
     champion: ChampionRef,
     items: Sequence[Example],
     champion_results: Sequence[dict],
@@ -309,19 +341,19 @@ def score_anchors(
     anchors, rows = {}, []
     models: dict[Path, Scorer] = {}
     for task, examples in sorted(by_task.items()):
-        label, model_dir = anchor_of(params, champion, task)
+        label, model_dir = anchor_of(step, champion, task)
         anchors[task] = label
         if Path(model_dir).resolve() == Path(champion.model_dir).resolve():
             got = [mine[(ex.task, ex.id)] for ex in examples]
         else:
-            scorer = models.setdefault(model_dir, Scorer(params, model_dir, conditions))
+            scorer = models.setdefault(model_dir, Scorer(step, model_dir, conditions))
             got = scorer.score(examples)
         rows += [r | {"anchor": label} for r in got]
     return anchors, rows
 
 
 def reference_results(
-    params: Params,
+    step: EvaluateStep,
     probe_set: ProbeSet,
     probes: Sequence[Example],
     new_task: Sequence[Example],
@@ -345,14 +377,12 @@ def reference_results(
         candidate_dir,  # a champion folder that gave way to a pointer
     )
 
-    scorer = Scorer(
-        params, candidate_dir(params.model_store, probe_set.champion.model_dir), conditions
-    )
+    scorer = Scorer(step, candidate_dir(step.store, probe_set.champion.model_dir), conditions)
     champ_probes = scorer.score(probes)
-    champ_new = scorer.score(new_task, params.evaluate.new_task_max_new_tokens)
+    champ_new = scorer.score(new_task, step.evaluate.new_task_max_new_tokens)
     anchor_rows: list[dict] = []
     if anchors and probe_set.anchors:
-        _, anchor_rows = score_anchors(params, probe_set.champion, probes, champ_probes, conditions)
+        _, anchor_rows = score_anchors(step, probe_set.champion, probes, champ_probes, conditions)
     write_results(out / "champion_probes.jsonl", champ_probes)
     write_results(out / "champion_new_task.jsonl", champ_new)
     write_results(out / "anchors.jsonl", anchor_rows)
@@ -360,23 +390,23 @@ def reference_results(
 
 
 def retention_by_task(
-    params: Params, reference: Sequence[dict], candidate: Sequence[dict], against: str | None
+    step: EvaluateStep, reference: Sequence[dict], candidate: Sequence[dict], against: str | None
 ) -> dict[str, TaskRetention]:
     """Per task, the test of the candidate against ``reference`` (the champion, threshold
     ``gate.min_retention``), or against each row's ``anchor`` when ``against`` is None
     (threshold ``gate.min_retention_vs_anchor``)."""
-    gate = params.gate
+    gate = step.gate
     label = {r["task"]: r.get("anchor", against) for r in reference}
     out = {}
     for task, (a, b) in sorted(paired(reference, candidate).items()):
         threshold = gate.threshold(task) if against else gate.min_retention_vs_anchor
-        need = needed_known(params, task, threshold)
+        need = needed_known(step, task, threshold)
         out[task] = task_retention(a, b, threshold, gate, need, against or label[task])
     return out
 
 
 def evaluate_candidate(
-    params: Params,
+    step: EvaluateStep,
     candidate_dir: Path,
     probe_set: ProbeSet,
     release_dir: Path,
@@ -392,16 +422,16 @@ def evaluate_candidate(
     probe_path = probe_set.path if part == "test" else probe_set.dev_path
     if probe_path is None:
         raise ValueError(f"the probe set has no {part} part")
-    scorer = Scorer(params, candidate_dir)
+    scorer = Scorer(step, candidate_dir)
     out = out_dir or run_dir / "candidate"
     probe_items = load_probes(probe_path)
-    task_items = new_task_items(params, release_dir, part)
+    task_items = new_task_items(step, release_dir, part)
     probes = scorer.score(probe_items)
-    new_task = scorer.score(task_items, params.evaluate.new_task_max_new_tokens)
+    new_task = scorer.score(task_items, step.evaluate.new_task_max_new_tokens)
     write_results(out / "probes.jsonl", probes)
     write_results(out / "new_task.jsonl", new_task)
     champ_probes, champ_new_rows, anchor_rows = reference_results(
-        params,
+        step,
         probe_set,
         probe_items,
         task_items,
@@ -410,9 +440,9 @@ def evaluate_candidate(
         out.parent / "references",
     )
     scores = accuracy_by_task(probes)
-    tasks = retention_by_task(params, champ_probes, probes, "champion")
+    tasks = retention_by_task(step, champ_probes, probes, "champion")
     champ_new, cand_new = next(iter(paired(champ_new_rows, new_task).values()), ([], []))
-    alpha = params.gate.alpha
+    alpha = step.gate.alpha
     return EvalReport(
         scores=scores,
         baseline={t: s.reference_score for t, s in tasks.items()},
@@ -424,7 +454,7 @@ def evaluate_candidate(
         eval_seconds=time.perf_counter() - start,
         alpha=alpha,
         tasks=tasks,
-        anchored=retention_by_task(params, anchor_rows, probes, None) if anchor_rows else {},
+        anchored=retention_by_task(step, anchor_rows, probes, None) if anchor_rows else {},
         new_task_interval=confidence.proportion_interval(sum(cand_new), len(cand_new), alpha),
         new_task_gain_interval=confidence.paired_difference(champ_new, cand_new, alpha),
         conditions=scorer.conditions,

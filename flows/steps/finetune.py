@@ -30,9 +30,11 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from typing import Literal
 
 import torch
 from peft import LoraConfig, get_peft_model
+from pydantic import BaseModel, ConfigDict
 from transformers import (
     DataCollatorForSeq2Seq,
     DataCollatorWithFlattening,
@@ -42,7 +44,7 @@ from transformers import (
 )
 
 import cf_strategies
-from flows.core.config import Params, TrainConfig
+from flows.core.config import ModelConfig, Params, TrainConfig
 from flows.core.data import load_release, read_jsonl
 from flows.core.records import ChampionRef, TrainResult
 from flows.demo.build import build_demo
@@ -63,47 +65,76 @@ CHECKPOINTS_KEPT = 2  # a save killed half-way leaves the one before it whole
 log = logging.getLogger(__name__)
 
 
-def rehearsal_prompt_file(params: Params) -> Path:
-    if params.train.rehearsal_prompts:
-        return params.path(params.train.rehearsal_prompts)
-    return build_demo(params.path(params.data.demo_dir)) / "rehearsal" / "general_prompts.jsonl"
+def uses_rehearsal_prompts(spec: str) -> bool:
+    """Whether a strategy of ``spec`` reads the rehearsal prompts."""
+    return any(
+        cf_strategies.STRATEGIES[n].uses_rehearsal_prompts for n in cf_strategies.split_spec(spec)
+    )
 
 
-def rehearsal_prompts(params: Params, tokenizer) -> list[list[int]]:
+class FinetuneStep(BaseModel):
+    """What the fine-tune step reads: the ``train`` and ``model`` sections, how the candidate's
+    weights are stored (``registry.weights``) and, for a strategy that rehearses prompts, their
+    file, resolved from ``params.yaml`` once (:meth:`from_params`). It is also what the ranks of
+    a multi-process launch receive (``flows.production.launch``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    train: TrainConfig
+    model: ModelConfig
+    weights: Literal["merged", "adapter"]  # registry.weights
+    rehearsal_prompts: Path | None  # None: the strategy rehearses no prompts
+
+    @classmethod
+    def from_params(cls, params: Params) -> FinetuneStep:
+        """With a strategy that rehearses prompts: ``train.rehearsal_prompts`` made absolute,
+        or (unset) the embedded demo's general prompts."""
+        prompts = None
+        if uses_rehearsal_prompts(params.train.strategy):
+            if params.train.rehearsal_prompts:
+                prompts = params.path(params.train.rehearsal_prompts)
+            else:
+                demo = build_demo(params.path(params.data.demo_dir))
+                prompts = demo / "rehearsal" / "general_prompts.jsonl"
+        return cls(
+            train=params.train,
+            model=params.model,
+            weights=params.registry.weights,
+            rehearsal_prompts=prompts,
+        )
+
+
+def rehearsal_prompts(step: FinetuneStep, tokenizer) -> list[list[int]]:
     """The rehearsal prompts as token ids, formatted as the model sees a user turn."""
-    chat = params.model.use_chat_template
+    chat = step.model.use_chat_template
     return [
         tokenizer(
             format_prompt(tokenizer, [{"role": "user", "content": r["prompt"]}], chat),
             add_special_tokens=False,
         )["input_ids"]
-        for _, r in read_jsonl(rehearsal_prompt_file(params))
+        for _, r in read_jsonl(step.rehearsal_prompts)
     ]
 
 
-def task_context(params: Params, tokenizer, release_dir: Path) -> cf_strategies.TaskContext:
+def task_context(step: FinetuneStep, tokenizer, release_dir: Path) -> cf_strategies.TaskContext:
     """What the pipeline tells strategies about this task: the release's name, the tokenizer's
     pad/eos ids, the rehearsal prompts (formatted as the model sees them) and how many of them
     EWC, SI and HLR use to measure general knowledge before the first release."""
-    uses_prompts = any(
-        cf_strategies.STRATEGIES[n].uses_rehearsal_prompts
-        for n in cf_strategies.split_spec(params.train.strategy)
-    )
     return cf_strategies.TaskContext(
         release=release_dir.name,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        rehearsal_prompts=rehearsal_prompts(params, tokenizer) if uses_prompts else [],
-        general_importance_prompts=params.train.general_importance_prompts,
-        max_steps=params.train.max_steps,
+        rehearsal_prompts=rehearsal_prompts(step, tokenizer) if step.rehearsal_prompts else [],
+        general_importance_prompts=step.train.general_importance_prompts,
+        max_steps=step.train.max_steps,
     )
 
 
-def check_ranks(params: Params) -> None:
+def check_ranks(step: FinetuneStep) -> None:
     """Inside a rank of a multi-process launch (``flows.production.launch``, or accelerate launch /
     torchrun started by hand): refuse what several processes cannot train correctly
     (``ranks.check_ranks``), then put this rank on its own GPU. Rank 0 alone saves."""
-    ranks.check_ranks(params.train, ranks.launched_world())
+    ranks.check_ranks(step.train, ranks.launched_world())
     ranks.enter_rank()
 
 
@@ -189,16 +220,14 @@ def check_champion_kind(champion_dir: Path, spec: str) -> None:
         )
 
 
-def write_tasks_file(folder: Path, params: Params, strategies: list) -> None:
+def write_tasks_file(folder: Path, step: FinetuneStep, strategies: list) -> None:
     """``tasks.json``: which strategies hold the tasks, with their options, the tasks learned
     and, when their state is per adapter parameter, the LoRA adapter's shape."""
     isolating = [s for s in strategies if s.isolates_tasks]
-    lora = params.train.lora
+    lora = step.train.lora
     spec = {
         "strategy": "+".join(s.name for s in isolating),
-        "strategy_params": {
-            s.name: params.train.strategy_params.get(s.name, {}) for s in isolating
-        },
+        "strategy_params": {s.name: step.train.strategy_params.get(s.name, {}) for s in isolating},
         "tasks": list(isolating[0].tasks),
         "lora": (
             {
@@ -215,7 +244,7 @@ def write_tasks_file(folder: Path, params: Params, strategies: list) -> None:
 
 
 def build_trainer(
-    params: Params,
+    step: FinetuneStep,
     champion_dir: Path,
     release_dir: Path,
     output_dir: Path,
@@ -227,16 +256,16 @@ def build_trainer(
     ``training_arguments`` with checkpoints (tagged ``tag``) in ``output_dir``.
     Seeded with ``train.seed`` (the adapter's initialisation). Under FSDP the model stays on
     the CPU: accelerate shards it onto the GPUs. Benchmarks time the step with it."""
-    cfg = params.train
+    cfg = step.train
     set_seed(cfg.seed)
     device = "cpu" if ranks.sharded() else str(modeling.device())
     model, tokenizer = load_model(
         champion_dir,
         for_training=True,
-        trust_remote_code=params.model.trust_remote_code,
+        trust_remote_code=step.model.trust_remote_code,
         device=device,
     )
-    chat = params.model.use_chat_template
+    chat = step.model.use_chat_template
     train_set = [
         tokenize_for_training(tokenizer, ex, chat, cfg.max_length)
         for ex in load_release(release_dir, "train")
@@ -248,7 +277,7 @@ def build_trainer(
         cf_strategies.load_strategies(strategies, state_dir)
     for s in strategies:  # the champion's adapter was merged: the fresh one starts where it ended
         s.reanchor(model)
-    context = task_context(params, tokenizer, release_dir)
+    context = task_context(step, tokenizer, release_dir)
     for s in strategies:
         s.prepare(context)
     model.to(device)
@@ -263,15 +292,15 @@ def build_trainer(
 
 
 def finetune(
-    params: Params, champion: ChampionRef, release_dir: Path, run_dir: Path
+    step: FinetuneStep, champion: ChampionRef, release_dir: Path, run_dir: Path
 ) -> TrainResult:
-    check_padding_free(params.train)
-    check_ranks(params)
-    cfg = params.train
+    check_padding_free(step.train)
+    check_ranks(step)
+    cfg = step.train
     check_champion_kind(champion.model_dir, cfg.strategy)
-    tag = checkpoint_tag(params, champion, release_dir)
+    tag = checkpoint_tag(step, champion, release_dir)
     trainer, tokenizer = build_trainer(
-        params, champion.model_dir, release_dir, run_dir / CHECKPOINT_DIR, tag
+        step, champion.model_dir, release_dir, run_dir / CHECKPOINT_DIR, tag
     )
     strategies = trainer.strategies
     resume = checkpoint_to_resume(run_dir / CHECKPOINT_DIR, tag)
@@ -285,7 +314,7 @@ def finetune(
             steps=trainer.state.global_step,
             train_seconds=seconds,
         )
-    out, dtype = save_candidate(params, trainer, tokenizer, strategies, run_dir, champion)
+    out, dtype = save_candidate(step, trainer, tokenizer, strategies, run_dir, champion)
     shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)  # the candidate supersedes them
     return TrainResult(
         model_dir=out,
@@ -298,13 +327,13 @@ def finetune(
     )
 
 
-def checkpoint_tag(params: Params, champion: ChampionRef, release_dir: Path) -> str:
+def checkpoint_tag(step: FinetuneStep, champion: ChampionRef, release_dir: Path) -> str:
     """What a checkpoint was trained for, hashed: the model and train sections of the params
     (but ``checkpoint_steps``), the champion and the release. A checkpoint of another setup
     (params changed, another champion) is not resumed."""
     setup = {
-        "model": params.model.model_dump(mode="json"),
-        "train": params.train.model_dump(mode="json", exclude={"checkpoint_steps"}),
+        "model": step.model.model_dump(mode="json"),
+        "train": step.train.model_dump(mode="json", exclude={"checkpoint_steps"}),
         "champion": champion.model_dump(mode="json"),
         "release": str(Path(release_dir).resolve()),
     }
@@ -335,7 +364,7 @@ def trained_dtype(args: TrainingArguments) -> torch.dtype:
 
 
 def save_candidate(
-    params: Params,
+    step: FinetuneStep,
     trainer,
     tokenizer,
     strategies: list,
@@ -354,14 +383,14 @@ def save_candidate(
     shutil.rmtree(tmp, ignore_errors=True)
     cf_strategies.save_strategies(strategies, tmp / STRATEGY_STATE)
     dtype_name = str(dtype).removeprefix("torch.")
-    if isolating_spec(params.train.strategy):  # keep the base; the state rebuilds every task
+    if isolating_spec(step.train.strategy):  # keep the base; the state rebuilds every task
         for s in strategies:
             s.use_task(trainer.model, cf_strategies.BASE)  # progressive: columns off
         trainer.model.unload().to(dtype).save_pretrained(tmp)
-        write_tasks_file(tmp, params, strategies)
-    elif params.registry.weights == "adapter" and champion is not None:
+        write_tasks_file(tmp, step, strategies)
+    elif step.weights == "adapter" and champion is not None:
         trainer.model.save_pretrained(tmp)  # adapter_model.safetensors, adapter_config.json
-        link = {"parent": parent_reference(params, champion), "dtype": dtype_name}
+        link = {"parent": parent_reference(step, champion), "dtype": dtype_name}
         (tmp / ADAPTER_PARENT).write_text(json.dumps(link, indent=1))
     else:  # merged in the fp32 master weights, then cast
         trainer.model.merge_and_unload().to(dtype).save_pretrained(tmp)
@@ -371,13 +400,13 @@ def save_candidate(
     return out, dtype_name
 
 
-def parent_reference(params: Params, champion: ChampionRef) -> dict:
+def parent_reference(step: FinetuneStep, champion: ChampionRef) -> dict:
     """What an adapter was trained on, for ``parent.json``: the champion's registered version,
     or the base model (its folder, or a hub id), with the content hash of its folder."""
     folder = Path(champion.model_dir)
     digest = content_hash(folder) if folder.is_dir() else None
     if champion.version is not None:
-        name = params.model.registered_name
+        name = step.model.registered_name
         return {
             "kind": "registered",
             "name": name,

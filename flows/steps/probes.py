@@ -31,9 +31,9 @@ from collections import defaultdict
 from itertools import zip_longest
 from pathlib import Path
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from flows.core.config import Params
+from flows.core.config import Params, ProbesConfig
 from flows.core.data import DataError, as_probe_record, load_release, probe_example, write_jsonl
 from flows.core.lm_eval_source import read_source
 from flows.core.records import ChampionRef, ProbeSet
@@ -42,6 +42,7 @@ from flows.demo.build import PROBE_FILES, build_demo
 from flows.scoring.scoring import accuracy_by_task
 from flows.scoring.splits import stratified_split
 from flows.steps.evaluate import (
+    EvaluateStep,
     Scorer,
     accuracy,
     needed_known,
@@ -52,11 +53,30 @@ from flows.steps.evaluate import (
 from flows.steps.version import track_file
 
 
-def probe_sources(params: Params) -> list[Path]:
-    if params.probes.sources:
-        return [params.path(p) for p in params.probes.sources]
-    demo = build_demo(params.path(params.data.demo_dir))
-    return [demo / "probes" / name for name in PROBE_FILES]
+class ProbesStep(BaseModel):
+    """What the probe step reads: the probe sources, the workspace (the releases the champion
+    learned; where the probe set is versioned), the ``probes`` section and how items are
+    scored, resolved from ``params.yaml`` once (:meth:`from_params`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    sources: list[Path]  # probes.sources, or the embedded demo's probe files (built on first use)
+    workspace: Path
+    probes: ProbesConfig
+    scoring: EvaluateStep
+
+    @classmethod
+    def from_params(cls, params: Params) -> ProbesStep:
+        sources = [params.path(p) for p in params.probes.sources]
+        if not sources:
+            demo = build_demo(params.path(params.data.demo_dir))
+            sources = [demo / "probes" / name for name in PROBE_FILES]
+        return cls(
+            sources=sources,
+            workspace=params.workspace_dir,
+            probes=params.probes,
+            scoring=EvaluateStep.from_params(params),
+        )
 
 
 def probe_items(source: Path) -> list[dict]:
@@ -72,19 +92,19 @@ def probe_items(source: Path) -> list[dict]:
     return items
 
 
-def learned_probe_items(params: Params, champion: ChampionRef) -> list[dict]:
+def learned_probe_items(workspace: Path, champion: ChampionRef) -> list[dict]:
     """The eval items of every release the champion has learned, as probe items."""
     items = []
     for release in champion.releases:
-        folder = params.workspace_dir / "releases" / release
+        folder = workspace / "releases" / release
         items += [as_probe_record(ex) for ex in load_release(folder, "eval")]
     return items
 
 
-def collect_probe_items(params: Params, champion: ChampionRef) -> list[dict]:
+def collect_probe_items(step: ProbesStep, champion: ChampionRef) -> list[dict]:
     """All candidate probe items: the sources, then each learned release's eval items."""
-    items = [item for src in probe_sources(params) for item in probe_items(src)]
-    items += learned_probe_items(params, champion)
+    items = [item for src in step.sources for item in probe_items(src)]
+    items += learned_probe_items(step.workspace, champion)
     ids = [(r["task"], r["id"]) for r in items]
     dupes = {i for i in ids if ids.count(i) > 1}
     if dupes:
@@ -130,10 +150,10 @@ def sampling_order(
     return order
 
 
-def build_probe_set(params: Params, champion: ChampionRef, out: Path) -> tuple[Path, list[str]]:
+def build_probe_set(step: ProbesStep, champion: ChampionRef, out: Path) -> tuple[Path, list[str]]:
     """The first stratified sample alone, unsplit (the benchmarks' fixed probe set)."""
     items = stratified(
-        collect_probe_items(params, champion), params.probes.per_category, params.probes.seed
+        collect_probe_items(step, champion), step.probes.per_category, step.probes.seed
     )
     write_jsonl(out, items)
     return out, sorted({r["task"] for r in items})
@@ -179,16 +199,16 @@ def sample_with_known(
 
 
 def create_probe_set(
-    params: Params, release_dir: Path, champion: ChampionRef, run_dir: Path
+    step: ProbesStep, release_dir: Path, champion: ChampionRef, run_dir: Path
 ) -> ProbeSet:
     """Build, score, (with a tournament) split and version the probe set; the champion's results
     are the baseline, each task's anchor's the reference of the anchored check."""
     start = time.perf_counter()
-    cfg, ws = params.probes, params.workspace_dir
-    order = sampling_order(collect_probe_items(params, champion), cfg.per_category, cfg.seed)
-    scorer = Scorer(params, champion.model_dir)
-    dev_fraction = cfg.dev_fraction if params.train.candidates else 0.0
-    need = {t: needed_known(params, t) for t in order}
+    cfg, ws = step.probes, step.workspace
+    order = sampling_order(collect_probe_items(step, champion), cfg.per_category, cfg.seed)
+    scorer = Scorer(step.scoring, champion.model_dir)
+    dev_fraction = cfg.dev_fraction if step.scoring.tournament else 0.0
+    need = {t: needed_known(step.scoring, t) for t in order}
     items, results = sample_with_known(
         order, {t: known_needed(n, dev_fraction) for t, n in need.items()}, scorer
     )
@@ -210,7 +230,7 @@ def create_probe_set(
         track_file(dev_path, ws, f"Probe set (dev) for {release_dir.name}")
     test_results = [r for r in results if r["split"] == "test"]
     anchors, anchor_rows = score_anchors(
-        params, champion, [probe_example(r) for r in test], test_results, scorer.conditions
+        step.scoring, champion, [probe_example(r) for r in test], test_results, scorer.conditions
     )
     anchor_path = write_results(out / "anchors.jsonl", anchor_rows)
     known = {t: sum(r["correct"] for r in test_results if r["task"] == t) for t in sorted(order)}

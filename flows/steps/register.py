@@ -34,9 +34,10 @@ import warnings
 from pathlib import Path
 
 import pandas as pd
+from pydantic import BaseModel, ConfigDict
 
 import cf_strategies
-from flows.core.config import Params
+from flows.core.config import EvaluateConfig, ModelConfig, ModelStore, Params, TrainConfig
 from flows.core.data import read_jsonl
 from flows.core.records import (
     EvalReport,
@@ -106,8 +107,8 @@ def code_commit() -> str:
 AS_JSON = {"train.candidates"}
 
 
-def flat_params(params: Params) -> dict[str, str]:
-    data = params.model_dump(mode="json", exclude={"root"})
+def flat_params(data: dict) -> dict[str, str]:
+    """A config as MLflow params: nested keys dotted (``train.lora.r``), values as JSON text."""
     out: dict[str, str] = {}
 
     def walk(prefix: str, node) -> None:
@@ -119,6 +120,30 @@ def flat_params(params: Params) -> dict[str, str]:
 
     walk("", data)
     return out
+
+
+class RegisterStep(BaseModel):
+    """What the register step reads: the model store, the sections the registered model and its
+    idempotency key are made of, and the run's whole configuration as the MLflow params it logs
+    (``flat_params``), resolved from ``params.yaml`` once (:meth:`from_params`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    store: ModelStore
+    model: ModelConfig
+    train: TrainConfig
+    evaluate: EvaluateConfig
+    logged_params: dict[str, str]
+
+    @classmethod
+    def from_params(cls, params: Params) -> RegisterStep:
+        return cls(
+            store=params.model_store,
+            model=params.model,
+            train=params.train,
+            evaluate=params.evaluate,
+            logged_params=flat_params(params.model_dump(mode="json", exclude={"root"})),
+        )
 
 
 def _dataset(path: Path, name: str, digest: str | None = None):
@@ -157,7 +182,7 @@ def candidate_weights_hash(model_dir: Path) -> str:
 
 
 def idempotency_key(
-    params: Params,
+    step: RegisterStep,
     release: VersionedRelease,
     probe_set: ProbeSet,
     train: TrainResult,
@@ -173,8 +198,8 @@ def idempotency_key(
         "release_dvc_hash": release.dvc_hash,
         "champion": probe_set.champion.version or "base",
         "strategy": train.strategy,
-        "strategy_params": {n: params.train.strategy_params.get(n, {}) for n in strategies},
-        "train_seed": params.train.seed,
+        "strategy_params": {n: step.train.strategy_params.get(n, {}) for n in strategies},
+        "train_seed": step.train.seed,
         "weights": weights or candidate_weights_hash(train.model_dir),
         "gate": decision.model_dump(mode="json"),
     }
@@ -188,7 +213,7 @@ def registered_version(c, name: str, key: str):
 
 
 def register(
-    params: Params,
+    step: RegisterStep,
     release: VersionedRelease,
     probe_set: ProbeSet,
     train: TrainResult,
@@ -196,12 +221,12 @@ def register(
     decision: GateDecision,
     run_dir: Path,
 ) -> Registration:
-    c = client(params.model_store)
-    name = params.model.registered_name
+    c = client(step.store)
+    name = step.store.model_name
     weights = candidate_weights_hash(train.model_dir)
-    key = idempotency_key(params, release, probe_set, train, decision, weights)
+    key = idempotency_key(step, release, probe_set, train, decision, weights)
     with tracking_errors(
-        params.model_store,
+        step.store,
         f"registering {name} (idempotency key {key[:12]})",
         "nothing was promoted; a version already created is found again by its key",
     ):
@@ -211,10 +236,10 @@ def register(
                 name=name, version=str(existing.version), run_id=existing.run_id or ""
             )
         else:
-            mine = _register_new(params, release, probe_set, train, report, decision, run_dir, key)
+            mine = _register_new(step, release, probe_set, train, report, decision, run_dir, key)
             done = keep_oldest(c, mine, key)
-        release_run_weights(params, train, run_dir, done, weights)
-    prune.apply_after_registration(params.model_store)
+        release_run_weights(step, train, run_dir, done, weights)
+    prune.apply_after_registration(step.store)
     return done
 
 
@@ -226,7 +251,7 @@ def folder_files(folder: Path) -> dict[str, int]:
 
 
 def release_run_weights(
-    params: Params, train: TrainResult, run_dir: Path, registration: Registration, weights: str
+    step: RegisterStep, train: TrainResult, run_dir: Path, registration: Registration, weights: str
 ) -> Path | None:
     """Keep the candidate's weights once: after its registration the run folder's copy gives
     way to a pointer, ``candidate_model.json`` (the version, its model URI, the weights' hash
@@ -241,7 +266,7 @@ def release_run_weights(
     if pointer.is_file():  # released before, and stopped while removing the folder
         shutil.rmtree(model_dir)
         return pointer
-    repo, path = version_store(params.model_store, registration.version)
+    repo, path = version_store(step.store, registration.version)
     files = folder_files(model_dir)
     if prune.artifact_files(repo, path) != files:
         warnings.warn(
@@ -301,7 +326,7 @@ def keep_oldest(c, mine: Registration, key: str) -> Registration:
 
 
 def _register_new(
-    params: Params,
+    step: RegisterStep,
     release: VersionedRelease,
     probe_set: ProbeSet,
     train: TrainResult,
@@ -313,11 +338,11 @@ def _register_new(
     """One MLflow run and one model version, created with every tag at once."""
     import mlflow
 
-    name = params.model.registered_name
-    mlflow.set_experiment(experiment_id=experiment_id(params.model_store))
+    name = step.store.model_name
+    mlflow.set_experiment(experiment_id=experiment_id(step.store))
     verdict = "passed" if decision.passed else "failed"
     with mlflow.start_run(run_name=f"retrain-{release.name}", tags={IDEMPOTENCY_TAG: key}) as run:
-        mlflow.log_params(flat_params(params))
+        mlflow.log_params(step.logged_params)
         for h in train.log_history:
             mlflow.log_metric("train_loss", h["loss"], step=int(h["step"]))
         metrics = {f"probe_score.{t}": s for t, s in report.scores.items()}
@@ -370,9 +395,7 @@ def _register_new(
         mlflow.log_dict(report.model_dump(mode="json"), "eval_report.json")
         for f in sorted(run_dir.glob("*/*.jsonl")):
             mlflow.log_artifact(str(f), artifact_path=f"outputs/{f.parent.name}")
-        model_dir = candidate_dir(
-            params.model_store, train.model_dir
-        )  # the registered copy, if released
+        model_dir = candidate_dir(step.store, train.model_dir)  # the registered copy, if released
         code_paths, requirements = model_code(model_dir)
         info = mlflow.pyfunc.log_model(
             name="model",
@@ -380,12 +403,12 @@ def _register_new(
             python_model=serving.__file__,
             artifacts={"model_dir": str(model_dir)},
             model_config={
-                "use_chat_template": params.model.use_chat_template,
-                "trust_remote_code": params.model.trust_remote_code,
-                "max_new_tokens": params.evaluate.max_new_tokens,
-                "batch_size": params.evaluate.batch_size,
+                "use_chat_template": step.model.use_chat_template,
+                "trust_remote_code": step.model.trust_remote_code,
+                "max_new_tokens": step.evaluate.max_new_tokens,
+                "batch_size": step.evaluate.batch_size,
             },
-            signature=serving.signature(params.evaluate.max_new_tokens),
+            signature=serving.signature(step.evaluate.max_new_tokens),
             input_example=serving.INPUT_EXAMPLE,
             pip_requirements=requirements,
         )
@@ -409,18 +432,18 @@ def _register_new(
     return Registration(name=name, version=str(mv.version), run_id=run.info.run_id)
 
 
-def log_artifact(params: Params, run_id: str, path: Path, folder: str = "plots") -> None:
+def log_artifact(store: ModelStore, run_id: str, path: Path, folder: str = "plots") -> None:
     """Attach a file made after registration (the accuracy heatmap) to the retrain's run."""
-    client(params.model_store).log_artifact(run_id, str(path), folder)
+    client(store).log_artifact(run_id, str(path), folder)
 
 
-def log_candidates(params: Params, parent_run_id: str, results: list) -> None:
+def log_candidates(store: ModelStore, parent_run_id: str, results: list) -> None:
     """One child run per tournament candidate under the retrain's run: its strategy and
     options, dev scores and whether it won (``flows/tournament.CandidateResult``)."""
-    c = client(params.model_store)
+    c = client(store)
     for r in results:
         run = c.create_run(
-            experiment_id(params.model_store),
+            experiment_id(store),
             run_name=r.candidate.label,
             tags={
                 "mlflow.parentRunId": parent_run_id,

@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict
 
 from cf_strategies import STRATEGIES, metrics, split_spec
-from flows.core.config import Params
+from flows.core.config import GateConfig, ModelStore, Params
 from flows.core.records import (
     FILES,
     EvalReport,
@@ -206,8 +207,30 @@ th{background:#f3f3f3} img{max-width:100%;margin:.4em 0} .ok{color:#145a2a}.bad{
 """
 
 
+class ReportStep(BaseModel):
+    """What the report reads: the gate's settings, the strategies' options, the workspace's
+    accuracy matrix and the model store the report is attached to, resolved from
+    ``params.yaml`` once (:meth:`from_params`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    gate: GateConfig
+    strategy_params: dict[str, dict[str, Any]]  # train.strategy_params
+    matrix_file: Path  # the workspace's accuracy_matrix.json
+    store: ModelStore
+
+    @classmethod
+    def from_params(cls, params: Params) -> ReportStep:
+        return cls(
+            gate=params.gate,
+            strategy_params=params.train.strategy_params,
+            matrix_file=params.workspace_dir / "accuracy_matrix.json",
+            store=params.model_store,
+        )
+
+
 def write_report(
-    params: Params, run_dir: Path, matrix: dict, tournament: list[dict] | None = None
+    step: ReportStep, run_dir: Path, matrix: dict, tournament: list[dict] | None = None
 ) -> tuple[Path, Path]:
     """Write ``forgetting_report.html`` and ``forgetting_report.md`` into ``run_dir``."""
     release = VersionedRelease.read(run_dir / FILES["version"])
@@ -224,8 +247,8 @@ def write_report(
     if tournament:
         trade_png = tradeoff_plot(
             tournament,
-            params.gate.min_retention,
-            params.gate.min_new_task_score,
+            step.gate.min_retention,
+            step.gate.min_new_task_score,
             plots / "tournament.png",
         )
     releases = probe_set.champion.releases + [release.name]
@@ -233,7 +256,7 @@ def write_report(
     flips = flipped_items(probe_set, run_dir)
     strategy_options = {  # with every default filled in: what actually ran
         n: STRATEGIES[n]
-        .options_model.model_validate(params.train.strategy_params.get(n, {}))
+        .options_model.model_validate(step.strategy_params.get(n, {}))
         .model_dump(mode="json")
         for n in split_spec(trained.strategy)
     }
@@ -268,7 +291,7 @@ def write_report(
                     "too small to decide" if s.too_small else "",
                 ]
             )
-    statistic = "net ratio" if params.gate.gains_offset_losses else "kept share"
+    statistic = "net ratio" if step.gate.gains_offset_losses else "kept share"
     task_header = [
         "probe task",
         "against",
@@ -278,7 +301,7 @@ def write_report(
         statistic,
         f"lower bound ({1 - report.alpha:.0%})",
         "threshold",
-        f"known needed (passes with p {params.gate.power:g} at)",
+        f"known needed (passes with p {step.gate.power:g} at)",
         "note",
     ]
     interval = report.new_task_interval
@@ -288,7 +311,7 @@ def write_report(
             _fmt(report.new_task_baseline),
             _fmt(report.new_task_score),
             f"[{_fmt(interval[0])}, {_fmt(interval[1])}]" if interval else "n/a",
-            f"{params.gate.min_new_task_score:.2f}",
+            f"{step.gate.min_new_task_score:.2f}",
             report.new_task_n,
         ]
     ]
@@ -370,7 +393,7 @@ def write_report(
     return html_path, md_path
 
 
-def publish(params: Params, run_dir: Path, tournament: list[dict] | None = None) -> Path:
+def publish(step: ReportStep, run_dir: Path, tournament: list[dict] | None = None) -> Path:
     """After promote, whichever driver ran the steps (the flow, a DVC stage, ``resume``): add
     the run to the workspace's accuracy matrix (the champion's row, the candidate's, whether it
     was promoted), write the report, attach both to the retrain's MLflow run (``report/``) and,
@@ -387,7 +410,7 @@ def publish(params: Params, run_dir: Path, tournament: list[dict] | None = None)
     report = EvalReport.read(run_dir / FILES["evaluate"])
     registration = Registration.read(run_dir / FILES["register"])
     promotion = Promotion.read(run_dir / FILES["promote"])
-    matrix_file = params.workspace_dir / "accuracy_matrix.json"
+    matrix_file = step.matrix_file
     champion = probe_set.champion.version
     accuracy_matrix.record_scores(
         matrix_file,
@@ -404,10 +427,10 @@ def publish(params: Params, run_dir: Path, tournament: list[dict] | None = None)
         matrix_file, f"v{registration.version}", {}, promoted=promotion.promoted
     )
     heatmap = accuracy_matrix.plot(matrix, run_dir / "accuracy_matrix.png")
-    log_artifact(params, registration.run_id, heatmap)
-    html_report, md_report = write_report(params, run_dir, matrix, tournament)
+    log_artifact(step.store, registration.run_id, heatmap)
+    html_report, md_report = write_report(step, run_dir, matrix, tournament)
     for path in (html_report, md_report, *sorted((run_dir / "plots").glob("*.png"))):
-        log_artifact(params, registration.run_id, path, "report")
+        log_artifact(step.store, registration.run_id, path, "report")
     if FlowRunContext.get() is not None:
         create_markdown_artifact(
             markdown=md_report.read_text(),

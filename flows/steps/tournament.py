@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from cf_strategies import split_spec
-from flows.core.config import Params, grid
+from flows.core.config import GateConfig, TrainConfig, grid
 from flows.core.records import EvalReport, Record, TrainResult
 
 
@@ -51,12 +51,12 @@ class CandidateResult(Record):
     note: str = ""
 
 
-def expand_candidates(params: Params) -> list[Candidate]:
+def expand_candidates(train: TrainConfig) -> list[Candidate]:
     """The candidates of ``train.candidates``, in the order written."""
     out = []
-    for spec, options in params.train.candidates.items():
+    for spec, options in train.candidates.items():
         for chosen in grid(spec, options or {}):
-            merged = {k: dict(v) for k, v in params.train.strategy_params.items()}
+            merged = {k: dict(v) for k, v in train.strategy_params.items()}
             for strategy, opts in chosen.items():
                 merged[strategy] = {**merged.get(strategy, {}), **opts}
             shown = " ".join(
@@ -77,15 +77,8 @@ def folder_name(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+=-]+", "_", label)
 
 
-def candidate_params(params: Params, candidate: Candidate) -> Params:
-    return params.with_overrides(
-        {"train.strategy": candidate.strategy, "train.strategy_params": candidate.strategy_params}
-    )
-
-
-def judge(candidate: Candidate, trained: TrainResult, dev: EvalReport, params: Params):
+def judge(candidate: Candidate, trained: TrainResult, dev: EvalReport, gate: GateConfig):
     """The candidate's dev result and whether it meets every threshold on dev."""
-    gate = params.gate
     low = min(dev.retention.values(), default=1.0)
     kept = all(
         r >= gate.min_retention_per_task.get(t, gate.min_retention)

@@ -58,11 +58,13 @@ import os
 import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
+from pydantic import BaseModel, ConfigDict
 
+from flows.core.config import DataConfig, Params
 from flows.core.data import (
     RELEASE_FILES,
     RELEASE_NAME,
@@ -81,9 +83,6 @@ from flows.core.schemas import (
     id_key,
     record_errors,
 )
-
-if TYPE_CHECKING:  # flows.core.config imports torch (through cf_strategies); the CLI imports this
-    from flows.core.config import Params
 
 
 class ValidationFailed(ValueError):
@@ -496,23 +495,46 @@ def _rehearsal_violations(path: Path, probes: Leaks) -> list[Violation]:
     return found
 
 
-def validate_step(params: Params, release_dir: Path, champion: ChampionRef) -> ValidationReport:
+class ValidateStep(BaseModel):
+    """What the validate step reads: the ``data`` section's limits, the workspace (releases
+    learned), the probe sources and, for a strategy that rehearses prompts, its prompt file,
+    resolved from ``params.yaml`` once (:meth:`from_params`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    data: DataConfig
+    workspace: Path
+    probe_sources: list[Path]
+    rehearsal_prompts: Path | None  # None: the strategy rehearses no prompts
+
+    @classmethod
+    def from_params(cls, params: Params) -> ValidateStep:
+        from flows.steps.finetune import FinetuneStep
+        from flows.steps.probes import ProbesStep
+
+        return cls(
+            data=params.data,
+            workspace=params.workspace_dir,
+            probe_sources=ProbesStep.from_params(params).sources,
+            rehearsal_prompts=FinetuneStep.from_params(params).rehearsal_prompts,
+        )
+
+
+def validate_step(step: ValidateStep, release_dir: Path, champion: ChampionRef) -> ValidationReport:
     """Every rule, whichever driver asks (the flow, the DVC stage, ``forgetless validate``).
 
     The release is not one ``champion`` has learned (by workspace folder or content hash); the
-    release suites with the limits and record minimums of ``params.data``; no release prompt that
+    release suites with the limits and record minimums of ``data``; no release prompt that
     is a probe prompt of ``champion`` (probe sources and the eval items of the releases it
     learned); the probe rules on every file of ``probes.sources``; and, for a strategy that
     rehearses prompts, no rehearsal prompt that is a probe prompt.
     """
-    import cf_strategies
-    from flows.steps.finetune import rehearsal_prompt_file
-    from flows.steps.probes import learned_probe_items, probe_sources
+    from flows.steps.probes import learned_probe_items
 
     release_dir = Path(release_dir)
-    cfg = params.data
+    cfg = step.data
     gx, context = _gx_context()
-    violations, readable = learned_release_violations(params.workspace_dir, release_dir, champion)
+    violations, readable = learned_release_violations(step.workspace, release_dir, champion)
     if not RELEASE_NAME.fullmatch(release_dir.name):
         violations.append(
             Violation(
@@ -525,8 +547,8 @@ def validate_step(params: Params, release_dir: Path, champion: ChampionRef) -> V
         )
     checked: dict[str, int] = {}
     learned = champion.model_copy(update={"releases": readable})
-    prompts = [item["prompt"] for item in learned_probe_items(params, learned)]
-    for source in probe_sources(params):
+    prompts = [item["prompt"] for item in learned_probe_items(step.workspace, learned)]
+    for source in step.probe_sources:
         found, records = _probe_source_violations(gx, context, source)
         violations += found
         if records:
@@ -546,9 +568,8 @@ def validate_step(params: Params, release_dir: Path, champion: ChampionRef) -> V
     )
     violations += found
     checked |= release_checked
-    names = cf_strategies.split_spec(params.train.strategy)
-    if any(cf_strategies.STRATEGIES[n].uses_rehearsal_prompts for n in names):
-        violations += _rehearsal_violations(rehearsal_prompt_file(params), probes)
+    if step.rehearsal_prompts is not None:
+        violations += _rehearsal_violations(step.rehearsal_prompts, probes)
     violations.sort(key=lambda v: (v.file, v.line or 0))
     return ValidationReport(
         release=release_dir.name, passed=not violations, violations=violations, checked=checked

@@ -23,7 +23,7 @@ from flows.core.records import (
     VersionedRelease,
 )
 from flows.steps.promote import promote
-from flows.steps.register import register
+from flows.steps.register import RegisterStep, register
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -74,7 +74,13 @@ class GatedRun(NamedTuple):
     def register(self, params: Params, run_dir: Path) -> Registration:
         """The real ``register`` step on these records."""
         return register(
-            params, self.release, self.probe_set, self.train, self.report, self.decision, run_dir
+            RegisterStep.from_params(params),
+            self.release,
+            self.probe_set,
+            self.train,
+            self.report,
+            self.decision,
+            run_dir,
         )
 
 

@@ -15,11 +15,17 @@ from pathlib import Path
 from flows.core.config import load_params
 from flows.core.records import ChampionRef
 from flows.production import launch
+from flows.steps.finetune import FinetuneStep
 
 
 def main(params_file: str, champion_json: str, release_dir: str, run_dir: str) -> None:
     champion = ChampionRef.read(Path(champion_json))
-    result = launch.train(load_params(params_file), champion, Path(release_dir), Path(run_dir))
+    result = launch.train(
+        FinetuneStep.from_params(load_params(params_file)),
+        champion,
+        Path(release_dir),
+        Path(run_dir),
+    )
     result.write(Path(run_dir) / "train_result.json")
 
 

@@ -19,7 +19,7 @@ from flows.core.records import EvalReport
 from flows.registry.serving import load
 from flows.scoring import confidence
 from flows.scoring.scoring import score_examples
-from flows.steps.evaluate import retention_by_task
+from flows.steps.evaluate import EvaluateStep, retention_by_task
 from flows.steps.gate import gate
 from tests.flows.pretrained_tiny import old_task_items, pretrain_tiny_llm
 
@@ -37,8 +37,12 @@ def rows(correct: list[bool], anchor: str | None = None) -> list[dict]:
 
 
 def report_after(params: Params, champion: list[bool], candidate: list[bool], base: list[bool]):
-    tasks = retention_by_task(params, rows(champion), rows(candidate), "champion")
-    anchored = retention_by_task(params, rows(base, "base"), rows(candidate), None)
+    tasks = retention_by_task(
+        EvaluateStep.from_params(params), rows(champion), rows(candidate), "champion"
+    )
+    anchored = retention_by_task(
+        EvaluateStep.from_params(params), rows(base, "base"), rows(candidate), None
+    )
     return EvalReport(
         scores={"general-knowledge": sum(candidate) / ITEMS},
         baseline={"general-knowledge": sum(champion) / ITEMS},
@@ -129,8 +133,8 @@ def test_a_tiny_model_that_forgets_one_capital_per_release(knows_capitals):
         report = EvalReport(
             scores={}, baseline={}, retention={"capitals": 1.0}, new_task="r", new_task_score=1.0,
             new_task_baseline=0.0, eval_seconds=0, alpha=0.05,
-            tasks=retention_by_task(params, champion, candidate, "champion"),
-            anchored=retention_by_task(params, anchor_rows, candidate, None),
+            tasks=retention_by_task(EvaluateStep.from_params(params), champion, candidate, "champion"),
+            anchored=retention_by_task(EvaluateStep.from_params(params), anchor_rows, candidate, None),
         )  # fmt: skip
         checks = {c.name: c for c in gate(report, params.gate).checks}
         assert checks["retention[capitals]"].passed, (release, str(checks["retention[capitals]"]))

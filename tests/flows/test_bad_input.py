@@ -20,7 +20,7 @@ import pytest
 from flows.cli.main import main
 from flows.core.config import ParamsError, load_params
 from flows.core.records import ChampionRef, ValidationReport
-from flows.steps.validate import ValidationFailed, validate_step
+from flows.steps.validate import ValidateStep, ValidationFailed, validate_step
 from tests.conftest import BAD_INPUTS, write_params
 
 GOOD = "wiki-topics-1"
@@ -690,7 +690,9 @@ def test_a_bad_release_is_rejected_and_left_untouched(case, ctx, good_release):
     release = case.build(good_release, ctx) or good_release
     before = snapshot(release)
     BAD_INPUTS["bad release (validate_step)"] += 1
-    report = validate_step(load_params(params_file_for(ctx)), release, champion_of(ctx))
+    report = validate_step(
+        ValidateStep.from_params(load_params(params_file_for(ctx))), release, champion_of(ctx)
+    )
     assert_rejected_at(report, case, release)
     assert snapshot(release) == before, "validation changed the release folder"
 
@@ -698,7 +700,9 @@ def test_a_bad_release_is_rejected_and_left_untouched(case, ctx, good_release):
 def test_the_table_starts_from_a_valid_release(ctx, good_release):
     """The cases start from a release that passes, also against a learned release."""
     learn(ctx, LEARNED, ctx.demo / "releases" / LEARNED)
-    report = validate_step(load_params(params_file_for(ctx)), good_release, champion_of(ctx))
+    report = validate_step(
+        ValidateStep.from_params(load_params(params_file_for(ctx))), good_release, champion_of(ctx)
+    )
     assert report.passed, [str(v) for v in report.violations]
     assert report.checked["train.jsonl"] == 240 and report.checked["eval.jsonl"] == 60
 
@@ -715,7 +719,9 @@ def test_unusual_but_valid_input_passes(ctx, good_release):
     (good_release / "data" / E).write_bytes(crlf)
     (good_release / E).unlink()
     (good_release / E).symlink_to(Path("data") / E)
-    report = validate_step(load_params(params_file_for(ctx)), good_release, champion_of(ctx))
+    report = validate_step(
+        ValidateStep.from_params(load_params(params_file_for(ctx))), good_release, champion_of(ctx)
+    )
     assert report.passed, [str(v) for v in report.violations]
 
 

@@ -24,7 +24,7 @@ from flows.core.config import Params, ParamsError, load_params
 from flows.core.data import DataError, read_jsonl
 from flows.core.leaks import LeakIndex
 from flows.core.records import ChampionRef, ValidationReport
-from flows.steps.validate import validate_release, validate_step
+from flows.steps.validate import ValidateStep, validate_release, validate_step
 from tests.conftest import BAD_INPUTS, write_params
 
 FAST = settings(
@@ -654,7 +654,9 @@ def test_the_validate_step_flags_exactly_the_records_that_break_a_rule(
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "release"
         rows = write_release(folder, [(ln, *where) for ln, where in inserts] + [(line, *placement)])
-        report = validate_step(params, folder, ChampionRef(version=None, model_dir=Path(tmp)))
+        report = validate_step(
+            ValidateStep.from_params(params), folder, ChampionRef(version=None, model_dir=Path(tmp))
+        )
     check_report(report, rows, probes)
 
 

@@ -31,7 +31,13 @@ from flows.core.config import load_params
 from flows.core.data import load_release
 from flows.core.records import ChampionRef
 from flows.registry.serving import STRATEGY_STATE
-from flows.steps.finetune import CHECKPOINT_DIR, checkpoint_tag, checkpoint_to_resume, finetune
+from flows.steps.finetune import (
+    CHECKPOINT_DIR,
+    FinetuneStep,
+    checkpoint_tag,
+    checkpoint_to_resume,
+    finetune,
+)
 from flows.steps.modeling import tokenize_for_training
 from tests.cf_strategies.tiny_models import tiny_lora, token_batches
 from tests.conftest import write_params
@@ -113,7 +119,7 @@ def test_a_step_killed_after_a_checkpoint_resumes_there_and_ends_as_an_uninterru
     release = demo_dir / "releases" / "wiki-topics-2"
     crashed = tmp_path / "crashed"
     checkpoints = crashed / CHECKPOINT_DIR
-    tag = checkpoint_tag(params, champion, release)
+    tag = checkpoint_tag(FinetuneStep.from_params(params), champion, release)
 
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "tests.flows.finetune_child"]
@@ -142,8 +148,10 @@ def test_a_step_killed_after_a_checkpoint_resumes_there_and_ends_as_an_uninterru
     saved_seconds = json.loads((checkpoint / "checkpoint.json").read_text())["train_seconds"]
     champion_replay = json.loads((champion.model_dir / STRATEGY_STATE / "replay.json").read_text())
 
-    reference = finetune(params, champion, release, tmp_path / "uninterrupted")
-    resumed = finetune(params, champion, release, crashed)
+    reference = finetune(
+        FinetuneStep.from_params(params), champion, release, tmp_path / "uninterrupted"
+    )
+    resumed = finetune(FinetuneStep.from_params(params), champion, release, crashed)
 
     # it resumed: the Trainer's step counter started at the checkpoint's, its log up to there
     # is the killed run's; SI's general importance was measured once (tasks: general, release)

@@ -52,7 +52,7 @@ from flows.core.data import load_release
 from flows.core.records import ChampionRef
 from flows.production import launch
 from flows.steps import ranks
-from flows.steps.finetune import CHECKPOINT_DIR, checkpoint_tag
+from flows.steps.finetune import CHECKPOINT_DIR, FinetuneStep, checkpoint_tag
 from flows.steps.modeling import tokenize_for_training
 from tests.conftest import write_params
 from tests.flows.pretrained_tiny import write_new_release
@@ -127,7 +127,9 @@ def runs(tmp_path_factory, tiny_model_dir, demo_dir) -> dict[str, Path]:
     out = {}
     for name, batch, processes in (("ddp", B, 2), ("one", 2 * B, 1), ("control", B, 1)):
         params = _params(root / name, tiny_model_dir, demo_dir, batch, processes)
-        out[name] = launch.train(params, champion, release, root / name / "run").model_dir
+        out[name] = launch.train(
+            FinetuneStep.from_params(params), champion, release, root / name / "run"
+        ).model_dir
     return out
 
 
@@ -229,7 +231,9 @@ def varied_runs(tmp_path_factory, tiny_model_dir, demo_dir) -> dict[str, Path]:
                 "train.strategy_params": {"l2": {"lambda_": 10.0}, "replay": {"buffer_size": 16}},
             }
         )
-        out[name] = launch.train(params, champion, release, root / name / "run").model_dir
+        out[name] = launch.train(
+            FinetuneStep.from_params(params), champion, release, root / name / "run"
+        ).model_dir
 
     base = ChampionRef(version=None, model_dir=tiny_model_dir)
     run("ddp1", base, first, B, 2)
@@ -294,7 +298,9 @@ def test_a_second_release_replays_distils_and_measures_si_across_ranks(
         params = params.with_overrides(
             {"train.strategy": spec, "train.strategy_params": {"der": {"buffer_size": 12}}}
         )
-        return launch.train(params, champion, release, tmp_path / name / "run").model_dir
+        return launch.train(
+            FinetuneStep.from_params(params), champion, release, tmp_path / name / "run"
+        ).model_dir
 
     base = ChampionRef(version=None, model_dir=tiny_model_dir)
     champion = ChampionRef(version="1", model_dir=run("first", base, first, 2 * B, 1))
@@ -332,11 +338,21 @@ def test_a_strategy_not_made_rank_safe_is_refused_before_anything_runs(
     run_dir = tmp_path / "run"
     champion = ChampionRef(version=None, model_dir=tiny_model_dir)
     with pytest.raises(RuntimeError, match=r"strategy packnet does not run on several processes"):
-        launch.train(params, champion, demo_dir / "releases" / "wiki-topics-1", run_dir)
+        launch.train(
+            FinetuneStep.from_params(params),
+            champion,
+            demo_dir / "releases" / "wiki-topics-1",
+            run_dir,
+        )
     assert not run_dir.exists()
     fsdp = params.with_overrides({"train.strategy": "naive", "train.fsdp": True})
     with pytest.raises(RuntimeError, match="train.fsdp shards the model over GPUs and none"):
-        launch.train(fsdp, champion, demo_dir / "releases" / "wiki-topics-1", run_dir)
+        launch.train(
+            FinetuneStep.from_params(fsdp),
+            champion,
+            demo_dir / "releases" / "wiki-topics-1",
+            run_dir,
+        )
     assert not run_dir.exists()
 
 
@@ -346,7 +362,12 @@ def test_a_failing_rank_surfaces_in_the_flow_with_its_error_and_log(
     params = _params(tmp_path, tiny_model_dir, demo_dir, B, 2)
     champion = ChampionRef(version=None, model_dir=tmp_path / "no-such-model")
     with pytest.raises(launch.RankFailedError) as failure:
-        launch.train(params, champion, demo_dir / "releases" / "wiki-topics-1", tmp_path / "run")
+        launch.train(
+            FinetuneStep.from_params(params),
+            champion,
+            demo_dir / "releases" / "wiki-topics-1",
+            tmp_path / "run",
+        )
     message = str(failure.value)
     assert "rank 0 failed: " in message and "rank 1 failed: " in message
     assert "no-such-model" in message and "rank 0 stderr, last" in message
@@ -384,7 +405,7 @@ def kill_after_a_checkpoint(
     ranks have followed it (``launch.die_with_parent``: torch starts ranks in sessions of their
     own, out of reach of a process-group kill) and check that no candidate was written."""
     params = load_params(params_file)
-    tag = checkpoint_tag(params, champion, release)
+    tag = checkpoint_tag(FinetuneStep.from_params(params), champion, release)
     champion_file = champion.write(run_dir.parent / f"{run_dir.name}-champion.json")
     command = [sys.executable, "-m", "tests.flows.finetune_child", str(params_file)]
     command += [str(champion_file), str(release), str(run_dir)]
@@ -436,8 +457,10 @@ def test_two_ranks_killed_after_a_checkpoint_resume_with_the_global_path_integra
     crashed = tmp_path / "crashed"
     kill_after_a_checkpoint(params_file, champion, release, crashed)
 
-    resumed = launch.train(params, champion, release, crashed)
-    reference = launch.train(params, champion, release, tmp_path / "uninterrupted")
+    resumed = launch.train(FinetuneStep.from_params(params), champion, release, crashed)
+    reference = launch.train(
+        FinetuneStep.from_params(params), champion, release, tmp_path / "uninterrupted"
+    )
     assert resumed.steps == reference.steps == steps
     assert resumed.resumed_from_step is not None and 2 <= resumed.resumed_from_step < steps
     si = {

@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 from cf_strategies import NonFiniteLossError
 from flows.core.config import load_params
 from flows.core.records import ChampionRef
-from flows.steps.finetune import finetune
+from flows.steps.finetune import FinetuneStep, finetune
 
 
 def champion(tiny_model_dir) -> ChampionRef:
@@ -19,7 +19,10 @@ def test_candidate_is_a_merged_plain_model_with_training_log(
 ):
     params = load_params(params_file, {"train.max_steps": 3})
     result = finetune(
-        params, champion(tiny_model_dir), demo_dir / "releases" / "wiki-topics-1", tmp_path
+        FinetuneStep.from_params(params),
+        champion(tiny_model_dir),
+        demo_dir / "releases" / "wiki-topics-1",
+        tmp_path,
     )
     assert result.steps == 3 and [h["step"] for h in result.log_history] == [1, 2, 3]
     config = json.loads((result.model_dir / "config.json").read_text())
@@ -43,7 +46,10 @@ def test_a_nan_loss_stops_training_and_writes_no_candidate(
     )
     with pytest.raises(NonFiniteLossError, match=r"loss is (nan|inf) at step \d"):
         finetune(
-            params, champion(tiny_model_dir), demo_dir / "releases" / "wiki-topics-1", tmp_path
+            FinetuneStep.from_params(params),
+            champion(tiny_model_dir),
+            demo_dir / "releases" / "wiki-topics-1",
+            tmp_path,
         )
     assert not (tmp_path / "candidate_model").exists()
 
@@ -66,16 +72,24 @@ def test_ewc_protects_general_knowledge_from_the_first_release_and_reanchors_on_
     )
     base = champion(tiny_model_dir)
     losses = lambda r: [h["loss"] for h in r.log_history]  # noqa: E731
-    plain = finetune(naive, base, releases / "wiki-topics-1", tmp_path / "naive1")
-    first = finetune(ewc, base, releases / "wiki-topics-1", tmp_path / "ewc1")
+    plain = finetune(
+        FinetuneStep.from_params(naive), base, releases / "wiki-topics-1", tmp_path / "naive1"
+    )
+    first = finetune(
+        FinetuneStep.from_params(ewc), base, releases / "wiki-topics-1", tmp_path / "ewc1"
+    )
     assert losses(first)[0] == pytest.approx(losses(plain)[0], abs=1e-4)
     assert losses(first)[1] > losses(plain)[1] + 0.1  # the general-knowledge penalty acts
     state = json.loads((first.model_dir / "strategy_state" / "ewc.json").read_text())
     assert state["tasks"] == 2  # general knowledge, then release 1
 
     after = ChampionRef(version="1", model_dir=first.model_dir, releases=["wiki-topics-1"])
-    plain2 = finetune(naive, after, releases / "wiki-topics-2", tmp_path / "naive2")
-    second = finetune(ewc, after, releases / "wiki-topics-2", tmp_path / "ewc2")
+    plain2 = finetune(
+        FinetuneStep.from_params(naive), after, releases / "wiki-topics-2", tmp_path / "naive2"
+    )
+    second = finetune(
+        FinetuneStep.from_params(ewc), after, releases / "wiki-topics-2", tmp_path / "ewc2"
+    )
     assert losses(second)[0] == pytest.approx(losses(plain2)[0], abs=1e-4)
 
 
@@ -88,5 +102,10 @@ def test_a_half_set_launch_environment_is_refused_before_anything_is_trained(
     params = load_params(params_file, {"train.max_steps": 1})
     run_dir = tmp_path / "run"
     with pytest.raises(RuntimeError, match="WORLD_SIZE is 2 but RANK is not set"):
-        finetune(params, champion(tiny_model_dir), demo_dir / "releases" / "wiki-topics-1", run_dir)
+        finetune(
+            FinetuneStep.from_params(params),
+            champion(tiny_model_dir),
+            demo_dir / "releases" / "wiki-topics-1",
+            run_dir,
+        )
     assert not run_dir.exists()

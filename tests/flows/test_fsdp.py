@@ -25,7 +25,7 @@ from flows.core.config import load_params
 from flows.core.records import ChampionRef
 from flows.production import launch
 from flows.steps import ranks
-from flows.steps.finetune import CHECKPOINT_DIR
+from flows.steps.finetune import CHECKPOINT_DIR, FinetuneStep
 from tests.conftest import write_params
 from tests.flows.pretrained_tiny import write_new_release
 from tests.flows.test_distributed import (
@@ -58,7 +58,9 @@ def sharded_runs(tmp_path_factory, tiny_model_dir, demo_dir) -> dict[str, Path]:
                 "train.fsdp": processes > 1,
             }
         )
-        return launch.train(params, champion, release, root / name / "run").model_dir
+        return launch.train(
+            FinetuneStep.from_params(params), champion, release, root / name / "run"
+        ).model_dir
 
     out = {
         "champion": run(
@@ -136,8 +138,12 @@ def test_two_sharded_ranks_killed_after_a_checkpoint_resume_as_an_uninterrupted_
     champion = ChampionRef(version=None, model_dir=tiny_model_dir)
     kill_after_a_checkpoint(params_file, champion, release, tmp_path / "crashed")
 
-    resumed = launch.train(params, champion, release, tmp_path / "crashed")
-    reference = launch.train(params, champion, release, tmp_path / "uninterrupted")
+    resumed = launch.train(
+        FinetuneStep.from_params(params), champion, release, tmp_path / "crashed"
+    )
+    reference = launch.train(
+        FinetuneStep.from_params(params), champion, release, tmp_path / "uninterrupted"
+    )
     assert resumed.steps == reference.steps == steps
     assert resumed.resumed_from_step is not None and 2 <= resumed.resumed_from_step < steps
     start = load_file(str(tiny_model_dir / "model.safetensors"))

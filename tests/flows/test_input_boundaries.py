@@ -22,7 +22,12 @@ from flows.core.files import MAX_DEPTH, walk
 from flows.core.lm_eval_source import read_source
 from flows.core.records import ChampionRef
 from flows.steps.probes import probe_items, stratified
-from flows.steps.validate import validate_probe_source, validate_release, validate_step
+from flows.steps.validate import (
+    ValidateStep,
+    validate_probe_source,
+    validate_release,
+    validate_step,
+)
 from tests.conftest import BAD_INPUTS, write_params
 
 BILLION_LAUGHS = "\n".join(
@@ -235,7 +240,7 @@ def test_a_release_of_pipes_links_and_deep_folders_is_rejected_at_once(release_a
     deep.mkdir(parents=True)
     champion = ChampionRef(version=None, model_dir=params_file.parent, releases=[])
     start = time.perf_counter()
-    report = validate_step(load_params(params_file), release, champion)
+    report = validate_step(ValidateStep.from_params(load_params(params_file)), release, champion)
     BAD_INPUTS["release folders (pipes, folders, depth)"] += 1
     assert time.perf_counter() - start < 60
     rules = {(Path(v.file).name, v.rule) for v in report.violations}
@@ -254,7 +259,7 @@ def test_a_rehearsal_file_that_is_a_pipe_is_rejected(release_and_params, tmp_pat
         }
     )
     champion = ChampionRef(version=None, model_dir=params_file.parent, releases=[])
-    report = validate_step(params, release, champion)
+    report = validate_step(ValidateStep.from_params(params), release, champion)
     BAD_INPUTS["rehearsal prompts (pipe)"] += 1
     assert any(
         v.file.endswith("prompts.jsonl") and "named pipe" in v.rule for v in report.violations

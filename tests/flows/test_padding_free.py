@@ -18,7 +18,7 @@ from cf_strategies.l2 import L2
 from cf_strategies.lwf import LwF
 from flows.core.config import TrainConfig, load_params
 from flows.core.records import ChampionRef
-from flows.steps.finetune import check_padding_free, collator, finetune
+from flows.steps.finetune import FinetuneStep, check_padding_free, collator, finetune
 from flows.steps.modeling import load_model
 from tests.tiny_llm import build_tiny_llm
 
@@ -178,4 +178,4 @@ def test_the_fine_tune_step_refuses_before_loading_anything(tmp_path):
     )
     champion = ChampionRef(version=None, model_dir=tmp_path / "absent", releases=[])
     with pytest.raises(ValueError, match="padding_free: replay need one row per example"):
-        finetune(params, champion, tmp_path / "release", tmp_path / "run")
+        finetune(FinetuneStep.from_params(params), champion, tmp_path / "release", tmp_path / "run")

@@ -13,7 +13,7 @@ import pytest
 from flows.core.config import load_params
 from flows.core.data import load_probes
 from flows.registry.serving import load
-from flows.steps.evaluate import Scorer
+from flows.steps.evaluate import EvaluateStep, Scorer
 from tests.conftest import count, write_params
 
 # The model's own code: it leaves a file behind when it is imported.
@@ -65,10 +65,12 @@ def test_the_pipeline_scorer_follows_the_setting(shipped_model, tmp_path, tiny_m
     count("security", "a model that ships its own code, scored by the pipeline")
     probes = load_probes(demo_dir / "probes" / "general_knowledge.jsonl")[:2]
     with pytest.raises(ValueError, match="trust_remote_code"):
-        Scorer(params, folder).score(probes)  # the model is loaded for its first item
+        Scorer(EvaluateStep.from_params(params), folder).score(
+            probes
+        )  # the model is loaded for its first item
     assert not marker.exists()
     trusting = params.with_overrides({"model.trust_remote_code": True})
-    scorer = Scorer(trusting, folder)
+    scorer = Scorer(EvaluateStep.from_params(trusting), folder)
     assert len(scorer.score(probes)) == 2
     assert marker.read_text() == "the model's code ran"
     assert type(scorer.model).__name__ == "ShippedModel"

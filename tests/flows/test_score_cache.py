@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from flows.core.config import load_params
 from flows.core.data import load_probes, load_release
 from flows.scoring.score_cache import model_key
-from flows.steps.evaluate import Scorer
+from flows.steps.evaluate import EvaluateStep, Scorer
 from tests.conftest import write_params
 
 
@@ -36,10 +36,10 @@ def items(demo_dir):
 def test_a_second_scoring_reads_every_answer_without_loading_the_model(
     params, tiny_model_dir, items, demo_dir
 ):
-    first = Scorer(params, tiny_model_dir)
+    first = Scorer(EvaluateStep.from_params(params), tiny_model_dir)
     results = first.score(items)
     assert (first.cached, first.scored) == (0, 12)
-    again = Scorer(params, tiny_model_dir)
+    again = Scorer(EvaluateStep.from_params(params), tiny_model_dir)
     assert again.score(items) == results
     assert (again.cached, again.scored) == (12, 0)
     assert again._loaded is None  # never loaded: every answer came from the cache
@@ -50,7 +50,7 @@ def test_a_second_scoring_reads_every_answer_without_loading_the_model(
 
 
 def test_another_model_or_other_settings_miss_the_cache(params, tiny_model_dir, items, tmp_path):
-    Scorer(params, tiny_model_dir).score(items)
+    Scorer(EvaluateStep.from_params(params), tiny_model_dir).score(items)
     changed = tmp_path / "changed-model"
     shutil.copytree(tiny_model_dir, changed)
     weights = load_file(changed / "model.safetensors")
@@ -58,40 +58,43 @@ def test_another_model_or_other_settings_miss_the_cache(params, tiny_model_dir, 
     weights[name] = weights[name] + 1e-3
     save_file(weights, changed / "model.safetensors", metadata={"format": "pt"})
     assert model_key(changed) != model_key(tiny_model_dir)
-    other = Scorer(params, changed)
+    other = Scorer(EvaluateStep.from_params(params), changed)
     other.score(items)
     assert (other.cached, other.scored) == (0, 12)
-    longer = Scorer(params, tiny_model_dir)
+    longer = Scorer(EvaluateStep.from_params(params), tiny_model_dir)
     longer.score(items, max_new_tokens=params.evaluate.max_new_tokens + 3)
     assert (longer.cached, longer.scored) == (6, 6)  # choices do not generate: still cached
-    off = Scorer(params.with_overrides({"evaluate.score_cache": False}), tiny_model_dir)
+    off = Scorer(
+        EvaluateStep.from_params(params.with_overrides({"evaluate.score_cache": False})),
+        tiny_model_dir,
+    )
     off.score(items)
     assert (off.cached, off.scored) == (0, 12) and off.cache is None
     # A hub id is not a folder whose content can be hashed: never cached (nor loaded here).
-    assert Scorer(params, "some-org/some-model").cache is None
+    assert Scorer(EvaluateStep.from_params(params), "some-org/some-model").cache is None
     with pytest.raises(ValueError, match="not a model folder"):
         model_key(tmp_path / "no-such-model")
 
 
 def test_cached_answers_are_judged_again_against_the_items_answers(params, tiny_model_dir, items):
-    results = Scorer(params, tiny_model_dir).score(items)
+    results = Scorer(EvaluateStep.from_params(params), tiny_model_dir).score(items)
     # The same question with its answer list changed to what the model said: now right.
     relabelled = [
         dataclasses.replace(ex, answers=[r["output"].strip() or "x"])
         for ex, r in zip(items, results, strict=True)
     ]
-    scorer = Scorer(params, tiny_model_dir)
+    scorer = Scorer(EvaluateStep.from_params(params), tiny_model_dir)
     again = scorer.score(relabelled)
     assert scorer.scored == 0 and all(r["correct"] for r in again)
     assert [r["output"] for r in again] == [r["output"] for r in results]
 
 
 def test_a_line_cut_short_by_a_crash_is_scored_again(params, tiny_model_dir, items):
-    scorer = Scorer(params, tiny_model_dir)
+    scorer = Scorer(EvaluateStep.from_params(params), tiny_model_dir)
     scorer.score(items)
     lines = scorer.cache.path.read_text().splitlines()
     assert len(lines) == 12 and all(json.loads(line)["output"] is not None for line in lines)
     scorer.cache.path.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:10])
-    again = Scorer(params, tiny_model_dir)
+    again = Scorer(EvaluateStep.from_params(params), tiny_model_dir)
     again.score(items)
     assert (again.cached, again.scored) == (11, 1)

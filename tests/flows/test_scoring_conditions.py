@@ -15,7 +15,13 @@ from flows.core.config import load_params
 from flows.core.data import load_probes, write_jsonl
 from flows.core.records import ChampionRef, ProbeSet, ScoringConditions
 from flows.scoring.score_cache import item_key
-from flows.steps.evaluate import Scorer, evaluate_candidate, read_results, write_results
+from flows.steps.evaluate import (
+    EvaluateStep,
+    Scorer,
+    evaluate_candidate,
+    read_results,
+    write_results,
+)
 from tests.conftest import write_params
 
 FP32 = ScoringConditions(dtype="float32", device="cpu")
@@ -46,7 +52,7 @@ def test_the_champion_is_scored_again_in_the_candidates_dtype(
         ],
     )
     release = demo_dir / "releases" / "wiki-topics-1"
-    champion = Scorer(params, tiny_model_dir)
+    champion = Scorer(EvaluateStep.from_params(params), tiny_model_dir)
     assert champion.conditions == FP32
     baseline = tmp_path / "run" / "baseline"
     write_results(baseline / "probes.jsonl", champion.score(load_probes(probe_path)))
@@ -62,15 +68,19 @@ def test_the_champion_is_scored_again_in_the_candidates_dtype(
         champion_results=baseline,
         conditions=FP32,
     )
-    report = evaluate_candidate(params, bf16_candidate, probe_set, release, tmp_path / "run")
+    report = evaluate_candidate(
+        EvaluateStep.from_params(params), bf16_candidate, probe_set, release, tmp_path / "run"
+    )
     assert report.conditions == BF16
     # The champion was answered again in bfloat16, and that is what the candidate was paired with.
     again = read_results(tmp_path / "run" / "references" / "champion_probes.jsonl")
-    in_bf16 = Scorer(params, tiny_model_dir, BF16).score(load_probes(probe_path))
+    in_bf16 = Scorer(EvaluateStep.from_params(params), tiny_model_dir, BF16).score(
+        load_probes(probe_path)
+    )
     assert [r["output"] for r in again] == [r["output"] for r in in_bf16]
     assert report.baseline["general-knowledge"] == sum(r["correct"] for r in in_bf16) / len(items)
     # One model, two dtypes: its cache holds both answers to each item, under two keys.
-    answers = Scorer(params, tiny_model_dir).cache.answers
+    answers = Scorer(EvaluateStep.from_params(params), tiny_model_dir).cache.answers
     for ex in load_probes(probe_path):
         keys = [item_key(ex, None, params.evaluate.max_new_tokens, False, c) for c in (FP32, BF16)]
         assert keys[0] != keys[1] and all(k in answers for k in keys)

@@ -38,7 +38,7 @@ from flows.core.workspace import git
 from flows.drivers.retrain import PrefectUnavailable, retrain
 from flows.drivers.stages import run_stage
 from flows.registry.tracking import TrackingUnavailable, champion_version
-from flows.steps.register import IDEMPOTENCY_TAG, register
+from flows.steps.register import IDEMPOTENCY_TAG, RegisterStep, register
 from flows.steps.version import RemoteUnavailable
 from tests.conftest import count, write_params
 from tests.flows.conftest import gated_run
@@ -246,7 +246,7 @@ def test_register_never_duplicates_a_version(
     rerun = params.workspace_dir / "runs" / "rerun"
     gated_run(params, tiny_model_dir, demo_dir, dvc_hash="c" * 32).write(rerun)
     again = register(
-        params,
+        RegisterStep.from_params(params),
         VersionedRelease.read(rerun / FILES["version"]),
         ProbeSet.read(rerun / FILES["probes"]),
         TrainResult.read(rerun / FILES["finetune"]),

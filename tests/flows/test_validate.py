@@ -13,6 +13,7 @@ from flows.drivers import retrain as retrain_flow
 from flows.drivers.stages import run_stage
 from flows.registry.tracking import current_champion
 from flows.steps.validate import (
+    ValidateStep,
     ValidationFailed,
     release_content_hash,
     validate_probe_source,
@@ -301,7 +302,9 @@ def test_every_entry_point_rejects_with_the_same_rules(
     printed = "".join(capsys.readouterr().out.split())  # the console wraps long lines
 
     params = load_params(params_file)
-    report = validate_step(params, release, current_champion(params.model_store))  # the flow's task
+    report = validate_step(
+        ValidateStep.from_params(params), release, current_champion(params.model_store)
+    )  # the flow's task
     assert not report.passed
     hits = [v for v in report.violations if rule in v.rule]
     assert hits, [str(v) for v in report.violations]
@@ -327,7 +330,9 @@ def test_a_valid_release_passes_every_entry_point(
     assert main(["--params", str(params_file), "validate", str(release)]) == 0
     assert "valid" in capsys.readouterr().out
     params = load_params(params_file)
-    report = validate_step(params, release, current_champion(params.model_store))
+    report = validate_step(
+        ValidateStep.from_params(params), release, current_champion(params.model_store)
+    )
     assert report.passed
     assert report.checked == {
         **{name: len(read_lines(demo_dir / "probes" / name)) for name in PROBE_FILES},

@@ -33,7 +33,7 @@ from flows.registry.tracking import (
     version_store,
 )
 from flows.scoring.score_cache import model_key
-from flows.steps.finetune import finetune, save_candidate
+from flows.steps.finetune import FinetuneStep, finetune, save_candidate
 from flows.steps.promote import promote
 from tests.conftest import ALL_LINEAR, write_params
 from tests.flows.conftest import gated_run, run_cli
@@ -80,7 +80,11 @@ def test_a_candidate_trained_in_bf16_is_stored_and_served_in_bf16(
         model, tokenizer = lora_model(tiny_model_dir)
         run_dir = tmp_path / ("bf16" if bf16 else "fp32")
         out, dtype = save_candidate(
-            params, fake_trainer(model, bf16), tokenizer, strategies, run_dir
+            FinetuneStep.from_params(params),
+            fake_trainer(model, bf16),
+            tokenizer,
+            strategies,
+            run_dir,
         )
         weights = out / "model.safetensors"
         sizes[dtype] = weights.stat().st_size
@@ -101,7 +105,9 @@ def test_bf16_weights_are_the_bf16_cast_of_the_merged_fp32_model(
     expected = {k: v.to(torch.bfloat16) for k, v in model.merge_and_unload().state_dict().items()}
     model, tokenizer = lora_model(tiny_model_dir, seed=1)
     strategies = cf_strategies.build_strategies("naive", {})
-    out, _ = save_candidate(params, fake_trainer(model, True), tokenizer, strategies, tmp_path)
+    out, _ = save_candidate(
+        FinetuneStep.from_params(params), fake_trainer(model, True), tokenizer, strategies, tmp_path
+    )
     stored = load_file(str(out / "model.safetensors"))
     assert stored.keys() <= expected.keys() and len(stored) > 10
     assert all(torch.equal(stored[k], expected[k]) for k in stored)
@@ -113,7 +119,9 @@ def test_bf16_weights_are_the_bf16_cast_of_the_merged_fp32_model(
 def test_a_cpu_retrain_stores_fp32_and_records_it(params_file, tiny_model_dir, demo_dir, tmp_path):
     params = load_params(params_file, {"train.max_steps": 2})
     champion = ChampionRef(version=None, model_dir=tiny_model_dir)
-    result = finetune(params, champion, demo_dir / "releases" / RELEASE, tmp_path)
+    result = finetune(
+        FinetuneStep.from_params(params), champion, demo_dir / "releases" / RELEASE, tmp_path
+    )
     assert result.weights_dtype == "float32"
     assert safetensors_dtypes(result.model_dir / "model.safetensors") == {"F32"}
     assert serving.load_dtype(result.model_dir) == torch.float32
@@ -383,7 +391,9 @@ def two_releases(params, demo_dir: Path, tiny_model_dir: Path) -> list[TrainResu
     for n, release in enumerate(["wiki-topics-1", "wiki-topics-2"], start=1):
         champion = current_champion(params.model_store)
         run_dir = params.workspace_dir / "runs" / release
-        result = finetune(params, champion, demo_dir / "releases" / release, run_dir)
+        result = finetune(
+            FinetuneStep.from_params(params), champion, demo_dir / "releases" / release, run_dir
+        )
         trained.append(result)
         retrain_by_hand(params, demo_dir, tiny_model_dir, n, passed=True, train=result)
     return trained
