@@ -69,7 +69,7 @@ def test_dvc_repro_runs_the_gated_retrain(tmp_path, tiny_model_dir, demo_dir):
 
     # A change to a module a stage imports (not its own file) makes that stage, and only the
     # stages that run it, out of date.
-    with open(repo / "flows" / "modeling.py", "a") as f:
+    with open(repo / "flows" / "steps" / "modeling.py", "a") as f:
         f.write("\n# changed\n")
     status = json.loads(run(sys.executable, "-m", "dvc", "status", "--json"))
     stale = {name for name, changes in status.items() if "flows/steps/modeling.py" in str(changes)}
