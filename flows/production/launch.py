@@ -82,8 +82,7 @@ def train(
     step: FinetuneStep, champion: ChampionRef, release_dir: Path, run_dir: Path
 ) -> TrainResult:
     """The fine-tune step: in this process, or on every rank when ``train.num_processes`` asks
-    for several (``run_ranks``). What several ranks cannot run is refused before they start."""
-    check_padding_free(step.train)
+    for several (``run_ranks``)."""
     if wants_ranks(step):
         return run_ranks(step, champion, release_dir, run_dir)
     return finetune(step, champion, release_dir, run_dir)
@@ -126,6 +125,7 @@ def run_ranks(
 ) -> TrainResult:
     """Run the fine-tune step on ``process_count`` ranks and return rank 0's result."""
     processes = process_count(step.train)
+    check_padding_free(step.train)  # what several ranks cannot run is refused before they start
     check_ranks(step.train, processes)
     folder = Path(run_dir) / LAUNCH_DIR
     folder.mkdir(parents=True, exist_ok=True)
