@@ -34,8 +34,7 @@ from prefect.exceptions import MissingContextError
 from flows.core.config import Params
 from flows.core.records import FILES, ChampionRef, EvalReport, ProbeSet, TrainResult
 from flows.production import launch
-from flows.registry.model_source import resolve_model
-from flows.registry.tracking import model_version_dir
+from flows.registry.tracking import base_model_dir, model_version_dir
 from flows.steps.evaluate import EvaluateStep, evaluate_candidate
 from flows.steps.finetune import FinetuneStep
 
@@ -244,8 +243,7 @@ def probes_here(record: dict[str, Any], folder: Path, champion: ChampionRef) -> 
 def champion_here(params: Params, version: str | None, releases: list[str]) -> ChampionRef:
     """The champion on this node: the registered version from MLflow, or the base model."""
     if version is None:
-        base = resolve_model(params.model.base, params.path(params.model.cache_dir))
-        return ChampionRef(version=None, model_dir=Path(base), releases=[])
+        return ChampionRef(version=None, model_dir=base_model_dir(params.model_store), releases=[])
     return ChampionRef(
         version=version, model_dir=model_version_dir(params.model_store, version), releases=releases
     )

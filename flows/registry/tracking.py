@@ -242,12 +242,17 @@ def candidate_dir(store: ModelStore, model_dir: Path) -> Path:
     return model_version_dir(store, pointer["version"])
 
 
+def base_model_dir(store: ModelStore) -> Path:
+    """The folder of the base model, the champion before any promotion (the embedded model is
+    converted into ``model.cache_dir`` on first use; a hub id is downloaded)."""
+    return Path(resolve_model(store.base_model, store.model_cache))
+
+
 def current_champion(store: ModelStore) -> ChampionRef:
     """The champion now: a registered version, or the base model when none is promoted yet."""
     version = champion_version(store)
     if version is None:
-        base = resolve_model(store.base_model, store.model_cache)
-        return ChampionRef(version=None, model_dir=Path(base), releases=[])
+        return ChampionRef(version=None, model_dir=base_model_dir(store), releases=[])
     mv = client(store).get_model_version(store.model_name, version)
     releases = json.loads(mv.tags.get("releases_learned", "[]"))
     # the version that learned each release: the anchor its retention is measured from

@@ -309,8 +309,7 @@ def anchor_of(step: EvaluateStep, champion: ChampionRef, task: str) -> tuple[str
     """A probe task's anchor, what its retention is measured from over any number of releases:
     for an earlier release's items, the registered version that learned it (its score when
     learned); for every other task (general knowledge), the base model."""
-    from flows.registry.model_source import resolve_model
-    from flows.registry.tracking import model_version_dir
+    from flows.registry.tracking import base_model_dir, model_version_dir
 
     if task in champion.releases:
         version = champion.learned_by.get(task)
@@ -322,7 +321,7 @@ def anchor_of(step: EvaluateStep, champion: ChampionRef, task: str) -> tuple[str
         if version == champion.version:
             return f"v{version}", champion.model_dir
         return f"v{version}", model_version_dir(step.store, version)
-    return "base", Path(resolve_model(step.store.base_model, step.store.model_cache))
+    return "base", base_model_dir(step.store)
 
 
 def score_anchors(
