@@ -180,6 +180,17 @@ def grid(spec: str, options: dict[str, Any]) -> list[dict[str, dict[str, Any]]]:
     return combos
 
 
+def laid_over(
+    strategy_params: dict[str, dict[str, Any]], chosen: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """A candidate's options (one combination of :func:`grid`) laid over
+    ``train.strategy_params``: what the candidate trains with."""
+    merged = {name: dict(options) for name, options in strategy_params.items()}
+    for name, options in chosen.items():
+        merged[name] = {**merged.get(name, {}), **options}
+    return merged
+
+
 class TrainConfig(Section):
     strategy: str = "naive"
     strategy_params: dict[str, dict[str, Any]] = {}
@@ -233,9 +244,7 @@ class TrainConfig(Section):
         for spec, options in v.items():
             pipeline_strategy(spec)
             for chosen in grid(spec, options or {}):
-                merged = dict(info.data.get("strategy_params") or {})
-                for name, opts in chosen.items():
-                    merged[name] = {**merged.get(name, {}), **opts}
+                merged = laid_over(info.data.get("strategy_params") or {}, chosen)
                 cf_strategies.validate_spec(spec, merged, strict=True)
         return v
 

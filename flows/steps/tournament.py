@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from cf_strategies import split_spec
-from flows.core.config import GateConfig, TrainConfig, grid
+from flows.core.config import GateConfig, TrainConfig, grid, laid_over
 from flows.core.records import EvalReport, Record, TrainResult
 
 
@@ -56,9 +56,7 @@ def expand_candidates(train: TrainConfig) -> list[Candidate]:
     out = []
     for spec, options in train.candidates.items():
         for chosen in grid(spec, options or {}):
-            merged = {k: dict(v) for k, v in train.strategy_params.items()}
-            for strategy, opts in chosen.items():
-                merged[strategy] = {**merged.get(strategy, {}), **opts}
+            merged = laid_over(train.strategy_params, chosen)
             shown = " ".join(
                 f"{k if len(split_spec(spec)) == 1 else f'{s}.{k}'}={v}"
                 for s, opts in chosen.items()
