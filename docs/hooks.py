@@ -30,6 +30,8 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import to_jsonable_python
 
+from flows import LAYERS
+
 log = logging.getLogger("mkdocs.plugins.forgetless")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,8 +41,6 @@ TREE_MARKER = "<!-- flows-tree -->"
 # folder and refuses it when written.
 NOT_IN_FILE = frozenset({"root"})
 IMAGE_SUFFIXES = (".png", ".svg", ".jpg", ".jpeg", ".gif")
-# The sub-packages of flows/ bottom to top, as tests/test_architecture.py declares them.
-LAYERS = ("core", "demo", "registry", "scoring", "steps", "production", "drivers", "cli")
 
 
 # --- params.yaml: the comment of every key ---------------------------------------------------

@@ -16,50 +16,21 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-# Bottom to top: a sub-package may import its own modules and those of the layers before it.
-LAYERS = ["core", "demo", "registry", "scoring", "steps", "production", "drivers", "cli"]
-
-
-def module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+from flows import LAYERS
+from tests.imports import PACKAGES, ROOT, imports_of, module_name
 
 
 def project_modules() -> dict[str, Path]:
     return {
-        module_name(p): p
-        for package in ("flows", "cf_strategies")
-        for p in sorted((ROOT / package).rglob("*.py"))
+        module_name(p): p for package in PACKAGES for p in sorted((ROOT / package).rglob("*.py"))
     }
 
 
-def imports_of(path: Path, modules: dict[str, Path]) -> set[str]:
-    """The project modules ``path`` imports (``from flows.steps import gate`` is flows.steps.gate)."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [f"{node.module}.{a.name}" for a in node.names] + [node.module]
-        else:
-            continue
-        for name in names:
-            # the longest project module the name starts with
-            while name and name not in modules:
-                name = name.rpartition(".")[0]
-            if name:
-                found.add(name)
-    return found
-
-
 def import_graph() -> dict[str, set[str]]:
-    modules = project_modules()
-    graph = {name: imports_of(path, modules) - {name} for name, path in modules.items()}
-    for name in graph:  # a package's __init__ runs before any module in it: not an edge to it
-        graph[name] = {d for d in graph[name] if not name.startswith(d + ".")}
-    return graph
+    """Each project module and the project modules it imports. A package's ``__init__`` runs
+    before any module in it, so a module's own packages are not edges."""
+    graph = {name: imports_of(path) - {name} for name, path in project_modules().items()}
+    return {name: {d for d in deps if not name.startswith(d + ".")} for name, deps in graph.items()}
 
 
 def layer(module: str) -> str | None:
