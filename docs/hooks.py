@@ -218,10 +218,15 @@ def cell(text: str) -> str:
 # --- the configuration reference -------------------------------------------------------------
 
 
+def first_paragraph(doc: str) -> str:
+    """A docstring's first paragraph on one line."""
+    return " ".join(doc.strip().split("\n\n")[0].split())
+
+
 def _doc_first_paragraph(model: type[BaseModel]) -> str:
     doc = model.__doc__ or ""
     own = doc and doc is not BaseModel.__doc__ and "__doc__" in model.__dict__
-    return _rst_to_markdown(" ".join(doc.strip().split("\n\n")[0].split())) if own else ""
+    return _rst_to_markdown(first_paragraph(doc)) if own else ""
 
 
 def config_reference(
@@ -294,7 +299,7 @@ def _rst_to_markdown(text: str) -> str:
 
 def first_sentence(doc: str) -> str:
     """The first sentence of a docstring's first paragraph (``e.g.`` does not end one)."""
-    paragraph = " ".join(doc.strip().split("\n\n")[0].split())
+    paragraph = first_paragraph(doc)
     for match in re.finditer(r"[.!?](?=\s|$)", paragraph):
         before = paragraph[: match.start()].rsplit(" ", 1)[-1]
         if before.lower() not in ("e.g", "i.e", "cf", "vs"):
