@@ -62,8 +62,11 @@ class ProbesStep(BaseModel):
 
     sources: list[Path]  # probes.sources, or the embedded demo's probe files (built on first use)
     workspace: Path
-    probes: ProbesConfig
-    scoring: EvaluateStep
+    scoring: EvaluateStep  # holds the ``probes`` section too
+
+    @property
+    def probes(self) -> ProbesConfig:
+        return self.scoring.probes
 
     @classmethod
     def from_params(cls, params: Params) -> ProbesStep:
@@ -74,7 +77,6 @@ class ProbesStep(BaseModel):
         return cls(
             sources=sources,
             workspace=params.workspace_dir,
-            probes=params.probes,
             scoring=EvaluateStep.from_params(params),
         )
 
