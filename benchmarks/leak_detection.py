@@ -356,7 +356,7 @@ def detection(demo: Path, threshold: float = leaks.DEFAULT_THRESHOLD) -> dict:
 # timing ---------------------------------------------------------------------------------------
 def validation_run(demo: Path) -> dict:
     """One validation of release 2 after release 1: both indexes built, every text queried."""
-    first, second = demo_releases(demo)
+    first, second = demo_releases(demo)[:2]
     probes = probe_prompts([demo / "probes" / f for f in PROBE_FILES])
     probes += release_texts(first, "eval")[0]
     train, evaluation = release_texts(second, "train"), release_texts(second, "eval")
@@ -394,7 +394,7 @@ def timing(demo: Path) -> dict:
     reading = []
     for _ in range(5):  # the reading of the files alone, to subtract
         start = time.perf_counter()
-        first, second = demo_releases(demo)
+        first, second = demo_releases(demo)[:2]
         probe_prompts([demo / "probes" / f for f in PROBE_FILES])
         release_texts(first, "eval"), release_texts(second, "train"), release_texts(second, "eval")
         reading.append(time.perf_counter() - start)

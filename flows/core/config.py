@@ -252,7 +252,8 @@ class TrainConfig(Section):
 class EvaluateConfig(Section):
     batch_size: int = Field(64, ge=1)  # rows per forward pass (choices, or prompts generated)
     max_new_tokens: int = Field(20, ge=1)
-    new_task_max_new_tokens: int = Field(8, ge=1)
+    new_task_max_new_tokens: int | None = Field(None, ge=1)  # None: each item's own budget
+    answer_margin_tokens: int = Field(8, ge=0)
     score_cache: bool = (
         True  # flows/scoring/score_cache.py: never score one item twice on one model
     )

@@ -4,7 +4,8 @@ A release record is ``{"id", "prompt", "completion"}`` or ``{"id", "messages": [
 the last message is the assistant's completion), with optional ``choices`` (the answer set, for
 classification) and ``category``. A probe item is ``{"id", "prompt", "answers", "task",
 "category"}`` with optional ``choices``; ``scoring`` is ``generate`` (greedy answer must contain
-an accepted answer), ``choice`` (highest mean log-likelihood choice must be an accepted answer)
+an accepted answer), ``rouge_l`` (greedy answer close to an accepted answer by ROUGE-L: a release's
+items without choices), ``choice`` (highest mean log-likelihood choice must be an accepted answer)
 or ``loglik`` (lm-evaluation-harness's multiple choice: the raw prompt, ``delimiter``, the
 choice with the highest summed log-likelihood; ``flows/scoring/scoring.py``).
 """
@@ -32,6 +33,7 @@ RELEASE_NAME_RULE = (
     "or digit (the folder's name names the task, its DVC folder and its metrics)"
 )
 CHOICE_KINDS = ("choice", "loglik")  # scoring kinds that rank an item's choices by likelihood
+GENERATION_KINDS = ("generate", "rouge_l")  # scoring kinds that read a greedy answer
 
 
 def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
@@ -122,7 +124,10 @@ class Example:
 
 
 def release_example(record: dict[str, Any], task: str) -> Example:
-    """A validated release record as an Example (the release name is the task)."""
+    """A validated release record as an Example (the release name is the task). A record with
+    ``choices`` is scored by the first choice its answer names; one without by ROUGE-L against
+    its completion (``rouge_l``), so that a free-text answer is judged by its closeness and a
+    short answer by being that answer, not by a sentence that happens to contain it."""
     if "messages" in record:
         *prompt, last = record["messages"]
         messages, completion = list(prompt), last["content"]
@@ -136,6 +141,7 @@ def release_example(record: dict[str, Any], task: str) -> Example:
         task=task,
         category=str(record.get("category", "")),
         choices=list(record.get("choices") or []),
+        scoring="generate" if record.get("choices") else "rouge_l",
     )
 
 

@@ -222,14 +222,14 @@ class ProbeItem(_Strict):
     task: TaskName
     category: Label | None = None
     choices: Annotated[list[Label], Field(max_length=MAX_CHOICES)] | None = None
-    scoring: Literal["generate", "choice", "loglik"] = "generate"
+    scoring: Literal["generate", "rouge_l", "choice", "loglik"] = "generate"
     delimiter: Annotated[str, Field(max_length=MAX_DELIMITER_CHARS)] = " "
 
     @model_validator(mode="after")
     def _choices_hold_answers(self) -> ProbeItem:
         if bad_character(self.delimiter):
             raise PydanticCustomError("text_rule", "delimiter contains a control character")
-        if self.scoring != "generate" and len(self.choices or []) < 2:
+        if self.scoring in ("choice", "loglik") and len(self.choices or []) < 2:
             raise PydanticCustomError(
                 "choices_rule", "choice probes need 2+ choices that contain every answer"
             )
@@ -268,7 +268,7 @@ _FIELD_RULES = {  # a pydantic error on a field (no custom rule) in the project'
     "answers": "answers must be a non-empty list of non-empty strings",
     "task": "task must be 1..100 letters, digits, '_', '.', '-' or spaces, starting with a "
     "letter or digit (it names MLflow metrics)",
-    "scoring": "scoring must be 'generate', 'choice' or 'loglik'",
+    "scoring": "scoring must be 'generate', 'rouge_l', 'choice' or 'loglik'",
     "delimiter": f"delimiter must be a string of at most {MAX_DELIMITER_CHARS} characters",
 }
 

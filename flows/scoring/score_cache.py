@@ -31,7 +31,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from flows.core.data import CHOICE_KINDS, Example
+from flows.core.data import CHOICE_KINDS, GENERATION_KINDS, Example
 from flows.core.records import ScoringConditions
 from flows.registry.serving import content_hash
 
@@ -55,7 +55,7 @@ def item_key(
         "scoring": ex.scoring,
         "choices": ex.choices if ex.scoring in CHOICE_KINDS else None,
         "delimiter": ex.delimiter if ex.scoring == "loglik" else None,
-        "max_new_tokens": max_new_tokens if ex.scoring == "generate" else None,
+        "max_new_tokens": max_new_tokens if ex.scoring in GENERATION_KINDS else None,
         "chat": chat,
         "route": route,
     }

@@ -2,6 +2,13 @@
 
 - ``generate``: greedy decoding; with ``choices`` the first choice named in the output must be an
   accepted answer, otherwise an accepted answer must appear in the output (case-insensitive).
+- ``rouge_l``: greedy decoding; the output is right when its ROUGE-L F-measure (Lin, 2004: the
+  longest common subsequence of words, over lower-cased Unicode words) against an accepted answer
+  reaches ``ROUGE_L_RIGHT``. This is how a release's items without choices are judged: TRACE
+  (Wang et al., 2023) scores generation tasks by ROUGE-L. At 0.5 a short answer must be about all
+  the output ("1968 film by Stanley Kubrick" for "A 1968 science fiction film by Stanley
+  Kubrick": 0.77; "1588" for "The first year it gives is 1588": 0.29), and a free-text one must
+  share half its words, in order, with the reference.
 - ``choice``: the choice with the highest mean token log-likelihood after the prompt must be an
   accepted answer. The LM head runs only on the choice tokens, not on every position.
 - ``loglik``: lm-evaluation-harness's multiple choice (``acc``): the raw prompt text, no chat
@@ -19,9 +26,10 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 
 import torch
+from rouge_score.rouge_scorer import RougeScorer
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from flows.core.data import CHOICE_KINDS, Example
+from flows.core.data import CHOICE_KINDS, GENERATION_KINDS, Example
 from flows.registry.serving import format_prompt, generate_texts
 
 Progress = Callable[[int], None]
@@ -39,7 +47,27 @@ def first_choice_named(output: str, choices: Sequence[str]) -> str | None:
     return min(found)[2] if found else None
 
 
+ROUGE_L_RIGHT = 0.5  # the F-measure a ``rouge_l`` answer needs to count as right
+
+
+class _Words:
+    """rouge-score's tokenizer keeps only ASCII letters; this one keeps every language's words."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return _norm(text).split()
+
+
+_ROUGE = RougeScorer(["rougeL"], tokenizer=_Words())
+
+
+def rouge_l(output: str, reference: str) -> float:
+    """ROUGE-L F-measure of ``output`` against ``reference`` (Lin, 2004), in [0, 1]."""
+    return _ROUGE.score(reference, output)["rougeL"].fmeasure
+
+
 def generation_correct(output: str, ex: Example) -> bool:
+    if ex.scoring == "rouge_l":
+        return max(rouge_l(output, a) for a in ex.answers) >= ROUGE_L_RIGHT
     if ex.choices:
         named = first_choice_named(output, ex.choices)
         return named is not None and _norm(named) in {_norm(a) for a in ex.answers}
@@ -243,7 +271,7 @@ def score_examples(
 ) -> list[dict]:
     """Per-example results: ``{"id", "task", "category", "scoring", "output", "correct"}``."""
     results: dict[int, dict] = {}
-    gen_idx = [i for i, ex in enumerate(examples) if ex.scoring == "generate"]
+    gen_idx = [i for i, ex in enumerate(examples) if ex.scoring in GENERATION_KINDS]
     mc_idx = [i for i, ex in enumerate(examples) if ex.scoring in CHOICE_KINDS]
     if gen_idx:
         outs = generate(

@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict
 from rich.progress import Progress
+from transformers import AutoTokenizer
 
 from flows.core.config import EvaluateConfig, GateConfig, ModelStore, Params, ProbesConfig
-from flows.core.data import Example, load_probes, load_release
+from flows.core.data import GENERATION_KINDS, Example, load_probes, load_release
 from flows.core.records import ChampionRef, EvalReport, ProbeSet, ScoringConditions, TaskRetention
 from flows.registry.serving import default_device, learned_tasks, load_dtype, load_for_serving
 from flows.scoring import confidence
@@ -103,6 +104,7 @@ class Scorer:
         )
         self.cached = self.scored = 0
         self._loaded: tuple | None = None
+        self._tokenizer = None
 
     def _load(self) -> tuple:
         if self._loaded is None:
@@ -129,17 +131,47 @@ class Scorer:
             return None
         return task if task in self.tasks else None
 
-    def score(self, examples: Sequence[Example], max_new_tokens: int | None = None) -> list[dict]:
+    def answer_budget(self, ex: Example) -> int:
+        """New tokens for an answer sized by its reference: the longest accepted answer (or
+        choice) in this model's tokens, plus ``evaluate.answer_margin_tokens``, rounded up to a
+        multiple of 8 so that items of about one length share their batches."""
+        if self._tokenizer is None:
+            self._tokenizer = (
+                self._loaded[1]
+                if self._loaded
+                else AutoTokenizer.from_pretrained(
+                    str(self.model_dir), trust_remote_code=self.trust_remote_code
+                )
+            )
+        longest = max(
+            len(self._tokenizer(a, add_special_tokens=False)["input_ids"])
+            for a in [*ex.answers, *ex.choices]
+        )
+        return -(-(longest + self.cfg.answer_margin_tokens) // 8) * 8
+
+    def budget(self, ex: Example, new_task: bool) -> int:
+        """New tokens to answer ``ex``: a ``rouge_l`` item's, and a new-task item's unless
+        ``evaluate.new_task_max_new_tokens`` fixes them, from its reference
+        (:meth:`answer_budget`); a probe's ``evaluate.max_new_tokens`` (the model restates the
+        question first)."""
+        if new_task and self.cfg.new_task_max_new_tokens is not None:
+            return self.cfg.new_task_max_new_tokens
+        if new_task or ex.scoring == "rouge_l":
+            return self.answer_budget(ex)
+        return self.cfg.max_new_tokens
+
+    def score(self, examples: Sequence[Example], new_task: bool = False) -> list[dict]:
         """Per-item results ``{"id", "task", "category", "scoring", "output", "correct"}``
-        (and ``answered_by`` for a model with tasks), in the order of ``examples``."""
-        max_new_tokens = max_new_tokens or self.cfg.max_new_tokens
-        groups: dict[str | None, list[int]] = {}
+        (and ``answered_by`` for a model with tasks), in the order of ``examples``;
+        ``new_task``: they are the release's eval items (their budget: :meth:`budget`)."""
+        groups: dict[tuple[str | None, int], list[int]] = {}
         for i, ex in enumerate(examples):
-            groups.setdefault(self.route(ex.task), []).append(i)
+            budget = self.budget(ex, new_task) if ex.scoring in GENERATION_KINDS else 0
+            groups.setdefault((self.route(ex.task), budget), []).append(i)
         outputs: dict[int, str] = {}
         with Progress(transient=True) as bar:
             job = bar.add_task(f"scoring {self.model_dir.name}", total=len(examples))
-            for route, indices in groups.items():
+            for (route, max_new_tokens), indices in groups.items():
                 keys = {
                     i: item_key(examples[i], route, max_new_tokens, self.chat, self.conditions)
                     for i in indices
@@ -174,7 +206,7 @@ class Scorer:
         return nullcontext(model) if route is None else router.answering(route)
 
     def score_new_task(self, release_dir: Path) -> list[dict]:
-        return self.score(load_release(release_dir, "eval"), self.cfg.new_task_max_new_tokens)
+        return self.score(load_release(release_dir, "eval"), new_task=True)
 
 
 def write_results(path: Path, results: Sequence[dict]) -> Path:
@@ -378,7 +410,7 @@ def reference_results(
 
     scorer = Scorer(step, candidate_dir(step.store, probe_set.champion.model_dir), conditions)
     champ_probes = scorer.score(probes)
-    champ_new = scorer.score(new_task, step.evaluate.new_task_max_new_tokens)
+    champ_new = scorer.score(new_task, new_task=True)
     anchor_rows: list[dict] = []
     if anchors and probe_set.anchors:
         _, anchor_rows = score_anchors(step, probe_set.champion, probes, champ_probes, conditions)
@@ -426,7 +458,7 @@ def evaluate_candidate(
     probe_items = load_probes(probe_path)
     task_items = new_task_items(step, release_dir, part)
     probes = scorer.score(probe_items)
-    new_task = scorer.score(task_items, step.evaluate.new_task_max_new_tokens)
+    new_task = scorer.score(task_items, new_task=True)
     write_results(out / "probes.jsonl", probes)
     write_results(out / "new_task.jsonl", new_task)
     champ_probes, champ_new_rows, anchor_rows = reference_results(

@@ -1,7 +1,7 @@
 import json
 
 from flows.core.data import load_probes, load_release
-from flows.demo.build import RELEASE_TOPICS, build_demo
+from flows.demo.build import RELEASE_TOPICS, RELEASES, build_demo, demo_releases
 
 
 def test_demo_is_deterministic_and_releases_do_not_share_articles(tmp_path, demo_dir):
@@ -14,9 +14,36 @@ def test_demo_is_deterministic_and_releases_do_not_share_articles(tmp_path, demo
             for split in ("train", "eval")
             for line in (demo_dir / "releases" / name / f"{split}.jsonl").read_text().splitlines()
         }
-        for name in RELEASE_TOPICS
+        for name in RELEASES
     ]
-    assert not sources[0] & sources[1]
+    for i, mine in enumerate(sources):
+        assert len(mine) >= 200 and not any(mine & other for other in sources[i + 1 :])
+    assert [r.name for r in demo_releases(demo_dir)] == list(RELEASES)
+    assert len(set(RELEASES.values())) >= 3  # kinds: classification, extraction/QA, free text
+
+
+def test_releases_of_other_kinds_are_answerable_from_their_text(demo_dir):
+    """Extraction and question answering give the answer in the prompt; free text is an
+    encyclopedia's description that no probe offers as an answer or a choice; all are scored
+    by ROUGE-L (no choices)."""
+    probed = {
+        a.lower()
+        for f in (demo_dir / "probes").glob("*.jsonl")
+        for p in load_probes(f)
+        for a in [*p.answers, *p.choices]
+    }
+    for name in ("wiki-first-year", "wiki-population", "wiki-describe-1", "wiki-describe-2"):
+        items = [
+            ex
+            for split in ("train", "eval")
+            for ex in load_release(demo_dir / "releases" / name, split)
+        ]
+        assert all(ex.scoring == "rouge_l" and not ex.choices for ex in items)
+        if RELEASES[name] == "free text":
+            assert all(ex.completion.lower() not in probed for ex in items)
+            assert len({ex.completion for ex in items}) == len(items)
+        else:
+            assert all(ex.completion in ex.prompt_text for ex in items)
 
 
 def test_each_release_is_a_balanced_topic_task_with_its_own_labels(demo_dir):

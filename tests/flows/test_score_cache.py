@@ -61,8 +61,9 @@ def test_another_model_or_other_settings_miss_the_cache(params, tiny_model_dir, 
     other = Scorer(EvaluateStep.from_params(params), changed)
     other.score(items)
     assert (other.cached, other.scored) == (0, 12)
-    longer = Scorer(EvaluateStep.from_params(params), tiny_model_dir)
-    longer.score(items, max_new_tokens=params.evaluate.max_new_tokens + 3)
+    more = params.with_overrides({"evaluate.max_new_tokens": params.evaluate.max_new_tokens + 3})
+    longer = Scorer(EvaluateStep.from_params(more), tiny_model_dir)
+    longer.score(items)
     assert (longer.cached, longer.scored) == (6, 6)  # choices do not generate: still cached
     off = Scorer(
         EvaluateStep.from_params(params.with_overrides({"evaluate.score_cache": False})),
