@@ -14,6 +14,9 @@ from cf_strategies import ewc, hlr, l2, naive, si  # noqa: F401  (regularisation
 from cf_strategies import der, label_smoothing, lwf, replay, self_rehearsal  # noqa: F401  (replay and distillation family)
 
 # isort: split
+from cf_strategies import sdft  # noqa: F401  (on-policy self-distillation)
+
+# isort: split
 from cf_strategies import ilora, wise  # noqa: F401  (fast/slow learners, weight-space interpolation)
 
 # isort: split

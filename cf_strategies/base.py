@@ -303,6 +303,11 @@ class Strategy:
     #: iLoRA, self-rehearsal), per-example passes over the task's batches (EWC's Fisher).
     #: ``train.padding_free`` refuses a strategy without it; an instance may narrow it (LwF).
     flattening_safe: bool = False
+    #: True when the strategy's ``extra_loss`` is the whole loss (SDFT's distillation on the
+    #: student's own answers): the task loss on the rows ``augment_batch`` returns is dropped.
+    #: Such a strategy cannot be combined with another that adds rows (their rows would not
+    #: be trained).
+    replaces_task_loss: ClassVar[bool] = False
 
     def prepare(self, context: TaskContext) -> None:
         """Called before ``before_task`` by a pipeline, with what it knows about the task."""

@@ -129,6 +129,14 @@ def validate_spec(
             )
     if len(set(names)) != len(names):
         raise ValueError(f"strategy spec {spec!r} names a strategy twice")
+    replacing = [n for n in names if STRATEGIES[n].replaces_task_loss]
+    adding = [n for n in names if STRATEGIES[n].augment_batch is not Strategy.augment_batch]
+    if replacing and len(adding) > 1:
+        raise ValueError(
+            f"strategy spec {spec!r}: {replacing[0]} replaces the task loss, so the rows that "
+            f"{', '.join(n for n in adding if n not in replacing)} add would not be trained; "
+            f"combine {replacing[0]} with regularisers (l2, ewc, si, hlr, wise) instead"
+        )
     for name, options in (params or {}).items():
         # Options may wait for a strategy not in the spec (switching strategies keeps them),
         # but must name a real strategy and valid options.

@@ -101,6 +101,8 @@ def total_loss(
     for strategy in strategies:
         batch = strategy.augment_batch(model, batch)
     loss, outputs = task_loss(model, batch)
+    if any(s.replaces_task_loss for s in strategies):
+        loss = loss.new_zeros(())  # the extra terms below are the loss (SDFT)
     for strategy in strategies:
         extra = strategy.extra_loss(model, batch, outputs)
         if extra is not None:
