@@ -48,6 +48,7 @@ from flows.production.remote_finetune import (
     evaluate_where_trained,
     train_candidate,
 )
+from flows.registry import tracking
 from flows.registry.tracking import TrackingUnavailable, current_champion
 from flows.steps.finetune import check_champion_kind
 from flows.steps.gate import gate
@@ -61,7 +62,10 @@ from flows.steps.tournament import (
     candidate_dir,
     choose,
     expand_candidates,
+    interpolate,
     judge,
+    merge_coefficient,
+    merge_groups,
     summary_rows,
 )
 from flows.steps.validate import ValidateStep, ValidationFailed, validate_step
@@ -198,33 +202,46 @@ def candidate_params(params: Params, candidate: Candidate) -> Params:
 def run_tournament(
     params: Params, champion: ChampionRef, release_dir: Path, probe_set: ProbeSet, run_dir: Path
 ) -> list[CandidateResult]:
-    """Train every candidate of ``train.candidates`` (``parallel_candidates`` at a time), score
-    each on the dev parts only, and mark the winner (``flows/steps/tournament.py``)."""
-    candidates = expand_candidates(params.train)
+    """Train every candidate of ``train.candidates`` (``parallel_candidates`` trainings at a
+    time; candidates alike but for ``wise.mix`` share one), score each on the dev parts only,
+    and mark the winner (``flows/steps/tournament.py``)."""
+    groups = merge_groups(expand_candidates(params.train))
+    start = tracking.candidate_dir(params.model_store, champion.model_dir)
     results = []
     at_once = params.train.parallel_candidates
-    for batch in (candidates[i : i + at_once] for i in range(0, len(candidates), at_once)):
+    for batch in (groups[i : i + at_once] for i in range(0, len(groups), at_once)):
         running = [
             (
-                c,
-                finetune_task.with_options(name=f"finetune[{c.label}]").submit(
-                    candidate_params(params, c), champion, release_dir, candidate_dir(run_dir, c)
+                members,
+                finetune_task.with_options(name=f"finetune[{trained.label}]").submit(
+                    candidate_params(params, trained),
+                    champion,
+                    release_dir,
+                    candidate_dir(run_dir, trained),
                 ),
             )
-            for c in batch
+            for trained, members in batch
         ]
-        for c, future in running:
+        for members, future in running:
             trained = future.result()
-            dev = evaluate_task.with_options(name=f"evaluate-dev[{c.label}]")(
-                candidate_params(params, c),
-                trained.model_dir,
-                probe_set,
-                release_dir,
-                run_dir,
-                "dev",
-                candidate_dir(run_dir, c) / "dev",
-            )
-            results.append(judge(c, trained, dev, params.gate))
+            for i, c in enumerate(members):
+                mix = merge_coefficient(c)
+                model = trained
+                if mix is not None and mix != 1.0:
+                    out = candidate_dir(run_dir, c) / "candidate_model"
+                    model = interpolate(start, trained, mix, out)
+                if i:  # the one training is counted once
+                    model = model.model_copy(update={"train_seconds": 0.0})
+                dev = evaluate_task.with_options(name=f"evaluate-dev[{c.label}]")(
+                    candidate_params(params, c),
+                    model.model_dir,
+                    probe_set,
+                    release_dir,
+                    run_dir,
+                    "dev",
+                    candidate_dir(run_dir, c) / "dev",
+                )
+                results.append(judge(c, model, dev, params.gate))
     results = choose(results)
     (run_dir / "tournament.json").write_text(
         json.dumps([r.model_dump(mode="json") for r in results], indent=1)

@@ -22,17 +22,30 @@ test parts. The rule that picks the winner:
 
 Only the winner is scored on the test parts and gated; it is the registered version. Every
 candidate becomes a child run of the retrain's MLflow run.
+
+Candidates that differ only in ``wise.mix`` (the WiSE-FT merge coefficient, e.g.
+``{lwf+wise: {wise.mix: [0.4, 0.6, 0.8, 1.0]}}``) share one fine-tune: it is trained once at
+``mix`` = 1 and each coefficient's weights are interpolated from the champion's and the trained
+ones afterwards (:func:`interpolate`), so that searching the coefficient on dev costs one
+scoring per coefficient, not one training.
 """
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors.torch import load_file, save_file
+
 from cf_strategies import split_spec
+from cf_strategies.registry import strategy_options
 from flows.core.config import GateConfig, TrainConfig, grid, laid_over
 from flows.core.records import EvalReport, Record, TrainResult
+from flows.registry.serving import ADAPTER_PARENT
 
 
 class Candidate(Record):
@@ -128,3 +141,72 @@ def summary_rows(results: list[CandidateResult]) -> list[dict]:
 
 def candidate_dir(run_dir: Path, candidate: Candidate) -> Path:
     return run_dir / "candidates" / folder_name(candidate.label)
+
+
+def merge_groups(candidates: list[Candidate]) -> list[tuple[Candidate, list[Candidate]]]:
+    """``(what to train, the candidates it serves)``: candidates alike but for ``wise.mix`` share
+    one training at ``mix`` = 1 (module doc); any other candidate trains for itself."""
+    groups: dict[str, tuple[Candidate, list[Candidate]]] = {}
+    for c in candidates:
+        if "wise" not in split_spec(c.strategy):
+            groups[c.label] = (c, [c])
+            continue
+        trained = laid_over(c.strategy_params, {"wise": {"mix": 1.0}})
+        key = json.dumps([c.strategy, trained], sort_keys=True)
+        label = f"{c.strategy} trained once for wise.mix"
+        groups.setdefault(
+            key, (Candidate(label=label, strategy=c.strategy, strategy_params=trained), [])
+        )[1].append(c)
+    return list(groups.values())
+
+
+def merge_coefficient(candidate: Candidate) -> float | None:
+    """The candidate's ``wise.mix`` (the strategy's default when not given); None without wise."""
+    if "wise" not in split_spec(candidate.strategy):
+        return None
+    mix = candidate.strategy_params.get("wise", {}).get("mix", strategy_options("wise")["mix"])
+    return float(mix)
+
+
+def interpolate(start_dir: Path, trained: TrainResult, mix: float, out: Path) -> TrainResult:
+    """WiSE-FT after the fact: ``θ⁰ + mix · (θ − θ⁰)`` as a model folder at ``out``, from the
+    weights training started from (``start_dir``, the champion) and the trained candidate's.
+    A LoRA adapter candidate (``registry.weights: adapter``) has its B matrices scaled by ``mix``
+    instead, which is the same update (ΔW = B·A). The folder is the trained one's otherwise
+    (tokenizer, config, strategy state)."""
+    source = Path(trained.model_dir)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    if (source / ADAPTER_PARENT).is_file():
+        path = tmp / "adapter_model.safetensors"
+        weights = load_file(path)
+        scaled = {
+            k: v * mix if "lora_B" in k or "lora_embedding_B" in k else v
+            for k, v in weights.items()
+        }
+        save_file(scaled, path, metadata={"format": "pt"})
+    else:
+        start = _weights(start_dir)
+        for path in sorted(tmp.glob("*.safetensors")):
+            tuned = load_file(path)
+            missing = sorted(set(tuned) - set(start))
+            if missing:
+                raise ValueError(
+                    f"{start_dir} has no weight {missing[0]} of the candidate: the merge needs "
+                    "the weights training started from"
+                )
+            merged = {
+                k: start[k].float().lerp(v.float(), mix).to(v.dtype) for k, v in tuned.items()
+            }
+            save_file(merged, path, metadata={"format": "pt"})
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return trained.model_copy(update={"model_dir": out})
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{folder} holds no safetensors weights to merge from")
+    return {k: v for f in files for k, v in load_file(f).items()}

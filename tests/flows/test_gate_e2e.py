@@ -223,3 +223,54 @@ def test_a_tournament_chooses_on_dev_and_only_the_winner_is_gated_on_test(tmp_pa
     assert winners == {"naive": "false", PROTECTING: "true"}
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert "report/tournament.png" in artifacts
+
+
+def test_merge_coefficients_share_one_fine_tune_and_are_chosen_on_dev(tmp_path, old_task):
+    """``{naive+wise: {wise.mix: [0.0, 0.5, 1.0]}}``: one fine-tune, the three merges made from
+    it after training (θ⁰ + mix·(θ − θ⁰), exactly), each scored on dev; mix 0 is the champion."""
+    from safetensors.torch import load_file
+
+    from flows.registry.tracking import candidate_dir
+
+    params_file = product_gate_params(tmp_path, old_task)
+    summary = retrain(
+        params_file=str(params_file),
+        release=str(old_task["release"]),
+        overrides={"train.candidates": {"naive+wise": {"wise.mix": [0.0, 0.5, 1.0]}}},
+    )
+    run_dir = summary.run_dir
+    results = {
+        r["candidate"]["label"]: r for r in json.loads((run_dir / "tournament.json").read_text())
+    }
+    labels = ["naive+wise wise.mix=0.0", "naive+wise wise.mix=0.5", "naive+wise wise.mix=1.0"]
+    assert list(results) == labels
+    trained = [r["trained"] for r in results.values()]
+    assert [t["train_seconds"] > 0 for t in trained] == [True, False, False]  # counted once
+    assert all(t["log_history"] == trained[0]["log_history"] for t in trained)  # one training
+    assert trained[2]["model_dir"] == str(
+        run_dir / "candidates" / "naive+wise_trained_once_for_wise.mix" / "candidate_model"
+    )
+
+    store = load_params(params_file).model_store
+
+    def weights(folder) -> dict:  # the winner's folder gave way to its registered version's
+        files = sorted(candidate_dir(store, Path(folder)).glob("*.safetensors"))
+        return {k: v for f in files for k, v in load_file(f).items()}
+
+    champion = weights(old_task["model"])
+    tuned = weights(trained[2]["model_dir"])
+    half, none = weights(trained[1]["model_dir"]), weights(trained[0]["model_dir"])
+    changed = [k for k in tuned if not tuned[k].equal(champion[k])]
+    assert changed  # training moved the weights
+    for k in tuned:
+        assert none[k].equal(champion[k])
+        assert half[k].allclose(champion[k] + 0.5 * (tuned[k] - champion[k]), atol=1e-6)
+
+    zero = results[labels[0]]["dev"]
+    assert set(zero["retention"].values()) == {1.0}  # the champion itself keeps everything
+    assert zero["new_task_score"] == zero["new_task_baseline"]
+    assert not results[labels[0]]["eligible"]  # it does not beat the champion on the task
+    assert sum(r["winner"] for r in results.values()) == 1
+    if not any(r["eligible"] for r in results.values()):  # the least forgetting goes forward:
+        assert results[labels[0]]["winner"]  # the champion's own weights, which the gate blocks
+        assert not summary.gate.passed and not summary.promotion.promoted
