@@ -281,6 +281,7 @@ class GateConfig(Section):
     power: float = Field(0.9, gt=0.0, lt=1.0)  # design: a good candidate passes this often
     design_retention: Retention = 0.96  # what "a good candidate" keeps (sets probes' min_known)
     too_small: Literal["fail", "decide"] = "fail"  # a task with fewer known items than needed
+    too_small_releases: Literal["fail", "decide"] = "decide"  # the same, an earlier release's items
     when_uncertain: UncertainPolicy = UncertainPolicy()
 
     def threshold(self, task: str) -> float:

@@ -14,7 +14,11 @@ A retention check passes only when its exact one-sided lower bound at ``1 − ga
 (``flows/scoring/confidence.py``) reaches the threshold: a candidate whose true retention is at the
 threshold passes at most ``alpha`` of the time, whatever the number of items. A task with fewer
 known items than the design needs (``too_small``) blocks by default (``gate.too_small: fail``);
-``decide`` runs its test anyway, and the check names the policy. A report without per-item
+``decide`` runs its test anyway, and the check names the policy. An earlier release's held-out
+items are all there is of that task (no source can add more), so their policy is its own,
+``gate.too_small_releases`` (``decide`` by default): the test still passes a candidate at the
+threshold at most ``alpha`` of the time; only its power is lower, and the report gives the
+retention that passes reliably with the items at hand. A report without per-item
 results to test fails: nothing is promoted on an untested number.
 
 The new-task targets are goals for new behaviour: decided on the point estimate by default
@@ -69,9 +73,13 @@ def check(
     )
 
 
-def retention_check(name: str, stats: TaskRetention, too_small: str) -> GateCheck:
-    """Passed iff the one-sided lower bound reaches the threshold (and, under the default
-    policy, the task has the known items its design needs)."""
+def retention_check(
+    name: str, stats: TaskRetention, too_small: tuple[str, str] = ("too_small", "fail")
+) -> GateCheck:
+    """Passed iff the one-sided lower bound reaches the threshold (and, under the ``fail``
+    policy, the task has the known items its design needs); ``too_small`` is the policy's key
+    in ``gate`` and its value."""
+    key, too_small = too_small
     passed = stats.low >= stats.threshold
     notes = [
         f"vs {stats.against}: kept {stats.known - stats.lost} of {stats.known} known, "
@@ -84,9 +92,9 @@ def retention_check(name: str, stats: TaskRetention, too_small: str) -> GateChec
         )
         if too_small == "fail":
             passed = False
-            notes.append(f"{small} (gate.too_small: fail)")
+            notes.append(f"{small} (gate.{key}: fail)")
         else:
-            notes.append(f"{small}; decided by its test (gate.too_small: decide)")
+            notes.append(f"{small}; decided by its test (gate.{key}: decide)")
     return GateCheck(
         name=name,
         value=stats.value,
@@ -120,10 +128,13 @@ def gate(report: EvalReport, cfg: GateConfig) -> GateDecision:
                 )
             )
             continue
-        checks.append(retention_check(f"retention[{task}]", stats, cfg.too_small))
         anchored = report.anchored.get(task)
+        # an earlier release's items: anchored to the version that learned it, not the base
+        key = "too_small_releases" if anchored and anchored.against != "base" else "too_small"
+        policy = (key, getattr(cfg, key))
+        checks.append(retention_check(f"retention[{task}]", stats, policy))
         if anchored is not None:
-            checks.append(retention_check(f"retention_vs_anchor[{task}]", anchored, cfg.too_small))
+            checks.append(retention_check(f"retention_vs_anchor[{task}]", anchored, policy))
     score, base = report.new_task_score, report.new_task_baseline
     gain_ci = report.new_task_gain_interval
     policy = cfg.when_uncertain.new_task

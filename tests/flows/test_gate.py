@@ -117,6 +117,24 @@ def test_a_task_too_small_to_decide_blocks_by_default_and_the_other_policy_is_na
     assert decided.passed and "gate.too_small: decide" in decided.checks[0].note
 
 
+def test_an_earlier_releases_small_task_is_decided_by_its_test_by_default():
+    """An earlier release's held-out items (anchored to the version that learned it) cannot be
+    topped up from a source: ``gate.too_small_releases`` decides them (by default) while general
+    knowledge, anchored to the base, keeps ``gate.too_small``."""
+    kept = stats(38, 0, needed=179)  # release 1's 38 known items, all kept: bound 0.924
+    lost = stats(38, 4, needed=179)  # 4 of them lost: bound 0.80
+    anchors = {"wiki-topics-1": stats(38, 0, threshold=0.85, needed=68, against="v1")}
+    passed = gate(report({"wiki-topics-1": kept}, anchored=anchors), GateConfig())
+    assert passed.passed, passed.reasons
+    assert "decided by its test (gate.too_small_releases: decide)" in passed.checks[0].note
+    blocked = gate(report({"wiki-topics-1": lost}, anchored=anchors), GateConfig())
+    assert [c.name for c in blocked.checks if not c.passed] == ["retention[wiki-topics-1]"]
+    strict = GateConfig(too_small_releases="fail")
+    assert not gate(report({"wiki-topics-1": kept}, anchored=anchors), strict).passed
+    general = {"gk": stats(38, 0, threshold=0.85, needed=68, against="base")}
+    assert not gate(report({"gk": kept}, anchored=general), GateConfig()).passed  # too_small
+
+
 def test_the_anchored_check_fails_on_drift_the_step_check_cannot_see():
     step = stats(150, 0)  # nothing lost since the champion
     drift = stats(150, 30, threshold=0.85, needed=40, against="base")  # 0.8 of what base knew
