@@ -175,7 +175,7 @@ def test_probe_source_rules(tmp_path, demo_dir):
     assert got == {
         (1, "answers must be a non-empty list of non-empty strings"),
         (2, "choice probes need 2+ choices that contain every answer"),
-        (3, "scoring must be 'generate', 'choice' or 'loglik'"),
+        (3, "scoring must be 'generate', 'rouge_l', 'choice' or 'loglik'"),
     }
 
 
