@@ -26,6 +26,9 @@ in parts. The plot is redrawn from the file at the end of each invocation.
     python benchmarks/continual.py --quick                          # the tiny model, 3 releases
     python benchmarks/continual.py --report                         # table and plot only
 
+The table in ``benchmarks/README.md`` (between its ``continual-table`` markers) is rewritten from
+the results file at the end of every SmolLM2 invocation.
+
 ``--quick`` runs the machinery on a tiny model built here (a 2-layer Llama, a byte-level
 tokenizer trained on the demo text) with the gate's thresholds at zero so that every release is
 promoted and becomes a probe task of the next: it checks the plumbing, not the numbers.
@@ -173,6 +176,17 @@ def champion_scores(params_file: Path, learned: list[Path]) -> dict[str, float]:
     return {r.name: accuracy(scorer.score(load_release(r, "eval"), new_task=True)) for r in learned}
 
 
+def reasons(summary: dict) -> list[str]:
+    """The failed checks in a few words: a retention check by its lower bound (what it gates)."""
+    out = []
+    for c in (c for c in summary["gate"]["checks"] if not c["passed"]):
+        if c.get("on_lower_bound") and c.get("interval"):
+            out.append(f"{c['name']} bound {c['interval'][0]:.3f} < {c['threshold']:.3f}")
+        else:
+            out.append(f"{c['name']} {c['value']:.3f} vs {c['threshold']:.3f}")
+    return out
+
+
 def row_of(summary: dict, seconds: float, scores: dict[str, float]) -> dict:
     """The numbers of one (strategy, release) from its run's summary."""
     report = summary["eval"]
@@ -180,11 +194,7 @@ def row_of(summary: dict, seconds: float, scores: dict[str, float]) -> dict:
     return {
         "passed": summary["gate"]["passed"],
         "promoted": summary["promotion"]["promoted"],
-        "reasons": [
-            f"{c['name']} {c['value']:.3f} < {c['threshold']:.3f}"
-            for c in summary["gate"]["checks"]
-            if not c["passed"]
-        ],
+        "reasons": reasons(summary),
         "new_task": report["new_task_score"],
         "new_task_baseline": report["new_task_baseline"],
         "new_task_interval": report["new_task_interval"],
@@ -311,8 +321,19 @@ def main(argv: list[str] | None = None) -> None:
     results = load_results(mode)
     if results:
         order = list(RELEASES)
-        print("\n".join(summary_table(results, order)))
+        table = summary_table(results, order)
+        print("\n".join(table))
         print(f"plot: {plot(results, order, RESULTS / f'continual_{mode}.png')}")
+        if mode == "smollm2" and RESULTS == ROOT / "benchmarks" / "results":
+            write_table(ROOT / "benchmarks" / "README.md", table)
+
+
+def write_table(readme: Path, table: list[str]) -> None:
+    """Put ``table`` between the ``continual-table`` markers of ``readme``."""
+    text = readme.read_text()
+    start, end = "<!-- continual-table -->\n", "<!-- /continual-table -->"
+    head, rest = text.split(start, 1)
+    readme.write_text(head + start + "\n".join(table) + "\n" + end + rest.split(end, 1)[1])
 
 
 if __name__ == "__main__":
