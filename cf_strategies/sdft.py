@@ -13,8 +13,8 @@ Nothing is trained on y directly, so the update stays close to what the model al
 Choices made here, each the paper's or TRL's ``SDFTTrainer`` default unless said otherwise:
 
 - the teacher is the weights the task started from (TRL's ``teacher_model_kind="base"``): with
-  LoRA the same model under ``disable_adapter()``, otherwise a frozen copy; its forward runs
-  without gradients;
+  LoRA the same model under ``disable_adapter()``, otherwise a frozen copy (LwF's teacher, which
+  this strategy holds); its forward runs without gradients;
 - the KL is the full-vocabulary reverse KL at each answer position (TRL's ``full_logits``
   mode, ``distillation_alpha=1``);
 - the demonstration context c(x, y) is built from token ids, so that it needs no template:
@@ -34,7 +34,6 @@ checkpoints, strategy hooks, combinations and several-process training all go th
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
 from typing import Annotated, Any
 
@@ -44,7 +43,14 @@ from pydantic import Field
 from torch import nn
 
 from cf_strategies.base import Batch, Strategy, TaskContext, greedy_answers
-from cf_strategies.buffer import IGNORE_INDEX, answer_example, collate, forward_rows, logits_of
+from cf_strategies.buffer import (
+    IGNORE_INDEX,
+    answer_example,
+    collate,
+    logits_of,
+    target_positions,
+)
+from cf_strategies.lwf import LwF, _unwrap
 from cf_strategies.registry import register
 
 
@@ -88,8 +94,8 @@ class SDFT(Strategy):
         self.max_new_tokens, self.answer_margin = max_new_tokens, answer_margin
         self.generation_batch_size = generation_batch_size
         self.pad_token_id, self.eos_token_id = pad_token_id, eos_token_id
-        self.frozen: nn.Module | None = None
-        self._teacher: torch.Tensor | None = None  # the teacher's logits at the answer rows
+        self.teacher = LwF()  # its start-of-task model: the adapter disabled, or a frozen copy
+        self._teacher_logits: torch.Tensor | None = None  # the teacher's logits at the answer rows
         self._demonstration: Batch | None = None  # the original batch, for sft_weight
 
     def prepare(self, context: TaskContext) -> None:
@@ -99,9 +105,7 @@ class SDFT(Strategy):
             self.eos_token_id = context.eos_token_id
 
     def before_task(self, model: nn.Module, data: Iterable[Batch] | None = None) -> None:
-        self.frozen = None
-        if not hasattr(_unwrap(model), "disable_adapter"):
-            self.frozen = copy.deepcopy(_unwrap(model)).eval().requires_grad_(False)
+        self.teacher.before_task(model, data)
 
     def augment_batch(self, model: nn.Module, batch: Batch) -> Batch:
         """The student's own answers to the batch's prompts, as the rows to train on; the
@@ -126,10 +130,11 @@ class SDFT(Strategy):
         student = collate(
             [answer_example(x, a) for (x, _), a in zip(pairs, answers, strict=True)], pad
         )
-        teacher = collate(
+        shown = collate(  # the same answers after the demonstration
             [answer_example(x + y + x, a) for (x, y), a in zip(pairs, answers, strict=True)], pad
         )
-        self._teacher = self.teacher_rows(model, {k: v.to(device) for k, v in teacher.items()})
+        shown = {k: v.to(device) for k, v in shown.items()}
+        self._teacher_logits = self.teacher.teacher_rows(model, shown)
         self._demonstration = batch if self.sft_weight else None
         return {k: v.to(device) for k, v in student.items()}
 
@@ -137,28 +142,11 @@ class SDFT(Strategy):
         """An answer of no token still gets one (the end of sequence) to be distilled on."""
         return self.eos_token_id if self.eos_token_id is not None else (demonstration or [pad])[-1]
 
-    @torch.no_grad()
-    def teacher_rows(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        """The teacher's logits at the answer's positions (rows as ``forward_rows``)."""
-        if self.frozen is not None:
-            return forward_rows(self.frozen, batch)
-        inner = _unwrap(model)
-        was_training = inner.training
-        inner.eval()
-        try:
-            with inner.disable_adapter():
-                return forward_rows(inner, batch)
-        finally:
-            inner.train(was_training)
-
     def extra_loss(self, model: nn.Module, batch: Batch, outputs: Any) -> torch.Tensor | None:
-        if self._teacher is None:
+        if self._teacher_logits is None:
             return None
-        teacher, self._teacher = self._teacher, None
-        labels = batch["labels"]
-        mask = torch.zeros_like(labels, dtype=torch.bool)
-        mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-        student = logits_of(outputs)[mask]
+        teacher, self._teacher_logits = self._teacher_logits, None
+        student = logits_of(outputs)[target_positions(batch)]
         loss = self.alpha * reverse_kl(student, teacher).mean()
         if self._demonstration is not None:  # the demonstration's own loss, as SFT trains it
             demonstration, self._demonstration = self._demonstration, None
@@ -166,13 +154,7 @@ class SDFT(Strategy):
         return loss
 
     def after_task(self, model: nn.Module, data: Iterable[Batch] | None = None) -> None:
-        self.frozen = None
+        self.teacher.frozen = None
 
     def __repr__(self) -> str:
         return f"SDFT(alpha={self.alpha}, sft_weight={self.sft_weight})"
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DataParallel/DDP wrapper."""
-    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
-    return model.module if isinstance(model, wrappers) else model

@@ -35,7 +35,7 @@ def test_the_loss_is_the_kl_on_the_students_answers_toward_the_demonstrated_base
     batch = token_batch(3, seed=2)
     sdft = _sdft(max_new_tokens=4, answer_margin=1)
     sdft.before_task(model)
-    assert sdft.frozen is None  # LoRA: the teacher is the adapter disabled, no copy
+    assert sdft.teacher.frozen is None  # LoRA: the teacher is the adapter disabled, no copy
 
     pairs = [prompt_and_answer({k: v[i] for k, v in batch.items()}) for i in range(3)]
     budget = min(4, max(len(y) for _, y in pairs) + 1)
@@ -90,9 +90,10 @@ def test_without_lora_the_teacher_is_a_frozen_copy():
     model = tiny_llm()
     sdft = _sdft()
     sdft.before_task(model)
-    assert sdft.frozen is not None and not any(p.requires_grad for p in sdft.frozen.parameters())
+    frozen = sdft.teacher.frozen
+    assert frozen is not None and not any(p.requires_grad for p in frozen.parameters())
     sdft.after_task(model)
-    assert sdft.frozen is None
+    assert sdft.teacher.frozen is None
 
 
 def test_it_combines_with_regularisers_not_with_strategies_that_add_rows():
