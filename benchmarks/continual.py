@@ -52,6 +52,7 @@ sys.path.insert(0, str(ROOT))  # the tiny model of --quick is the test suite's
 from cf_strategies.metrics import average_accuracy, backward_transfer  # noqa: E402
 from flows.core.config import load_params  # noqa: E402
 from flows.core.data import load_release  # noqa: E402
+from flows.core.records import GateCheck  # noqa: E402
 from flows.demo.build import RELEASES, build_demo, demo_releases  # noqa: E402
 from flows.registry.tracking import current_champion  # noqa: E402
 from flows.steps.evaluate import EvaluateStep, Scorer, accuracy  # noqa: E402
@@ -177,14 +178,9 @@ def champion_scores(params_file: Path, learned: list[Path]) -> dict[str, float]:
 
 
 def reasons(summary: dict) -> list[str]:
-    """The failed checks in a few words: a retention check by its lower bound (what it gates)."""
-    out = []
-    for c in (c for c in summary["gate"]["checks"] if not c["passed"]):
-        if c.get("on_lower_bound") and c.get("interval"):
-            out.append(f"{c['name']} bound {c['interval'][0]:.3f} < {c['threshold']:.3f}")
-        else:
-            out.append(f"{c['name']} {c['value']:.3f} vs {c['threshold']:.3f}")
-    return out
+    """The failed checks, as the gate words them (``GateCheck``), without their notes."""
+    checks = [GateCheck.model_validate(c) for c in summary["gate"]["checks"]]
+    return [str(c.model_copy(update={"note": ""})) for c in checks if not c.passed]
 
 
 def row_of(summary: dict, seconds: float, scores: dict[str, float]) -> dict:

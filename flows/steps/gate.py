@@ -73,9 +73,7 @@ def check(
     )
 
 
-def retention_check(
-    name: str, stats: TaskRetention, too_small: tuple[str, str] = ("too_small", "fail")
-) -> GateCheck:
+def retention_check(name: str, stats: TaskRetention, too_small: tuple[str, str]) -> GateCheck:
     """Passed iff the one-sided lower bound reaches the threshold (and, under the ``fail``
     policy, the task has the known items its design needs); ``too_small`` is the policy's key
     in ``gate`` and its value."""
