@@ -213,14 +213,14 @@ def run_tournament(
         running = [
             (
                 members,
-                finetune_task.with_options(name=f"finetune[{trained.label}]").submit(
-                    candidate_params(params, trained),
+                finetune_task.with_options(name=f"finetune[{shared.label}]").submit(
+                    candidate_params(params, shared),
                     champion,
                     release_dir,
-                    candidate_dir(run_dir, trained),
+                    candidate_dir(run_dir, shared),
                 ),
             )
-            for trained, members in batch
+            for shared, members in batch
         ]
         for members, future in running:
             trained = future.result()
